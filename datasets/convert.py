@@ -1,0 +1,327 @@
+"""Site export -> cohort store: ``python -m datasets.convert``.
+
+Input: ``--images DIR`` with one folder per patient (folder name = patient id) holding one file
+(NIfTI, NRRD) or DICOM series folder per sequence, and ``--clinical CSV``. Output: a cohort
+store (see `datasets.store`) with a QC report in ``STORE/qc/index.html``.
+
+Policies for bad input (each excluded patient is listed with its reason in the manifest, the
+QC report and the summary printed at the end; nothing is dropped silently):
+
+- unreadable or truncated file, 2D or 4D image, NaN/inf voxels: the patient is excluded;
+- missing sequence, or an all-zero (empty) one: zero-filled, its ``missing`` flag set;
+  a patient with no usable sequence is excluded;
+- images without a clinical row, clinical rows without images, invalid clinical values
+  (time <= 0, event not 0/1, non-numeric age, unknown pathology label): the patient is excluded;
+- duplicate patient ids, a missing required column, an unreadable CSV: the conversion stops
+  before writing anything (exit status 2).
+
+Rerunning with the same ``--out`` resumes: patients already converted whose source files are
+unchanged (SHA-256) are skipped; new patients are appended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from datasets import clinical as clinical_mod
+from datasets import qc
+from datasets.errors import ImageError, InputError, StoreError, StudyError
+from datasets.preprocess import PreprocessConfig, preprocess_patient
+from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
+from datasets.store import (
+    MANIFEST,
+    CohortStore,
+    create_store,
+    file_sha256,
+    grow_store,
+    verify_store,
+    write_clinical,
+    write_json_atomic,
+    write_patient,
+)
+
+
+def software_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"glioma-survival-study {version('glioma-survival-study')}"
+    except PackageNotFoundError:
+        return "glioma-survival-study (not installed)"
+
+
+@dataclass(frozen=True)
+class PatientTask:
+    """Everything a worker needs to convert one patient (plain data: picklable)."""
+
+    index: int
+    patient_id: str
+    files: dict[str, str]
+    store: str
+    config: PreprocessConfig
+
+
+def convert_patient(task: PatientTask) -> dict:
+    """Preprocess one patient, write its slot and QC montage; return its manifest record.
+
+    Runs in a worker process; never raises for bad input (the record says ``excluded``).
+    """
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        result = preprocess_patient({k: Path(v) for k, v in task.files.items()}, task.patient_id, task.config)
+        checksum = write_patient(Path(task.store), task.index, result.image, result.mask, result.label,
+                                 result.missing, result.affine)
+        montage = f"{qc.QC_DIR}/{task.index:05d}.png"
+        qc.montage(Path(task.store) / montage, task.patient_id, result.image, task.config.sequences,
+                   result.mask, result.label if result.has_label else None, result.missing)
+        return {"status": "ok", "checksum": checksum, "info": result.info, "montage": montage,
+                "missing": [k for k, m in zip(task.config.sequences, result.missing) if m],
+                "has_label": result.has_label}
+    except ImageError as exc:
+        return {"status": "excluded", "reason": str(exc)}
+    except Exception as exc:  # a bug or an unforeseen file: keep converting the others, say why
+        return {"status": "excluded", "reason": f"patient {task.patient_id}: unexpected {type(exc).__name__}: {exc}"}
+
+
+@dataclass
+class ConversionSummary:
+    store: Path
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+def discover_patients(images: Path) -> dict[str, Path]:
+    """Patient folders under the export root (folder name = patient id)."""
+    if not images.is_dir():
+        raise InputError(f"--images {images} is not a directory")
+    folders = {p.name.strip(): p for p in sorted(images.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    if not folders:
+        raise InputError(f"--images {images} holds no patient folders (expected one folder per patient)")
+    return folders
+
+
+def _open_or_create(out: Path, ids: list[str], config: PreprocessConfig, table, created: str):
+    if (out / "zarr.json").exists():
+        store = CohortStore(out)
+        if store.attrs["preprocessing"] != config.to_dict():
+            raise InputError(
+                f"{out} was made with other preprocessing ({store.attrs['preprocessing']}); "
+                "choose another --out, or delete the store to rebuild it"
+            )
+        import zarr
+
+        group = zarr.open_group(store=str(out), mode="r+", zarr_format=3)
+        known = set(store.patient_ids)
+        new = [pid for pid in ids if pid not in known]
+        if new:
+            grow_store(group, new)
+        write_clinical(group, list(group.attrs["patient_ids"]), table)
+        return group, store.manifest
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} exists and is not a cohort store; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    group = create_store(out, ids, config.sequences, config.shape, table, config.to_dict(),
+                         software_version(), created)
+    return group, {"patients": {}, "excluded": {}}
+
+
+def _map_tasks(tasks: Sequence[PatientTask], workers: int, backend: str):
+    """Yield (task, record) as patients finish, in any order."""
+    if backend == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(convert_patient)
+        pending = {remote.remote(t): t for t in tasks}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                yield pending.pop(ref), ray.get(ref)
+        return
+    if workers <= 1:
+        for task in tasks:
+            yield task, convert_patient(task)
+        return
+    # spawn, not fork: the parent has zarr (and its event-loop thread) open.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(convert_patient, t): t for t in tasks}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
+
+
+def convert(
+    images: str | Path,
+    clinical: str | Path,
+    out: str | Path,
+    config: PreprocessConfig = PreprocessConfig(),
+    column_map: Mapping[str, str] | None = None,
+    patterns: Mapping[str, str] | None = None,
+    workers: int = 1,
+    backend: str = "processes",
+    progress: bool = True,
+) -> ConversionSummary:
+    """Convert a site export into a cohort store (resumable). See the module docstring."""
+    start = time.perf_counter()
+    images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
+    table = clinical_mod.read_clinical(clinical, column_map)
+    matcher = SequenceMatcher(tuple(config.sequences), patterns)
+    folders = discover_patients(images)
+    excluded: dict[str, str] = dict(table.excluded)
+    for pid in sorted(set(folders) - set(table.rows.index) - set(table.excluded)):
+        excluded[pid] = f"image folder {folders[pid]} has no row in {table.source}"
+    for pid in sorted(set(table.rows.index) - set(folders)):
+        excluded[pid] = f"clinical row in {table.source} has no image folder under {images}"
+    candidates = [pid for pid in table.rows.index if pid in folders]
+
+    found: dict[str, dict[str, Path]] = {}
+    notes: dict[str, list[str]] = {}
+    for pid in candidates:
+        try:
+            found[pid], notes[pid] = matcher.find(folders[pid], pid)
+        except InputError as exc:
+            excluded[pid] = str(exc)
+            continue
+        if not any(k in found[pid] for k in config.sequences):
+            excluded[pid] = f"folder {folders[pid]} holds no file matching sequences {list(config.sequences)}"
+            del found[pid]
+    ids = [pid for pid in candidates if pid in found]
+    if not ids:
+        raise InputError(f"no patient can be converted: {len(excluded)} excluded, e.g. "
+                         + "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:3]))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
+        hashes = dict(zip(ids, pool.map(lambda p: {k: file_sha256(v) for k, v in found[p].items()}, ids)))
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    group, manifest = _open_or_create(out, ids, config, table.rows, created)
+    slot = {pid: i for i, pid in enumerate(group.attrs["patient_ids"])}
+    records: dict = manifest.setdefault("patients", {})
+    manifest["excluded"] = excluded
+    done = group["done"]
+    summary = ConversionSummary(store=out, excluded=dict(excluded))
+
+    tasks = []
+    done_now = done[:]
+    for pid in ids:
+        sources = {k: {"path": str(v), "sha256": hashes[pid][k]} for k, v in found[pid].items()}
+        old = records.get(pid, {})
+        if done_now[slot[pid]] and old.get("status") == "ok" and old.get("sources") == sources:
+            summary.skipped.append(pid)
+            continue
+        done[slot[pid]] = False  # cleared before rewriting: a kill can't leave stale data marked done
+        records[pid] = {"status": "pending", "sources": sources, "notes": notes[pid]}
+        tasks.append(PatientTask(slot[pid], pid, {k: str(v) for k, v in found[pid].items()}, str(out), config))
+    (out / qc.QC_DIR).mkdir(exist_ok=True)
+    write_json_atomic(out / MANIFEST, manifest)
+
+    last_flush = time.monotonic()
+    bar = tqdm(total=len(tasks), desc="converting", unit="patient", disable=not progress or not tasks)
+    try:
+        for task, record in _map_tasks(tasks, workers, backend):
+            records[task.patient_id].update(record)
+            if record["status"] == "ok":
+                done[task.index] = True
+                summary.converted.append(task.patient_id)
+            else:
+                summary.excluded[task.patient_id] = record["reason"]
+            bar.update()
+            if time.monotonic() - last_flush > 2.0:
+                write_json_atomic(out / MANIFEST, manifest)
+                last_flush = time.monotonic()
+    finally:
+        bar.close()
+        write_json_atomic(out / MANIFEST, manifest)
+    summary.report = qc.write_report(out, dict(group.attrs), manifest)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X x Y x Z like 120x120x78, got {text!r}") from None
+    if len(values) != 3 or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"expected three sizes >= 8 like 120x120x78, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets.convert",
+        description="Convert a site export (one folder per patient + clinical CSV) into a cohort store.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", type=Path, help="folder with one sub-folder per patient")
+    parser.add_argument("--clinical", type=Path, help="clinical CSV, one row per patient")
+    parser.add_argument("--out", type=Path, help="cohort store to create or resume (NAME.zarr)")
+    parser.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQUENCES), help="sequences, in channel order")
+    parser.add_argument("--shape", type=_shape, default=(120, 120, 78), help="output shape X x Y x Z (voxels)")
+    parser.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing (mm) before cropping")
+    parser.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
+                        help="intensity percentiles clipped to inside the head mask")
+    parser.add_argument("--column", action="append", default=[], metavar="NAME=CSV_COLUMN",
+                        help=f"map a clinical column, NAME one of {list(clinical_mod.CANONICAL)}")
+    parser.add_argument("--pattern", action="append", default=[], metavar="SEQUENCE=REGEX",
+                        help="file-name pattern of a sequence (full match on the lower-case name without id and extension)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
+    parser.add_argument("--backend", choices=("processes", "ray"), default="processes",
+                        help="process pool on this machine, or Ray tasks (RAY_ADDRESS for a cluster)")
+    parser.add_argument("--verify", metavar="STORE", type=Path, help="re-check an existing store and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verify:
+            problems = verify_store(args.verify)
+            for problem in problems:
+                print(f"PROBLEM {problem}")
+            store = CohortStore(args.verify)
+            print(f"{args.verify}: {len(store.usable())} usable patients, {len(problems)} problems")
+            return 1 if problems else 0
+        for flag in ("images", "clinical", "out"):
+            if getattr(args, flag) is None:
+                parser.error(f"--{flag} is required (or use --verify STORE)")
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
+                                  spacing=args.spacing, clip_percentiles=tuple(args.clip))
+        summary = convert(args.images, args.clinical, args.out, config,
+                          clinical_mod.parse_column_map(args.column), parse_patterns(args.pattern),
+                          workers=args.workers, backend=args.backend, progress=not args.no_progress)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary.store}: converted {len(summary.converted)}, already done {len(summary.skipped)}, "
+          f"excluded {len(summary.excluded)} in {summary.seconds:.1f} s")
+    for pid, reason in sorted(summary.excluded.items()):
+        print(f"  excluded {pid}: {reason}")
+    print(f"QC report: {summary.report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

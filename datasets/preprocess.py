@@ -1,0 +1,280 @@
+"""Preprocessing of one patient's sequences into a fixed-shape, normalised, RAS-oriented volume.
+
+The geometry is done with MONAI transforms (no hand-written resampling):
+
+1. `LoadImage` reads each file (NIfTI, NRRD, DICOM series) with its affine; NRRD/DICOM LPS
+   coordinates become RAS.
+2. The sequence with the finest voxels is the reference: `Orientation("RAS")`, then a head
+   (valid-voxel) mask thresholded on it gives the bounding box, and `SpatialCrop` crops to it.
+3. `Spacing` resamples the crop once, straight to isotropic voxels of
+   ``max(spacing, head extent / shape)`` mm: never finer than `spacing`, coarse enough that the
+   head fits the output shape (a single interpolation: less blur and ~10x less work than
+   resampling to 1 mm first and resizing after). `ResizeWithPadOrCrop` then pads to `shape`.
+   Geometry is preserved; the output spacing is recorded per patient.
+4. Every other sequence (and the tumour label, nearest-neighbour) is resampled onto that grid by
+   physical coordinates with `ResampleToMatch`, so sequences whose affines differ line up.
+5. Per sequence, intensities inside the mask are clipped to percentiles and z-scored; outside
+   the mask they are 0.
+
+Array axes of the result are RAS: x (left -> right), y (posterior -> anterior),
+z (inferior -> superior).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from datasets.errors import ImageError
+
+# MONAI's pydicom plugin prints a notice on import when nvImageCodec is absent.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+from monai.transforms import (  # noqa: E402
+    LoadImage,
+    Orientation,
+    ResampleToMatch,
+    ResizeWithPadOrCrop,
+    Spacing,
+    SpatialCrop,
+)
+from monai.transforms.utils import generate_spatial_bounding_box  # noqa: E402
+
+from datasets.sequences import LABEL_KEY  # noqa: E402
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters; recorded in every store's manifest.
+
+    Attributes
+    ----------
+    sequences
+        Channel order of the output.
+    shape
+        Output spatial shape (x, y, z) in voxels.
+    spacing
+        Isotropic resampling spacing in mm before cropping.
+    clip_percentiles
+        Intensity percentiles (inside the mask) clipped to before z-scoring.
+    mask_fraction
+        A voxel belongs to the head mask where some sequence exceeds this fraction of its
+        99th percentile.
+    margin
+        Voxels kept around the head mask when cropping.
+    """
+
+    sequences: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
+    shape: tuple[int, int, int] = (120, 120, 78)
+    spacing: float = 1.0
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    mask_fraction: float = 0.1
+    margin: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or any(int(s) < 8 for s in self.shape):
+            raise ImageError(f"shape must be three sizes of at least 8 voxels, got {self.shape}")
+        if not self.spacing > 0:
+            raise ImageError(f"spacing must be positive (mm), got {self.spacing}")
+        if not 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100:
+            raise ImageError(f"clip percentiles must be 0 <= low < high <= 100, got {self.clip_percentiles}")
+        if not self.sequences:
+            raise ImageError("at least one sequence is needed")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class PreprocessedPatient:
+    """Result of preprocessing one patient.
+
+    Attributes
+    ----------
+    image
+        float16 [C, X, Y, Z], normalised; zeros for a missing sequence.
+    mask
+        uint8 [X, Y, Z], 1 inside the head (valid-voxel) mask.
+    label
+        uint8 [X, Y, Z] tumour label (0 where none was given).
+    missing
+        bool [C], True where the sequence was absent or unusable.
+    affine
+        4x4 RAS affine of the output grid (mm).
+    has_label
+        Whether a tumour label was given.
+    info
+        Shapes and spacings before and after, intensity statistics, problems noted.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    label: np.ndarray
+    missing: np.ndarray
+    affine: np.ndarray
+    has_label: bool
+    info: dict = field(default_factory=dict)
+
+
+_loader = LoadImage(image_only=True)
+
+
+def load_volume(path: Path, patient_id: str, key: str):
+    """Read one file as a channel-first 3D MetaTensor [1, X, Y, Z], with clear errors."""
+    try:
+        volume = _loader(str(path))
+    except Exception as exc:  # readers raise many types for truncated or foreign files
+        raise ImageError(f"patient {patient_id}: cannot read {key} file {path}: {type(exc).__name__}: {exc}") from exc
+    shape = tuple(volume.shape)
+    squeezed = [s for s in shape[3:] if s != 1]
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise ImageError(f"patient {patient_id}: {key} file {path} is 2D (shape {shape}); a 3D volume is needed")
+    if squeezed:
+        raise ImageError(
+            f"patient {patient_id}: {key} file {path} is {len(shape)}D (shape {shape}); "
+            "a single 3D volume is needed"
+        )
+    volume = volume.reshape(shape[:3])[None].float()
+    data = volume.numpy() if hasattr(volume, "numpy") else np.asarray(volume)
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise ImageError(f"patient {patient_id}: {key} file {path} has {bad} NaN/inf voxels")
+    return volume
+
+
+def _spacing_of(volume) -> list[float]:
+    affine = np.asarray(volume.affine, dtype=float)
+    return [float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)]
+
+
+def _head_mask(channels: list[np.ndarray], fraction: float, fill_slices: bool = True) -> np.ndarray:
+    """Largest connected region above `fraction` of the 99th percentile in any channel, holes filled."""
+    mask = np.zeros(channels[0].shape, dtype=bool)
+    for data in channels:
+        positive = data[data > 0]
+        if positive.size == 0:
+            continue
+        mask |= data > fraction * np.percentile(positive, 99)
+    if not mask.any():
+        return mask
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    # Fill slice by slice as well: a head open at the field-of-view edge is not a closed hole.
+    mask = ndimage.binary_fill_holes(mask)
+    if not fill_slices:
+        return mask
+    for axis in range(3):
+        mask = np.stack([ndimage.binary_fill_holes(s) for s in np.moveaxis(mask, axis, 0)], axis=axis)
+    return mask
+
+
+def _normalise(data: np.ndarray, mask: np.ndarray, percentiles: tuple[float, float]) -> tuple[np.ndarray, dict]:
+    inside = data[mask]
+    low, high = np.percentile(inside, percentiles)
+    clipped = np.clip(data, low, high)
+    mean, std = float(clipped[mask].mean()), float(clipped[mask].std())
+    out = np.where(mask, (clipped - mean) / (std if std > 0 else 1.0), 0.0).astype(np.float32)
+    stats = {"raw_mean": float(inside.mean()), "raw_std": float(inside.std()),
+             "raw_p_low": float(low), "raw_p_high": float(high)}
+    return out, stats
+
+
+def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig) -> PreprocessedPatient:
+    """Load, align, crop, resize and normalise one patient's sequences.
+
+    Parameters
+    ----------
+    files
+        sequence key -> file (or DICOM folder); keys outside `config.sequences` other than
+        the tumour label are ignored. Absent sequences are zero-filled and flagged.
+    patient_id
+        Used in error messages.
+
+    Raises
+    ------
+    ImageError
+        A file is unreadable, not 3D, has NaN/inf voxels, or no sequence has any signal.
+    """
+    problems: list[str] = []
+    loaded = {}
+    before = {}
+    for key in (*config.sequences, LABEL_KEY):
+        if key not in files:
+            continue
+        volume = load_volume(Path(files[key]), patient_id, key)
+        before[key] = {"shape": list(volume.shape[1:]), "spacing": _spacing_of(volume)}
+        if key != LABEL_KEY and float(volume.abs().max()) == 0.0:
+            problems.append(f"{key}: file {files[key]} is empty (all zero); treated as missing")
+            continue
+        loaded[key] = volume
+    available = [k for k in config.sequences if k in loaded]
+    if not available:
+        raise ImageError(f"patient {patient_id}: none of the sequences {list(config.sequences)} is usable")
+    for key in config.sequences:
+        if key not in files:
+            problems.append(f"{key}: missing; zero-filled and flagged")
+
+    reference_key = min(available, key=lambda k: float(np.prod(_spacing_of(loaded[k]))))
+    reference = Orientation(axcodes="RAS", labels=None)(loaded[reference_key])
+    native = reference[0].numpy()
+    stride = tuple(2 if s > 128 else 1 for s in native.shape)  # the crop needs only the head's extent
+    coarse = _head_mask([native[::stride[0], ::stride[1], ::stride[2]]], config.mask_fraction, fill_slices=False)
+    if not coarse.any():
+        raise ImageError(f"patient {patient_id}: no head foreground found in {reference_key} file {files[reference_key]}")
+    crop_mask = np.zeros(native.shape, dtype=np.float32)
+    crop_mask[::stride[0], ::stride[1], ::stride[2]] = coarse
+    box_start, box_end = generate_spatial_bounding_box(crop_mask[None], margin=[m * config.margin for m in stride])
+    cropped = SpatialCrop(roi_start=box_start, roi_end=box_end)(reference)
+    extent_mm = np.array(cropped.shape[1:]) * np.array(_spacing_of(cropped))
+    # One interpolation straight to the output grid: isotropic, never finer than `spacing`, and
+    # coarse enough that the head fits the output shape.
+    out_spacing = float(max(config.spacing, *(extent_mm / np.array(config.shape))))
+    grid = {reference_key: Spacing(pixdim=out_spacing, mode="bilinear")(cropped)}
+    fit = ResizeWithPadOrCrop(spatial_size=config.shape, method="symmetric")
+    grid[reference_key] = fit(grid[reference_key])
+    resample = ResampleToMatch(mode="bilinear", padding_mode="zeros")
+    resample_label = ResampleToMatch(mode="nearest", padding_mode="zeros")
+    for key in loaded:
+        if key != reference_key:
+            grid[key] = (resample_label if key == LABEL_KEY else resample)(loaded[key], img_dst=grid[reference_key])
+    affine = np.asarray(grid[reference_key].affine, dtype=float)
+    n = len(config.sequences)
+    present = [i for i, k in enumerate(config.sequences) if k in grid]
+    planes = [grid[k][0].numpy() if k in grid else None for k in config.sequences]
+    out_mask = _head_mask([planes[i] for i in present], config.mask_fraction)
+    if not out_mask.any():
+        raise ImageError(f"patient {patient_id}: no head foreground left after resampling")
+    out = np.zeros((n, *config.shape), dtype=np.float32)
+    stats = {}
+    for i, key in enumerate(config.sequences):
+        if key in grid:
+            out[i], stats[key] = _normalise(planes[i], out_mask, config.clip_percentiles)
+    missing = np.array([k not in grid for k in config.sequences], dtype=bool)
+    info = {
+        "reference_sequence": reference_key,
+        "before": before,
+        "after": {"shape": list(config.shape), "spacing": _spacing_of(grid[reference_key]),
+                  "head_extent_mm": [round(float(e), 1) for e in extent_mm]},
+        "intensity": stats,
+        "mask_voxels": int(out_mask.sum()),
+        "problems": problems,
+    }
+    return PreprocessedPatient(
+        image=out.astype(np.float16),
+        mask=out_mask.astype(np.uint8),
+        label=(grid[LABEL_KEY][0].numpy() > 0.5).astype(np.uint8) if LABEL_KEY in grid else np.zeros(config.shape, np.uint8),
+        missing=missing,
+        affine=affine,
+        has_label=LABEL_KEY in grid,
+        info=info,
+    )

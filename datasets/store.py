@@ -1,0 +1,344 @@
+"""The cohort store: one Zarr v3 group per cohort, the only thing training reads.
+
+Format version 1
+----------------
+A directory ``NAME.zarr`` holding a Zarr v3 group with these arrays (N patients, C sequences,
+spatial axes x, y, z in RAS order: left->right, posterior->anterior, inferior->superior):
+
+==================  =======  ======================  ============================================
+array               dtype    shape                   content
+==================  =======  ======================  ============================================
+``images``          float16  [N, C, X, Y, Z]         normalised intensities, one chunk per patient
+``masks``           uint8    [N, X, Y, Z]            1 inside the head (valid-voxel) mask
+``labels``          uint8    [N, X, Y, Z]            tumour label where the export had one, else 0
+``missing``         bool     [N, C]                  True where a sequence was absent (zero-filled)
+``affines``         float64  [N, 4, 4]               RAS affine of each patient's output grid (mm)
+``done``            bool     [N]                     True once every array above is written
+``clinical/<col>``  float64  [N]                     mapped clinical columns only (NaN = unknown)
+==================  =======  ======================  ============================================
+
+Group attributes: ``format`` (= ``"glioma-cohort-store"``), ``format_version``, ``sequences``,
+``shape``, ``patient_ids`` (list, slot order), ``clinical_columns``, ``preprocessing``
+(parameters), ``created``, ``software``.
+
+Beside the arrays, ``manifest.json`` (replaced atomically, never edited in place) records
+provenance: for each patient its status (``ok`` | ``excluded``), the reason for an exclusion,
+every source file with its SHA-256, a SHA-256 of the written arrays (for ``--verify``), and
+preprocessing details (shapes and spacings before/after, intensity statistics, problems); and
+the patients excluded before conversion (no images, no clinical row, invalid clinical values).
+
+A patient is usable only when ``done`` is True *and* its manifest status is ``ok``. ``done`` is
+set after the data are written and cleared before they are rewritten, so a conversion killed at
+any moment never leaves an incomplete patient marked done. Stores of another format version are
+refused with a `StoreError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec
+
+from datasets.errors import StoreError
+
+STORE_FORMAT = "glioma-cohort-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ARRAYS = ("images", "masks", "labels", "missing", "affines", "done")
+_REQUIRED_ATTRS = ("format", "format_version", "sequences", "shape", "patient_ids", "clinical_columns", "preprocessing")
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def array_checksum(*arrays: np.ndarray) -> str:
+    """SHA-256 over the raw bytes of the arrays written for one patient."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON so that readers see either the old or the new file, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def create_store(
+    path: Path,
+    patient_ids: Sequence[str],
+    sequences: Sequence[str],
+    shape: Sequence[int],
+    clinical: pd.DataFrame,
+    preprocessing: dict,
+    software: str,
+    created: str,
+) -> zarr.Group:
+    """Create an empty store with a slot per patient (all ``done`` False)."""
+    n, c = len(patient_ids), len(sequences)
+    group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    spatial = tuple(int(s) for s in shape)
+    group.create_array("images", shape=(n, c, *spatial), chunks=(1, c, *spatial), dtype="float16",
+                       compressors=_compressor(), fill_value=0)
+    for name in ("masks", "labels"):
+        group.create_array(name, shape=(n, *spatial), chunks=(1, *spatial), dtype="uint8",
+                           compressors=_compressor(), fill_value=0)
+    group.create_array("missing", shape=(n, c), chunks=(1, c), dtype="bool", fill_value=True)
+    group.create_array("affines", shape=(n, 4, 4), chunks=(1, 4, 4), dtype="float64", fill_value=0.0)
+    group.create_array("done", shape=(n,), chunks=(1,), dtype="bool", fill_value=False)
+    group.attrs.update({
+        "format": STORE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sequences": list(sequences),
+        "shape": list(spatial),
+        "patient_ids": list(patient_ids),
+        "preprocessing": preprocessing,
+        "created": created,
+        "software": software,
+    })
+    write_clinical(group, patient_ids, clinical)
+    write_json_atomic(Path(path) / MANIFEST, {"patients": {}, "excluded": {}})
+    return group
+
+
+def write_clinical(group: zarr.Group, patient_ids: Sequence[str], clinical: pd.DataFrame) -> None:
+    """(Re)write the clinical columns in slot order; NaN where a patient has no clinical row."""
+    table = clinical.reindex(list(patient_ids))
+    sub = group.require_group("clinical")
+    for column in table.columns:
+        values = table[column].to_numpy(dtype="float64")
+        if column in sub:
+            del sub[column]
+        array = sub.create_array(column, shape=values.shape, chunks=values.shape or (1,), dtype="float64",
+                                 fill_value=float("nan"))
+        array[:] = values
+    group.attrs["clinical_columns"] = list(table.columns)
+
+
+def grow_store(group: zarr.Group, new_ids: Sequence[str]) -> None:
+    """Append empty slots for patients new to an existing store."""
+    ids = list(group.attrs["patient_ids"]) + list(new_ids)
+    n = len(ids)
+    for name in _ARRAYS:
+        array = group[name]
+        array.resize((n, *array.shape[1:]))
+    group.attrs["patient_ids"] = ids
+
+
+def write_patient(path: Path, index: int, image: np.ndarray, mask: np.ndarray, label: np.ndarray,
+                  missing: np.ndarray, affine: np.ndarray) -> str:
+    """Write one patient's arrays into its slot (``done`` untouched); returns their checksum.
+
+    Opens the store itself, so it can run in a worker process.
+    """
+    group = zarr.open_group(store=str(path), mode="r+", zarr_format=3)
+    group["images"][index] = image
+    group["masks"][index] = mask
+    group["labels"][index] = label
+    group["missing"][index] = missing
+    group["affines"][index] = affine
+    return array_checksum(image, mask, label)
+
+
+class CohortStore:
+    """Read access to a cohort store; validates the format on opening.
+
+    Zarr is opened lazily, on first array access in the calling process, so a store object
+    can be handed to forked DataLoader workers (zarr v3 opened before a fork can deadlock).
+
+    Parameters
+    ----------
+    path
+        The ``.zarr`` directory.
+
+    Raises
+    ------
+    StoreError
+        The path does not exist, is not a cohort store, or has another format version.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().absolute()
+        attrs_file = self.path / "zarr.json"
+        if not attrs_file.is_file():
+            raise StoreError(f"cohort store {self.path} does not exist or is not a Zarr v3 store "
+                             "(no zarr.json); create one with python -m datasets.convert")
+        try:
+            meta = json.loads(attrs_file.read_text())
+            attrs = meta.get("attributes", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise StoreError(f"cohort store {self.path}: zarr.json is unreadable ({exc})") from exc
+        if not isinstance(attrs, dict) or attrs.get("format") != STORE_FORMAT:
+            raise StoreError(f"{self.path} is a Zarr store but not a cohort store (attribute format != {STORE_FORMAT!r})")
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"cohort store {self.path} has format version {version!r}; this software reads version "
+                f"{FORMAT_VERSION}. Re-create it with python -m datasets.convert"
+            )
+        missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise StoreError(f"cohort store {self.path}: attributes {missing} are missing")
+        self.attrs = attrs
+        self.manifest = self._read_manifest()
+        self._group: zarr.Group | None = None
+        self._owner_pid: int | None = None
+
+    def _read_manifest(self) -> dict:
+        path = self.path / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"cohort store {self.path}: {MANIFEST} is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"cohort store {self.path}: {MANIFEST} is unreadable ({exc})") from exc
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("patients"), dict):
+            raise StoreError(f"cohort store {self.path}: {MANIFEST} has no 'patients' table")
+        return manifest
+
+    # -- lazily opened arrays -------------------------------------------------------------
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None or self._owner_pid != os.getpid():
+            try:
+                self._group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
+            except Exception as exc:
+                raise StoreError(f"cohort store {self.path} cannot be opened: {exc}") from exc
+            self._owner_pid = os.getpid()
+        return self._group
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_group"] = None
+        state["_owner_pid"] = None
+        return state
+
+    # -- description ----------------------------------------------------------------------
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.attrs["patient_ids"])
+
+    @property
+    def sequences(self) -> list[str]:
+        return list(self.attrs["sequences"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.attrs["shape"])
+
+    def done(self) -> np.ndarray:
+        return np.asarray(self._read("done", slice(None)), dtype=bool)
+
+    def usable(self) -> np.ndarray:
+        """Slot indices of patients whose data are complete and not excluded."""
+        done = self.done()
+        records = self.manifest["patients"]
+        return np.array([i for i, pid in enumerate(self.patient_ids)
+                         if done[i] and records.get(pid, {}).get("status") == "ok"], dtype=int)
+
+    def clinical(self) -> pd.DataFrame:
+        """Clinical columns of every slot, index = patient_id (float64, NaN = unknown)."""
+        columns = {c: np.asarray(self._read(f"clinical/{c}", slice(None)), dtype="float64")
+                   for c in self.attrs["clinical_columns"]}
+        frame = pd.DataFrame(columns, index=pd.Index(self.patient_ids, name="patient_id"))
+        return frame
+
+    def sha256(self) -> str:
+        """A hash identifying the store's content (attributes and manifest), for tracking."""
+        payload = json.dumps({"attrs": self.attrs, "manifest": self.manifest}, sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+    # -- voxel data -----------------------------------------------------------------------
+    def _read(self, name: str, index) -> np.ndarray:
+        try:
+            return self.group[name][index]
+        except StoreError:
+            raise
+        except Exception as exc:  # codec errors on truncated chunks, missing chunk files, ...
+            raise StoreError(f"cohort store {self.path}: array '{name}' at {index} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+    def image(self, index: int) -> np.ndarray:
+        """float16 [C, X, Y, Z] of slot `index`."""
+        return self._read("images", index)
+
+    def mask(self, index: int) -> np.ndarray:
+        return self._read("masks", index)
+
+    def label(self, index: int) -> np.ndarray:
+        return self._read("labels", index)
+
+    def missing(self, index: int) -> np.ndarray:
+        return self._read("missing", index)
+
+    def affine(self, index: int) -> np.ndarray:
+        return self._read("affines", index)
+
+    def images(self, indices: Iterable[int]) -> np.ndarray:
+        """float16 [len(indices), C, X, Y, Z], read chunk by chunk."""
+        indices = list(indices)
+        out = np.empty((len(indices), len(self.sequences), *self.shape), dtype=np.float16)
+        for k, i in enumerate(indices):
+            out[k] = self.image(int(i))
+        return out
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Re-read every patient marked done and check it against the manifest.
+
+    Returns the problems found (empty list: the store is sound).
+    """
+    store = CohortStore(path)
+    problems: list[str] = []
+    done = store.done()
+    records = store.manifest["patients"]
+    for i, pid in enumerate(store.patient_ids):
+        record = records.get(pid)
+        if not done[i]:
+            if record and record.get("status") == "ok":
+                problems.append(f"patient {pid}: manifest says ok but data are not marked done")
+            continue
+        if not record:
+            problems.append(f"patient {pid}: marked done but has no manifest record (rerun the conversion)")
+            continue
+        try:
+            image, mask, label = store.image(i), store.mask(i), store.label(i)
+        except StoreError as exc:
+            problems.append(f"patient {pid}: {exc}")
+            continue
+        if array_checksum(image, mask, label) != record.get("checksum"):
+            problems.append(f"patient {pid}: data differ from the checksum recorded at conversion")
+        elif not np.isfinite(image).all():
+            problems.append(f"patient {pid}: image has NaN/inf values")
+        elif not mask.any():
+            problems.append(f"patient {pid}: empty mask")
+    return problems

@@ -1,0 +1,162 @@
+"""Every bad-input case of the converter: a clear message naming patient, file or column, and the
+documented policy (stop, exclude with a reason, or zero-fill a missing sequence)."""
+
+from __future__ import annotations
+
+import numpy as np
+import nibabel as nib
+import pandas as pd
+import pytest
+
+from datasets import CohortStore, verify_store
+from datasets.convert import convert, main
+from datasets.errors import ClinicalTableError
+from tests.conftest import TINY
+
+
+def _nifti(folder, pid, sequence):
+    return folder / "images" / pid / f"{pid}_{sequence}.nii.gz"
+
+
+def _truncate(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def _garbage(export):
+    _nifti(export, "SYN-0001", "t1").write_bytes(b"this is not an image" * 100)
+
+
+def _nan(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    data = image.get_fdata().astype(np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+
+
+def _two_d(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(image.get_fdata()[:, :, 5].astype(np.int16), image.affine), path)
+
+
+def _four_d(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    data = image.get_fdata().astype(np.int16)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), image.affine), path)
+
+
+def _table_edit(column, value):
+    def edit(export):
+        table = pd.read_csv(export / "clinical.csv", dtype=str)
+        table.loc[0, column] = value
+        table.to_csv(export / "clinical.csv", index=False)
+    return edit
+
+
+def _drop_row(export):
+    table = pd.read_csv(export / "clinical.csv", dtype=str)
+    table.iloc[1:].to_csv(export / "clinical.csv", index=False)
+
+
+def _drop_folder(export):
+    import shutil
+
+    shutil.rmtree(export / "images" / "SYN-0001")
+
+
+EXCLUDED = [
+    # (damage, excluded patient, reason pattern)
+    pytest.param(_truncate, "SYN-0001", r"cannot read t1 file .*SYN-0001_t1\.nii\.gz", id="truncated-file"),
+    pytest.param(_garbage, "SYN-0001", r"cannot read t1 file .*SYN-0001_t1\.nii\.gz", id="unreadable-file"),
+    pytest.param(_nan, "SYN-0001", r"t1 file .*SYN-0001_t1\.nii\.gz has 1 NaN/inf voxels", id="nan-voxels"),
+    pytest.param(_two_d, "SYN-0001", r"t1 file .*SYN-0001_t1\.nii\.gz is 2D", id="2d-image"),
+    pytest.param(_four_d, "SYN-0001", r"t1 file .*SYN-0001_t1\.nii\.gz is 4D", id="4d-image"),
+    pytest.param(_drop_row, "SYN-0001", r"image folder .*SYN-0001 has no row in .*clinical\.csv", id="images-without-row"),
+    pytest.param(_drop_folder, "SYN-0001", r"clinical row in .*clinical\.csv has no image folder", id="row-without-images"),
+    pytest.param(_table_edit("survival_days", "-3"), "SYN-0001", r"clinical\.csv: time '-3' is not a positive", id="negative-time"),
+    pytest.param(_table_edit("survival_days", "0"), "SYN-0001", r"time '0' is not a positive", id="zero-time"),
+    pytest.param(_table_edit("survival_days", ""), "SYN-0001", r"time is empty", id="empty-time"),
+    pytest.param(_table_edit("death", "2"), "SYN-0001", r"event '2' is not 0 or 1", id="event-not-binary"),
+    pytest.param(_table_edit("death", "dead"), "SYN-0001", r"event 'dead' is not 0 or 1", id="event-text"),
+    pytest.param(_table_edit("age", "fifty"), "SYN-0001", r"age 'fifty' is not a number", id="age-not-numeric"),
+    pytest.param(_table_edit("pathology", "ependymoma"), "SYN-0001", r"pathology 'ependymoma' is not a known label", id="unknown-pathology"),
+    pytest.param(_table_edit("sex", "x"), "SYN-0001", r"sex 'x' is not one of", id="unknown-sex"),
+    pytest.param(_table_edit("grade", "7"), "SYN-0001", r"grade '7' is not a WHO grade", id="bad-grade"),
+]
+
+
+@pytest.mark.parametrize("damage, patient, reason", EXCLUDED)
+def test_bad_patient_is_excluded_with_reason(export_copy, tmp_path, damage, patient, reason):
+    damage(export_copy)
+    out = tmp_path / "s.zarr"
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", out, TINY, progress=False)
+    assert patient in summary.excluded
+    import re
+
+    assert re.search(reason, summary.excluded[patient]), summary.excluded[patient]
+    store = CohortStore(out)
+    assert patient not in [store.patient_ids[i] for i in store.usable()]
+    assert len(store.usable()) == 2, "the other patients are still converted"
+    assert verify_store(out) == []
+    report = (out / "qc" / "index.html").read_text()
+    assert patient in report and "excluded" in report
+
+
+@pytest.mark.parametrize("sequence, how", [("flair", "deleted"), ("t2", "empty")])
+def test_missing_or_empty_sequence_is_zero_filled_and_flagged(export_copy, tmp_path, sequence, how):
+    path = _nifti(export_copy, "SYN-0002", sequence)
+    if how == "deleted":
+        path.unlink()
+    else:
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine), path)
+    out = tmp_path / "s.zarr"
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", out, TINY, progress=False)
+    assert summary.excluded == {}
+    store = CohortStore(out)
+    slot = store.patient_ids.index("SYN-0002")
+    channel = store.sequences.index(sequence)
+    assert store.missing(slot).tolist() == [c == channel for c in range(4)]
+    assert not store.image(slot)[channel].any()
+    problems = store.manifest["patients"]["SYN-0002"]["info"]["problems"]
+    assert any(sequence in p and ("missing" in p or "empty" in p) for p in problems)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: pd.concat([t, t.iloc[[0]]]), r"duplicate patient_id\(s\) \['SYN-0001'\]"),
+    (lambda t: t.drop(columns=["death"]), r"required column\(s\) \['event'\] not found"),
+    (lambda t: t.assign(patient_id=["SYN-0001", "", "SYN-0003"]), r"empty patient_id on line\(s\) \[3\]"),
+], ids=["duplicate-id", "missing-column", "empty-id"])
+def test_table_level_fault_stops_before_writing(export_copy, tmp_path, edit, message):
+    table = pd.read_csv(export_copy / "clinical.csv", dtype=str)
+    edit(table).to_csv(export_copy / "clinical.csv", index=False)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ClinicalTableError, match=message):
+        convert(export_copy / "images", export_copy / "clinical.csv", out, TINY, progress=False)
+    assert not out.exists(), "nothing is written for a refused table"
+    code = main(["--images", str(export_copy / "images"), "--clinical", str(export_copy / "clinical.csv"),
+                 "--out", str(out), "--no-progress"])
+    assert code == 2 and not out.exists()
+
+
+def test_column_mapping(export_copy, tmp_path):
+    table = pd.read_csv(export_copy / "clinical.csv").rename(columns={"survival_days": "OS.days", "death": "vital"})
+    table.to_csv(export_copy / "clinical.csv", index=False)
+    out = tmp_path / "s.zarr"
+    assert main(["--images", str(export_copy / "images"), "--clinical", str(export_copy / "clinical.csv"),
+                 "--out", str(out), "--no-progress"]) == 2
+    assert main(["--images", str(export_copy / "images"), "--clinical", str(export_copy / "clinical.csv"),
+                 "--out", str(out), "--no-progress", "--shape", "32x32x24", "--spacing", "2",
+                 "--column", "time=OS.days", "--column", "event=vital"]) == 0
+    assert len(CohortStore(out).usable()) == 3
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    assert main(["--images", str(tmp_path / "none"), "--clinical", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--shape", "12x4"])
+    assert exit_info.value.code == 2
