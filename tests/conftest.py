@@ -44,3 +44,14 @@ def export_copy(small_export, tmp_path) -> Path:
         shutil.copytree(small_export / "images" / pid, out / "images" / pid)
     table.to_csv(out / "clinical.csv", index=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def learnable_store(tmp_path_factory) -> Path:
+    """150 synthetic patients (imaging effect 1) at 32x32x24: enough to learn the imaging signal."""
+    root = tmp_path_factory.mktemp("learnable")
+    generate(root / "export", SyntheticConfig(n=150, voxel_size=6.0, seed=0))
+    out = root / "learnable.zarr"
+    convert(root / "export" / "images", root / "export" / "clinical.csv", out,
+            PreprocessConfig(shape=(32, 32, 24), spacing=4.0), workers=2, progress=False)
+    return out

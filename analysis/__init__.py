@@ -1,0 +1,1 @@
+"""Analysis: survival metrics (`analysis.metrics`) and the study report."""

@@ -1,0 +1,117 @@
+"""Survival metrics against scikit-survival on the real data sets it ships, with heavy ties and
+heavy censoring; input errors; bootstrap confidence intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sksurv import metrics as sk
+from sksurv.column import encode_categorical
+from sksurv.datasets import load_gbsg2, load_veterans_lung_cancer, load_whas500
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.util import Surv
+
+from analysis.metrics import (
+    SurvivalDataError,
+    bootstrap_ci,
+    brier_score,
+    cumulative_dynamic_auc,
+    harrell_c,
+    integrated_brier_score,
+    uno_c,
+)
+
+LOADERS = {"gbsg2": load_gbsg2, "whas500": load_whas500, "veterans": load_veterans_lung_cancer}
+
+
+def _prepare(name: str, variant: str):
+    X, y = LOADERS[name]()
+    X = encode_categorical(X).astype(float)
+    event_field, time_field = y.dtype.names
+    event, time = y[event_field].astype(bool), y[time_field].astype(float)
+    if variant == "ties":  # heavy ties: times rounded to 90-day bins
+        time = np.ceil(time / 90.0) * 90.0
+    elif variant == "censored":  # heavy censoring: follow-up stops at the 35th percentile
+        cut = np.quantile(time, 0.35)
+        event = event & (time < cut)
+        time = np.minimum(time, cut)
+    y = Surv.from_arrays(event, time)
+    model = CoxPHSurvivalAnalysis(alpha=1e-3).fit(X, y)
+    risk = model.predict(X)
+    return X, y, event, time, risk, model
+
+
+CASES = [(name, variant) for name in LOADERS for variant in ("plain", "ties", "censored")]
+
+
+@pytest.fixture(params=CASES, ids=[f"{n}-{v}" for n, v in CASES], scope="module")
+def data(request):
+    return _prepare(*request.param)
+
+
+def test_harrell_c(data):
+    _, y, event, time, risk, _ = data
+    assert harrell_c(time, event, risk) == pytest.approx(sk.concordance_index_censored(event, time, risk)[0], abs=1e-6)
+    rounded = np.round(risk, 1)  # many tied risks
+    assert harrell_c(time, event, rounded) == pytest.approx(sk.concordance_index_censored(event, time, rounded)[0], abs=1e-6)
+
+
+def test_uno_c_with_training_censoring_and_truncation(data):
+    _, y, event, time, risk, _ = data
+    half = len(time) // 2
+    tau = float(np.quantile(time[event], 0.6))
+    ours = uno_c(time[half:], event[half:], risk[half:], time[:half], event[:half], tau=tau)
+    theirs = sk.concordance_index_ipcw(y[:half], y[half:], risk[half:], tau=tau)[0]
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert uno_c(time, event, risk, tau=tau) == pytest.approx(sk.concordance_index_ipcw(y, y, risk, tau=tau)[0], abs=1e-6)
+
+
+def _times(time, event):
+    return np.unique(np.quantile(time[event], [0.2, 0.4, 0.6]).round())
+
+
+def test_brier_and_integrated_brier(data):
+    X, y, event, time, risk, model = data
+    times = _times(time, event)
+    surv = np.stack([fn(times) for fn in model.predict_survival_function(X)])
+    np.testing.assert_allclose(brier_score(time, event, surv, times), sk.brier_score(y, y, surv, times)[1], atol=1e-6)
+    assert integrated_brier_score(time, event, surv, times) == pytest.approx(
+        sk.integrated_brier_score(y, y, surv, times), abs=1e-6)
+
+
+def test_time_dependent_auc(data):
+    _, y, event, time, risk, _ = data
+    times = _times(time, event)
+    np.testing.assert_allclose(cumulative_dynamic_auc(time, event, risk, times), sk.cumulative_dynamic_auc(y, y, risk, times)[0],
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (([1.0, 2.0], [0, 0], [0.1, 0.2]), "All samples are censored"),
+    (([1.0], [1], [0.1]), "At least 2 samples are needed"),
+    (([1.0, 2.0, 3.0], [1, 0, 1], [0.1, 0.2]), "Input 'risk' has 2 values but 'time' has 3"),
+    (([1.0, 2.0], [1, 0, 1], [0.1, 0.2]), "Input 'event' has 3 values but 'time' has 2"),
+    (([1.0, 2.0], [1, 0], [np.nan, 0.2]), "Input 'risk' contains NaN"),
+    (([-1.0, 2.0], [1, 0], [0.1, 0.2]), "Input 'time' must be non-negative"),
+    (([1.0, 2.0], [1, 2], [0.1, 0.2]), "Input 'event' must be 0/1"),
+    (([2.0, 2.0], [1, 1], [0.1, 0.2]), "no comparable pairs"),
+])
+def test_input_errors(args, message):
+    with pytest.raises(SurvivalDataError, match=message):
+        harrell_c(*args)
+
+
+def test_bootstrap_ci_is_seeded_and_sensible():
+    rng = np.random.default_rng(0)
+    n = 400
+    risk = rng.normal(size=n)
+    time = rng.exponential(np.exp(-risk))
+    event = rng.random(n) < 0.7
+    first = bootstrap_ci(harrell_c, time, event, risk, n_resamples=300, seed=5)
+    again = bootstrap_ci(harrell_c, time, event, risk, n_resamples=300, seed=5)
+    assert first == again
+    assert first.low < first.value < first.high
+    assert 0.02 < first.high - first.low < 0.12
+    wider = bootstrap_ci(harrell_c, time[:100], event[:100], risk[:100], n_resamples=300, seed=5)
+    assert wider.high - wider.low > first.high - first.low
+    assert str(first).count("[") == 1

@@ -1,0 +1,107 @@
+"""Typed configuration of one trial's training; built from the dict Ray hands a trainable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from datasets.errors import InputError
+from trainables.backbones import BACKBONES
+from trainables.heads import HEADS
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters and protocol of fold training.
+
+    Attributes (units in brackets)
+    ------------------------------
+    backbone, width, depth, dropout
+        Network (see `trainables.backbones`).
+    head
+        ``cox`` | ``logistic_hazard`` | ``binary`` (see `trainables.heads`).
+    lr, weight_decay, batch_size, optimizer, momentum
+        Optimisation; ``momentum`` is used by SGD only.
+    epochs, warmup_epochs
+        Linear warm-up then cosine decay to zero over `epochs`.
+    grad_clip
+        Maximum gradient norm (0: no clipping).
+    patience
+        Early stopping after this many epochs without a better validation C-index (0: off).
+    augmentation
+        Strength of the random training transforms (0: none).
+    cox_memory
+        Risk-set memory of the Cox head [samples].
+    intervals, horizon_days
+        Discrete times of the logistic-hazard head [days].
+    eval_times
+        Times of the survival curves written out and integrated for the IBS [days].
+    seed
+        Seeds torch, shuffling and augmentation (per fold and epoch).
+    num_workers
+        DataLoader worker processes (0: in the training process).
+    device
+        ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    """
+
+    backbone: str = "seresnext50"
+    width: float = 1.0
+    depth: float = 1.0
+    dropout: float = 0.0
+    head: str = "cox"
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    epochs: int = 200
+    warmup_epochs: int = 5
+    grad_clip: float = 1.0
+    patience: int = 0
+    augmentation: float = 1.0
+    cox_memory: int = 256
+    intervals: int = 19
+    horizon_days: float = 1825.0
+    eval_times: tuple[float, ...] = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}; valid backbones are {sorted(BACKBONES)}")
+        if self.head not in HEADS:
+            raise InputError(f"unknown head {self.head!r}; valid heads are {list(HEADS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimizer {self.optimizer!r}; valid optimizers are {list(OPTIMIZERS)}")
+        checks = [
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (int(self.batch_size) >= 2, f"batch_size must be at least 2 (batch norm), got {self.batch_size}"),
+            (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (len(self.eval_times) >= 2 and list(self.eval_times) == sorted(self.eval_times),
+             f"eval_times must be at least two increasing times, got {self.eval_times}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "epochs", int(self.epochs))
+        object.__setattr__(self, "eval_times", tuple(float(t) for t in self.eval_times))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a flat dict (e.g. a Tune config), rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown training parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,323 @@
+"""Training and evaluating one cross-validation fold of one configuration.
+
+`FoldTrainer` advances one epoch per `step()` so a trial can run its folds in lock-step and
+report the cross-fold mean after every epoch. Every epoch ends with an atomic checkpoint
+(model, optimizer, scheduler, best weights, history); a trainer built on an existing checkpoint
+continues from it. Randomness (shuffling, augmentation, dropout) is re-seeded from
+(seed, fold, epoch) at each epoch, so an interrupted and resumed fold reproduces the
+uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from analysis.metrics import SurvivalDataError, harrell_c
+from datasets.errors import StudyError
+from datasets.store import CohortStore
+from datasets.torch_data import CohortDataset, training_augmentation
+from trainables.backbones import build_backbone
+from trainables.config import TrainConfig
+from trainables.heads import build_head
+
+CHECKPOINT_FORMAT = 1
+# Parameters that must match for a checkpoint to be resumed.
+_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "dropout")
+
+
+class TrainingDivergedError(StudyError):
+    """The loss became NaN or infinite."""
+
+
+class CheckpointError(StudyError):
+    """A checkpoint cannot be used (corrupt, or from another configuration)."""
+
+
+@dataclass
+class FoldData:
+    """The patients of one task and one fold's split.
+
+    Attributes
+    ----------
+    store
+        Cohort store the volumes come from.
+    patient_ids, slots, time, event, label
+        Per-patient arrays of the whole task cohort (length n).
+    train, val
+        Positions (into the arrays above) of this fold's training and validation patients.
+    fold
+        Fold number.
+    volumes
+        Optional float16 [n, C, X, Y, Z] of the whole cohort already in memory.
+    """
+
+    store: CohortStore
+    patient_ids: list[str]
+    slots: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    label: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    fold: int = 0
+    volumes: np.ndarray | None = None
+
+    def dataset(self, positions: np.ndarray, transform=None) -> CohortDataset:
+        volumes = None if self.volumes is None else _Rows(self.volumes, positions)
+        return CohortDataset(self.store, self.slots[positions], self.time[positions], self.event[positions],
+                             self.label[positions], transform=transform, volumes=volumes)
+
+
+class _Rows:
+    """A view of selected rows of a big array without copying it."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray):
+        self.array, self.rows = array, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int) -> np.ndarray:
+        return self.array[self.rows[item]]
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    history: list[dict]
+    best_epoch: int
+    best_cindex: float
+    predictions: pd.DataFrame = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StudyError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _schedule(config: TrainConfig):
+    warmup, total = config.warmup_epochs, config.epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        span = max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / span))
+
+    return factor
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class FoldTrainer:
+    """Trains one fold epoch by epoch; see the module docstring."""
+
+    def __init__(self, data: FoldData, config: TrainConfig, checkpoint: Path | None = None):
+        self.data, self.config = data, config
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.device = resolve_device(config.device)
+        self.head = build_head(config.head, cox_memory=config.cox_memory, intervals=config.intervals,
+                               horizon_days=config.horizon_days)
+        torch.manual_seed(self._seed(-1))
+        self.model = build_backbone(config.backbone, len(data.store.sequences), self.head.out_features,
+                                    config.width, config.depth, config.dropout).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        params = [{"params": [p for n, p in self.model.named_parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
+                  {"params": [p for n, p in self.model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True)
+        elif config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.lr)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best_cindex = -math.inf
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+        self.best_val_outputs: np.ndarray | None = None
+        self.stopped_early = False
+        if self.checkpoint and self.checkpoint.exists():
+            self._load()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _seed(self, epoch: int) -> int:
+        return (self.config.seed * 1_000_003 + self.data.fold * 10_007 + epoch + 1) % (2**31)
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.config.epochs or self.stopped_early
+
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "architecture": {k: getattr(self.config, k) for k in _ARCHITECTURE_KEYS},
+            "fold": self.data.fold,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_cindex": self.best_cindex,
+            "best_epoch": self.best_epoch,
+            "best_model": self.best_state,
+            "best_val_outputs": None if self.best_val_outputs is None else torch.from_numpy(self.best_val_outputs),
+            "stopped_early": self.stopped_early,
+        }
+
+    def _load(self) -> None:
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {self.checkpoint} cannot be read ({type(exc).__name__}: {exc}); "
+                                  "delete it to restart this fold") from exc
+        expected = {k: getattr(self.config, k) for k in _ARCHITECTURE_KEYS}
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {self.checkpoint} is not a fold checkpoint of format {CHECKPOINT_FORMAT}")
+        if state.get("architecture") != expected or state.get("fold") != self.data.fold:
+            raise CheckpointError(f"checkpoint {self.checkpoint} was written for {state.get('architecture')} fold "
+                                  f"{state.get('fold')}, not {expected} fold {self.data.fold}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_cindex = float(state["best_cindex"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_state = state["best_model"]
+        outputs = state["best_val_outputs"]
+        self.best_val_outputs = None if outputs is None else outputs.cpu().numpy()
+        self.stopped_early = bool(state["stopped_early"])
+
+    # -- training -----------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        return images
+
+    def _train_epoch(self) -> float:
+        config, seed = self.config, self._seed(self.epoch)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        dataset = self.data.dataset(self.data.train, training_augmentation(config.augmentation, seed=seed))
+        batch = min(config.batch_size, len(dataset))
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator,
+                            drop_last=len(dataset) > batch, num_workers=config.num_workers,
+                            persistent_workers=False, pin_memory=self.device.type == "cuda")
+        self.model.train()
+        self.head.reset()
+        losses = []
+        for items in loader:
+            images = self._to_device(items["image"])
+            with self._autocast():
+                outputs = self.model(images)
+            loss = self.head.loss(outputs.float(), items["time"].to(self.device), items["event"].to(self.device),
+                                  items["label"].to(self.device))
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"fold {self.data.fold}, epoch {self.epoch}: the loss became {loss.item()} "
+                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.scheduler.step()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    @torch.no_grad()
+    def predict(self, positions: np.ndarray) -> np.ndarray:
+        """Network outputs [len(positions), out_features] (float64) without augmentation."""
+        self.model.eval()
+        loader = DataLoader(self.data.dataset(positions), batch_size=max(2, self.config.batch_size),
+                            shuffle=False, num_workers=self.config.num_workers)
+        chunks = []
+        for items in loader:
+            with self._autocast():
+                chunks.append(self.model(self._to_device(items["image"])).float().cpu())
+        return torch.cat(chunks).double().numpy()
+
+    def _cindex(self, outputs: np.ndarray) -> float:
+        val = self.data.val
+        try:
+            return harrell_c(self.data.time[val], self.data.event[val], self.head.risk(outputs))
+        except SurvivalDataError:
+            return float("nan")
+
+    def step(self) -> dict:
+        """Train one epoch, validate, checkpoint; returns the epoch's record."""
+        if self.finished:
+            raise StudyError(f"fold {self.data.fold} has already finished")
+        train_loss = self._train_epoch()
+        outputs = self.predict(self.data.val)
+        cindex = self._cindex(outputs)
+        record = {"epoch": self.epoch, "train_loss": train_loss, "val_cindex": cindex,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        self.history.append(record)
+        if np.isfinite(cindex) and cindex > self.best_cindex:
+            self.best_cindex, self.best_epoch = cindex, self.epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_val_outputs = outputs
+        self.epoch += 1
+        patience = self.config.patience
+        if patience and self.epoch - 1 - self.best_epoch >= patience:
+            self.stopped_early = True
+        if self.checkpoint:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self._state(), self.checkpoint)
+        return record
+
+    def result(self) -> FoldResult:
+        """Out-of-fold predictions of the best epoch's weights (call when `finished`)."""
+        if self.best_state is None:
+            raise StudyError(f"fold {self.data.fold}: no epoch gave a finite validation C-index")
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.best_state)
+        train_outputs = self.predict(self.data.train)
+        self.model.load_state_dict(current)
+        data = self.data
+        self.head.fit(train_outputs, data.time[data.train], data.event[data.train])
+        outputs = self.best_val_outputs
+        val = data.val
+        frame = pd.DataFrame({
+            "patient_id": [data.patient_ids[i] for i in val],
+            "fold": data.fold,
+            "time": data.time[val],
+            "event": data.event[val].astype(int),
+            "risk": self.head.risk(outputs),
+            "surv_365": self.head.surv_365(outputs),
+        })
+        curves = self.head.survival(outputs, np.asarray(self.config.eval_times))
+        for k, t in enumerate(self.config.eval_times):
+            frame[f"surv_t{int(t)}"] = curves[:, k]
+        return FoldResult(data.fold, list(self.history), self.best_epoch, self.best_cindex, frame)
+
+
+def train_fold(data: FoldData, config: TrainConfig, checkpoint: Path | None = None) -> FoldResult:
+    """Train a fold to the end (resuming from `checkpoint` if it exists) and return its result."""
+    trainer = FoldTrainer(data, config, checkpoint)
+    while not trainer.finished:
+        trainer.step()
+    return trainer.result()

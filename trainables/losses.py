@@ -1,0 +1,94 @@
+"""Survival losses as pure functions on tensors.
+
+- `cox_nll`: negative Cox partial log-likelihood with Efron or Breslow ties;
+- `logistic_hazard_nll`: discrete-time logistic-hazard (nnet-survival) likelihood, pycox's
+  implementation;
+- `binary_nll`: 1-year death as a binary outcome (binary cross-entropy on logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pycox.models.loss import nll_logistic_hazard
+
+
+def _check(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> None:
+    if not log_hz.shape[0] == event.shape[0] == time.shape[0]:
+        raise ValueError(f"Inputs 'log_hz', 'event' and 'time' must have the same length, got "
+                         f"{log_hz.shape[0]}, {event.shape[0]}, {time.shape[0]}.")
+    if (time < 0).any():
+        raise ValueError("Input 'time' must be non-negative.")
+
+
+def cox_nll(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties: str = "efron",
+            reduction: str = "mean", n_loss: int | None = None) -> torch.Tensor:
+    """Negative Cox partial log-likelihood.
+
+    Parameters
+    ----------
+    log_hz : float [n] (or [n, 1])
+        Log relative hazards (the deep prognostic index).
+    event : 0/1 [n]
+    time : float [n], days
+    ties : "efron" | "breslow"
+    reduction : "mean" (per event) | "sum"
+    n_loss
+        Only the first `n_loss` samples contribute event terms; the rest only enlarge the risk
+        sets (as censored at their time). Used for the risk-set memory of small batches.
+
+    Returns
+    -------
+    Scalar tensor; exactly 0 (with a gradient) when there is no event.
+    """
+    log_hz = log_hz.reshape(-1)
+    event = event.reshape(-1).to(log_hz.dtype)
+    time = time.reshape(-1).to(log_hz.dtype)
+    _check(log_hz, event, time)
+    if ties not in ("efron", "breslow"):
+        raise ValueError(f"ties must be 'efron' or 'breslow', got {ties!r}")
+    if n_loss is not None:
+        event = torch.cat([event[:n_loss], torch.zeros_like(event[n_loss:])])
+    if event.sum() == 0:
+        return log_hz.sum() * 0.0
+    shift = log_hz.detach().max()
+    hz = torch.exp(log_hz - shift)
+    event_times = torch.unique(time[event == 1])  # [k]
+    at_risk = (time[None, :] >= event_times[:, None]).to(hz.dtype)  # [k, n]
+    tied_event = ((time[None, :] == event_times[:, None]) & (event[None, :] == 1)).to(hz.dtype)
+    risk_sum = at_risk @ hz  # [k]
+    tie_sum = tied_event @ hz  # [k]
+    d = tied_event.sum(dim=1)  # events per time [k]
+    # Each event's rank l (0..d-1) within its tie group, for Efron's correction.
+    group = torch.argmax(tied_event, dim=0)  # group of each sample (valid for events)
+    events_idx = torch.nonzero(event == 1).reshape(-1)
+    g = group[events_idx]
+    order = torch.argsort(g, stable=True)
+    sorted_g = g[order]
+    first = torch.searchsorted(sorted_g, sorted_g)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - first
+    if ties == "efron":
+        denominator = risk_sum[g] - rank.to(hz.dtype) / d[g] * tie_sum[g]
+    else:
+        denominator = risk_sum[g]
+    loglik = (log_hz[events_idx] - shift) - torch.log(denominator)
+    total = -loglik.sum()
+    return total / len(events_idx) if reduction == "mean" else total
+
+
+def logistic_hazard_nll(phi: torch.Tensor, interval: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Logistic-hazard negative log-likelihood (Kvamme & Borgan 2019; pycox), mean over samples.
+
+    Parameters
+    ----------
+    phi : float [n, m]  logits of the hazard in each of m discrete times
+    interval : int [n]  index of each sample's discrete time (pycox `LabTransDiscreteTime`)
+    event : 0/1 [n]
+    """
+    return nll_logistic_hazard(phi, interval.long(), event.float())
+
+
+def binary_nll(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of death within one year (label 1) from logits, mean over samples."""
+    return F.binary_cross_entropy_with_logits(logit.reshape(-1), label.reshape(-1).to(logit.dtype))
