@@ -55,8 +55,9 @@ class FoldData:
         Positions (into the arrays above) of this fold's training and validation patients.
     fold
         Fold number.
-    volumes
-        Optional float16 [n, C, X, Y, Z] of the whole cohort already in memory.
+    volumes, volume_rows
+        Optional float16 [m, C, X, Y, Z] already in memory (e.g. shared by all trials on a node)
+        and the row of each cohort patient in it (default: row i for patient i).
     """
 
     store: CohortStore
@@ -69,9 +70,13 @@ class FoldData:
     val: np.ndarray
     fold: int = 0
     volumes: np.ndarray | None = None
+    volume_rows: np.ndarray | None = None
 
     def dataset(self, positions: np.ndarray, transform=None) -> CohortDataset:
-        volumes = None if self.volumes is None else _Rows(self.volumes, positions)
+        volumes = None
+        if self.volumes is not None:
+            rows = positions if self.volume_rows is None else self.volume_rows[positions]
+            volumes = _Rows(self.volumes, rows)
         return CohortDataset(self.store, self.slots[positions], self.time[positions], self.event[positions],
                              self.label[positions], transform=transform, volumes=volumes)
 

@@ -1,0 +1,37 @@
+"""Machine and package description written at the top of every benchmark result."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+
+def describe() -> str:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    lines = [f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {cpu}",
+             f"- python {platform.python_version()}, torch {torch.__version__}"]
+    try:
+        with open("/proc/meminfo") as handle:
+            lines.append(f"- memory: {int(handle.readline().split()[1]) / 2**20:.0f} GiB")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        lines.append(f"- GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}")
+    packages = []
+    for name in ("monai", "zarr", "numpy", "ray", "optuna", "mlflow"):
+        try:
+            packages.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    lines.append("- packages: " + ", ".join(packages))
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""The fold trainer: learns the synthetic imaging signal, resumes exactly, refuses bad state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis.metrics import brier_score, harrell_c
+from datasets import Cohort, CohortSpec, InputError
+from trainables import CheckpointError, FoldData, FoldTrainer, TrainConfig, TrainingDivergedError, train_fold
+
+TINY = dict(backbone="seresnext50", width=0.25, depth=0.34, batch_size=8, warmup_epochs=1, lr=1e-3,
+            weight_decay=1e-4, augmentation=0.5, cox_memory=0)
+
+
+def _fold_data(store, spec=CohortSpec(), fold=0, k=5, volumes=True) -> FoldData:
+    cohort = Cohort(store, spec)
+    folds = cohort.folds(k, seed=0)
+    return FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, cohort.label,
+                    np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold,
+                    cohort.store.images(cohort.slots) if volumes else None)
+
+
+@pytest.mark.slow
+def test_fold_learns_the_imaging_signal(learnable_store):
+    data = _fold_data(learnable_store)
+    result = train_fold(data, TrainConfig(epochs=12, batch_size=16, **{k: v for k, v in TINY.items() if k != "batch_size"}))
+    assert result.best_cindex > 0.6, result.history
+    oof = result.predictions
+    assert list(oof.columns[:6]) == ["patient_id", "fold", "time", "event", "risk", "surv_365"]
+    assert len(oof) == len(data.val)
+    # The reported metric is recomputable from the predictions.
+    assert harrell_c(oof["time"], oof["event"], oof["risk"]) == pytest.approx(result.best_cindex)
+    assert oof["surv_365"].between(0, 1).all()
+    assert np.isfinite(brier_score(oof["time"], oof["event"], oof["surv_365"], 365.0)).all()
+
+
+@pytest.mark.parametrize("head, endpoint", [("logistic_hazard", "os"), ("binary", "1yr")])
+def test_other_heads_train_and_predict(small_store, head, endpoint):
+    data = _fold_data(small_store, CohortSpec("all", endpoint), k=2)
+    result = train_fold(data, TrainConfig(head=head, epochs=2, **TINY))
+    curves = result.predictions.filter(like="surv_t").to_numpy()
+    assert curves.shape == (len(data.val), 6)
+    assert (np.diff(curves, axis=1) <= 1e-12).all(), "survival curves do not increase"
+    assert result.predictions["surv_365"].between(0, 1).all()
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(small_store, tmp_path):
+    config = TrainConfig(epochs=3, **TINY)
+    straight = train_fold(_fold_data(small_store, k=2), config, tmp_path / "a.pt")
+    first = FoldTrainer(_fold_data(small_store, k=2), config, tmp_path / "b.pt")
+    first.step()
+    del first  # "killed" after one epoch
+    resumed = FoldTrainer(_fold_data(small_store, k=2), config, tmp_path / "b.pt")
+    assert resumed.epoch == 1
+    while not resumed.finished:
+        resumed.step()
+    again = resumed.result()
+    assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in straight.history]
+    pd.testing.assert_frame_equal(again.predictions, straight.predictions)
+
+
+def test_training_is_deterministic_on_cpu(small_store):
+    config = TrainConfig(epochs=2, **TINY)
+    a = train_fold(_fold_data(small_store, k=2, volumes=False), config)
+    b = train_fold(_fold_data(small_store, k=2, volumes=False), config)
+    pd.testing.assert_frame_equal(a.predictions, b.predictions)
+
+
+def test_nan_loss_stops_the_fold_with_a_clear_error(small_store):
+    data = _fold_data(small_store, k=2)
+    data.volumes = data.volumes.copy()
+    data.volumes[:, :, 0, 0, 0] = np.inf
+    with pytest.raises(TrainingDivergedError, match="fold 0, epoch 0: the loss became nan"):
+        train_fold(data, TrainConfig(epochs=1, **{**TINY, "augmentation": 0.0}))
+
+
+def test_checkpoint_from_another_backbone_or_corrupt_is_refused(small_store, tmp_path):
+    path = tmp_path / "fold.pt"
+    trainer = FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path)
+    trainer.step()
+    with pytest.raises(CheckpointError, match="was written for .*seresnext50"):
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **{**TINY, "backbone": "densenet121"}), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"backbone": "vgg"}, "unknown backbone 'vgg'"),
+    ({"head": "aft"}, "unknown head 'aft'"),
+    ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"batch_size": 1}, "batch_size must be at least 2"),
+    ({"learning_rate": 0.1}, r"unknown training parameter\(s\) \['learning_rate'\]"),
+])
+def test_config_rejects_bad_values(values, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def test_early_stopping(small_store):
+    trainer = FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=30, patience=2, **{**TINY, "lr": 1e-7}))
+    while not trainer.finished:
+        trainer.step()
+    assert trainer.stopped_early and trainer.epoch < 30
+    assert trainer.epoch - 1 - trainer.best_epoch == 2
