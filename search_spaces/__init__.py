@@ -1,0 +1,17 @@
+"""Named search spaces: distributions plus a fixed protocol; `SPACES` is the registry."""
+
+from search_spaces import literature_priors, smoke, wide
+from search_spaces._space import BACKBONES, TASKS, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform
+
+SPACES: dict[str, SearchSpace] = {s.name: s for s in (literature_priors.SPACE, wide.SPACE, smoke.SPACE)}
+
+
+def get_space(name: str) -> SearchSpace:
+    """The space registered under `name`; KeyError lists the valid names."""
+    if name not in SPACES:
+        raise KeyError(f"unknown search space {name!r}; valid spaces are {sorted(SPACES)}")
+    return SPACES[name]
+
+
+__all__ = ["BACKBONES", "SPACES", "TASKS", "Choice", "LogUniform", "Protocol", "SearchSpace", "Task", "Uniform",
+           "get_space"]

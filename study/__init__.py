@@ -1,0 +1,1 @@
+"""The study: CLI (`python -m study.run`), study configuration, Tune wiring and MLflow tracking."""

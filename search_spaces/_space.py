@@ -1,0 +1,191 @@
+"""Search spaces as data: distributions, a fixed protocol per budget, and the reference point.
+
+A space never imports Ray or Optuna: `study` turns its distributions into Tune domains. Each
+distribution can also sample itself with numpy, so spaces are tested without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+BACKBONES = ("seresnext50", "resnet50_cbam", "densenet121")
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high:
+            raise ValueError(f"LogUniform needs 0 < low < high, got {self.low}, {self.high}")
+
+    def __str__(self) -> str:
+        return f"log-uniform {self.low:g}..{self.high:g}"
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class Uniform:
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.low < self.high:
+            raise ValueError(f"Uniform needs low < high, got {self.low}, {self.high}")
+
+    def __str__(self) -> str:
+        return f"uniform {self.low:g}..{self.high:g}"
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.uniform(self.low, self.high))
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("Choice needs at least one value")
+
+    def __str__(self) -> str:
+        return "one of " + "/".join(str(v) for v in self.values)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.values[int(rng.integers(len(self.values)))]
+
+    def contains(self, value: Any) -> bool:
+        return value in self.values
+
+
+Distribution = LogUniform | Uniform | Choice
+
+
+@dataclass(frozen=True)
+class Task:
+    """An endpoint on a patient subset, trained with one head (loss)."""
+
+    name: str
+    filter: str
+    endpoint: str
+    head: str
+
+
+TASKS: dict[str, Task] = {
+    "os_all": Task("os_all", "all", "os", "cox"),
+    "os_gbm": Task("os_gbm", "glioblastoma", "os", "cox"),
+    "1yr_all": Task("1yr_all", "all", "1yr", "binary"),
+    "1yr_gbm": Task("1yr_gbm", "glioblastoma", "1yr", "binary"),
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What is fixed during a search (per budget).
+
+    Attributes
+    ----------
+    folds, epochs
+        K-fold cross-validation and maximum epochs per fold.
+    num_samples
+        Configurations tried per backbone x task cell (default of ``--num-samples``).
+    grace_epochs, reduction_factor
+        ASHA: minimum epochs before a configuration can be stopped, and its halving rate.
+    width, depth
+        Backbone scaling (1.0 = the published networks).
+    os_head
+        Head (loss) of the overall-survival tasks: ``cox`` or ``logistic_hazard``.
+    fixed
+        Further training parameters held constant (`trainables.TrainConfig` names).
+    checkpoint_every
+        Epochs between trial checkpoints (the last epoch is always checkpointed).
+    distributions, reference
+        Replace the space's distributions / reference values for this budget only (a CPU demo
+        of 100 patients x 4 epochs cannot use the batch sizes and learning rates of a
+        1,000-patient GPU study: batch 64 would leave it 2 optimizer steps per epoch).
+    """
+
+    folds: int
+    epochs: int
+    num_samples: int
+    grace_epochs: int
+    reduction_factor: int = 2
+    width: float = 1.0
+    depth: float = 1.0
+    os_head: str = "cox"
+    fixed: dict[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 1
+    distributions: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if not 1 <= self.grace_epochs <= self.epochs:
+            raise ValueError(f"grace_epochs must be in [1, epochs], got {self.grace_epochs}")
+        if self.os_head not in ("cox", "logistic_hazard"):
+            raise ValueError(f"os_head must be cox or logistic_hazard, got {self.os_head!r}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A named search space.
+
+    Attributes
+    ----------
+    name, summary
+        Registry key and the one-line description ``--list-spaces`` prints.
+    distributions
+        Training parameter name -> distribution (names of `trainables.TrainConfig`).
+    reference
+        The first configuration evaluated in every cell (the reference recipe).
+    protocols
+        Budget name (``demo``, ``full``) -> `Protocol`.
+    backbones, tasks
+        Defaults of ``--backbones`` and ``--tasks``.
+    """
+
+    name: str
+    summary: str
+    distributions: dict[str, Distribution]
+    reference: dict[str, Any]
+    protocols: dict[str, Protocol]
+    backbones: tuple[str, ...] = BACKBONES
+    tasks: tuple[str, ...] = tuple(TASKS)
+
+    def __post_init__(self) -> None:
+        if set(self.protocols) != {"demo", "full"}:
+            raise ValueError(f"space {self.name}: protocols must be 'demo' and 'full'")
+        for budget in self.protocols:
+            distributions, reference = self.distributions_for(budget), self.reference_for(budget)
+            missing = set(reference) ^ set(distributions)
+            if missing:
+                raise ValueError(f"space {self.name}: reference and distributions differ in {sorted(missing)}")
+            for key, value in reference.items():
+                if not distributions[key].contains(value):
+                    raise ValueError(f"space {self.name} ({budget}): reference {key}={value!r} is outside its distribution")
+        unknown = [t for t in self.tasks if t not in TASKS] + [b for b in self.backbones if b not in BACKBONES]
+        if unknown:
+            raise ValueError(f"space {self.name}: unknown tasks/backbones {unknown}")
+
+    def distributions_for(self, budget: str) -> dict[str, Distribution]:
+        return {**self.distributions, **self.protocols[budget].distributions}
+
+    def reference_for(self, budget: str) -> dict[str, Any]:
+        return {**self.reference, **self.protocols[budget].reference}
+
+    def sample(self, rng: np.random.Generator, budget: str = "full") -> dict[str, Any]:
+        return {k: d.sample(rng) for k, d in self.distributions_for(budget).items()}

@@ -1,0 +1,47 @@
+"""``literature_priors``: ranges centred on the reference recipe, from published 3D CNN work.
+
+The reference recipe (the first configuration evaluated in every cell): AdamW-style training with
+lr 1e-4, weight decay 1e-6, batch 64, 200 epochs, 10 folds.
+
+Ranges and their sources:
+
+- learning rate 1e-5 to 1e-3 (log): 3D medical CNNs trained with Adam/AdamW use 1e-5..1e-3
+  (Chen, Ma & Zheng, "Med3D", arXiv:1904.00625, 2019: 1e-3 SGD / 1e-4 Adam fine-tuning;
+  Hara, Kataoka & Satoh, CVPR 2018, 3D ResNets: 1e-3 to 1e-4), and the SE-ResNeXt glioma
+  survival recipe used 1e-4.
+- weight decay 1e-7 to 1e-3 (log): AdamW decoupled decay (Loshchilov & Hutter, ICLR 2019)
+  from negligible up to 1e-3, covering the recipe's 1e-6.
+- batch size 16/32/64: 3D volumes of 120 x 120 x 78 fit 16-64 per GPU; the recipe's 64 is the
+  upper end; smaller batches are common in 3D survival work (Cox risk sets, see the Cox head).
+- dropout 0 to 0.5 before the output layer (Hu et al., SE-Nets, CVPR 2018 used 0.2 in
+  SE-ResNeXt; 0.5 in classic CNN heads).
+- augmentation strength 0 to 1.5 (flips, small rotations/scalings, intensity jitter).
+- optimizer AdamW (recipe) or SGD with Nesterov momentum (Hara et al. 2018).
+"""
+
+from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Uniform
+
+SPACE = SearchSpace(
+    name="literature_priors",
+    summary="ranges around the reference recipe (lr 1e-4, wd 1e-6, batch 64, 200 epochs, 10 folds) from 3D CNN literature",
+    distributions={
+        "lr": LogUniform(1e-5, 1e-3),
+        "weight_decay": LogUniform(1e-7, 1e-3),
+        "batch_size": Choice((16, 32, 64)),
+        "dropout": Uniform(0.0, 0.5),
+        "augmentation": Uniform(0.0, 1.5),
+        "optimizer": Choice(("adamw", "sgd")),
+    },
+    reference={"lr": 1e-4, "weight_decay": 1e-6, "batch_size": 64, "dropout": 0.0, "augmentation": 1.0,
+               "optimizer": "adamw"},
+    protocols={
+        "full": Protocol(folds=10, epochs=200, num_samples=20, grace_epochs=20, reduction_factor=3,
+                         os_head="logistic_hazard", fixed={"warmup_epochs": 5, "patience": 40}, checkpoint_every=5),
+        # CPU-sized: scaled networks on the 32 x 32 x 24 demo cohort (about 100 training patients per
+        # fold), so smaller batches and a higher learning rate; the rest of the recipe is unchanged.
+        "demo": Protocol(folds=3, epochs=4, num_samples=2, grace_epochs=2, reduction_factor=2, width=0.25,
+                         depth=0.2, os_head="cox", fixed={"warmup_epochs": 1, "cox_memory": 0},
+                         distributions={"lr": LogUniform(3e-4, 3e-3), "batch_size": Choice((8, 16))},
+                         reference={"lr": 1e-3, "batch_size": 16}),
+    },
+)

@@ -1,0 +1,122 @@
+"""The resolved study: what `python -m study.run` will do, validated before anything starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets.errors import InputError
+from search_spaces import SPACES, TASKS, Protocol, SearchSpace, get_space
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study needs; infrastructure fields never enter the search space.
+
+    Attributes
+    ----------
+    space, budget
+        Search space name and budget (``demo`` | ``full``) selecting its protocol.
+    data, external
+        Development cohort store (None: the built-in demo cohort) and external stores.
+    backbones, tasks
+        Cells of the study: every backbone x task.
+    num_samples
+        Configurations per cell (None: the protocol's).
+    max_concurrent, cpus_per_trial, gpus_per_trial
+        Resources.
+    address
+        Ray cluster address (None: a local Ray instance).
+    tracking_uri, storage_path, name
+        MLflow tracking URI, Tune storage (experiment state, checkpoints), study name.
+    resume
+        Continue the study of that name (rerunning with the same name does the same).
+    seed
+        Seeds folds, samplers and training.
+    """
+
+    space: str
+    budget: str
+    data: Path | None
+    external: tuple[Path, ...]
+    backbones: tuple[str, ...]
+    tasks: tuple[str, ...]
+    num_samples: int
+    max_concurrent: int
+    cpus_per_trial: int
+    gpus_per_trial: float
+    address: str | None
+    tracking_uri: str
+    storage_path: str
+    name: str
+    resume: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def search_space(self) -> SearchSpace:
+        return get_space(self.space)
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.search_space.protocols[self.budget]
+
+    def cells(self) -> list[tuple[str, str]]:
+        """(backbone, task) pairs, task-major."""
+        return [(b, t) for t in self.tasks for b in self.backbones]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data"] = str(self.data) if self.data else None
+        out["external"] = [str(p) for p in self.external]
+        out["protocol"] = asdict(self.protocol)
+        return out
+
+
+def resolve(args) -> StudyConfig:
+    """Validate parsed CLI arguments into a `StudyConfig` (raises InputError naming the flag)."""
+    if args.space not in SPACES:
+        raise InputError(f"--space {args.space!r} is not a known search space; valid spaces are {sorted(SPACES)} "
+                         "(see --list-spaces)")
+    space = SPACES[args.space]
+    budget = args.budget or ("demo" if args.data is None else "full")
+    backbones = tuple(args.backbones or space.backbones)
+    tasks = tuple(args.tasks or space.tasks)
+    from search_spaces import BACKBONES
+
+    for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS))):
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            raise InputError(f"{flag}: unknown {unknown}; valid values are {list(valid)}")
+        if len(set(values)) != len(values):
+            raise InputError(f"{flag}: repeated values in {list(values)}")
+    protocol = space.protocols[budget]
+    num_samples = args.num_samples if args.num_samples is not None else protocol.num_samples
+    if num_samples < 1:
+        raise InputError(f"--num-samples must be at least 1, got {num_samples}")
+    if args.cpus_per_trial < 1:
+        raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
+    if args.gpus_per_trial < 0 or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial)):
+        raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
+    max_concurrent = args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial)
+    if max_concurrent < 1:
+        raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    for path in [args.data, *args.external]:
+        if path is not None and not Path(path).exists():
+            raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
+    storage = args.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    tracking = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    name = args.name or f"{args.space}-{budget}"
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
+    return StudyConfig(
+        space=args.space, budget=budget,
+        data=Path(args.data).expanduser().absolute() if args.data else None,
+        external=tuple(Path(p).expanduser().absolute() for p in args.external),
+        backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
+        tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed)

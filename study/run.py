@@ -1,0 +1,251 @@
+"""``python -m study.run``: the hyperparameter study (Ray Tune trials running K-fold CV, Optuna
+TPE search, ASHA pruning, MLflow tracking, resumable).
+
+Without ``--data`` it runs on the built-in demo cohort (synthetic, built once and cached) with
+the demo budget, through the same code path as a real study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from datasets.cohort import Cohort, CohortSpec
+from datasets.errors import StudyError
+from datasets.store import CohortStore
+from search_spaces import SPACES, TASKS
+from study.config import StudyConfig, resolve
+
+# Tune's legacy console output honours verbose=0 (the new engine prints tables regardless); the
+# study prints its own one line per trial instead.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+PACKAGES = ("torch", "monai", "ray", "optuna", "mlflow", "zarr", "numpy", "pandas", "lifelines", "pycox")
+SHARE_FRACTION = 0.25  # share volumes through the object store when they fit in this much RAM
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" unless the help text already explains the default."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--space", default="literature_priors", help="search space (see --list-spaces)")
+    parser.add_argument("--list-spaces", action="store_true", help="print the search spaces and exit")
+    parser.add_argument("--data", type=Path, default=None, help="development cohort store (default: the demo cohort)")
+    parser.add_argument("--external", type=Path, nargs="*", default=[], help="external cohort stores (for the report)")
+    parser.add_argument("--backbones", nargs="+", default=None, help="backbones (default: the space's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks among {list(TASKS)} (default: the space's)")
+    parser.add_argument("--num-samples", type=int, default=None, help="configurations per backbone x task (default: the protocol's)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
+    parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
+    parser.add_argument("--storage-path", default="ray_results", help="Tune experiment state and checkpoints")
+    parser.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
+    parser.add_argument("--resume", action="store_true", help="continue the study called --name")
+    parser.add_argument("--budget", choices=("demo", "full"), default=None,
+                        help="protocol size (default: demo without --data, full with it)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of folds, samplers and training")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved study and exit")
+    return parser
+
+
+def list_spaces() -> str:
+    width = max(len(n) for n in SPACES)
+    return "\n".join(f"{name:<{width}}  {space.summary}" for name, space in sorted(SPACES.items()))
+
+
+def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Cohort, np.ndarray]]:
+    """Each task's cohort and folds; raises before any training if one is unusable."""
+    out = {}
+    for task in config.tasks:
+        spec = TASKS[task]
+        cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint))
+        out[task] = (cohort, cohort.folds(config.protocol.folds, config.seed))
+    return out
+
+
+def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
+    from study.tuning import fixed_parameters
+
+    protocol = config.protocol
+    lines = [f"study {config.name}: space {config.space} ({config.search_space.summary})",
+             f"  budget {config.budget}: {protocol.folds} folds, up to {protocol.epochs} epochs, "
+             f"ASHA grace {protocol.grace_epochs} reduction {protocol.reduction_factor}, "
+             f"backbone width {protocol.width} depth {protocol.depth}",
+             "  searched: " + ", ".join(f"{k} {d}" for k, d in config.search_space.distributions_for(config.budget).items()),
+             f"  reference recipe (first trial of every cell): {config.search_space.reference_for(config.budget)}",
+             f"  data: {store.path} ({len(store.usable())} usable patients, sequences {store.sequences}, "
+             f"shape {list(store.shape)})",
+             f"  resources: {config.cpus_per_trial} CPU and {config.gpus_per_trial:g} GPU per trial, "
+             f"at most {config.max_concurrent} at once, Ray {'at ' + config.address if config.address else 'local'}",
+             f"  tracking: {config.tracking_uri}; storage: {config.storage_path}/{config.name}",
+             f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {config.num_samples} "
+             f"configurations = {len(config.cells()) * config.num_samples} trials"]
+    for task, (cohort, folds) in cohorts.items():
+        events = [int(cohort.label[folds == k].sum()) for k in range(protocol.folds)]
+        sizes = [int((folds == k).sum()) for k in range(protocol.folds)]
+        head = fixed_parameters(config, config.backbones[0], task)["head"]
+        lines.append(f"  task {task} ({TASKS[task].filter}, {TASKS[task].endpoint}, {head} head): "
+                     f"{len(cohort)} patients, {int(cohort.label.sum())} events; fold sizes {sizes}, events {events}")
+    return "\n".join(lines)
+
+
+def manifest(config: StudyConfig, store: CohortStore) -> dict:
+    """Reproducibility record: config, data-store hash, git revision, package versions."""
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        revision = "unknown"
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = "not installed"
+    return {"config": config.to_dict(), "data_store_sha256": store.sha256(), "git_revision": revision,
+            "packages": packages, "python": sys.version.split()[0]}
+
+
+def _share_volumes(store: CohortStore, cohorts) -> tuple[object, tuple[int, ...] | None]:
+    """Put the volumes of every task's patients into Ray's object store once (one copy per node)."""
+    import psutil
+    import ray
+
+    slots = np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
+    size = len(slots) * len(store.sequences) * int(np.prod(store.shape)) * 2
+    if size > SHARE_FRACTION * psutil.virtual_memory().total:
+        print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
+              "each trial reads the store itself")
+        return None, None
+    return ray.put(store.images(slots)), tuple(int(s) for s in slots)
+
+
+def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
+    import ray
+
+    from study.results import results_table, summarise, write_tables
+    from study.tracking import StudyTracker
+    from study.tuning import experiment_dir, run_cell
+    from trainables.trainable import TrialSetup
+
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    store_path = config.data
+    if store_path is None:
+        from study.demo import DEMO_PATIENTS, cache_root, demo_store
+
+        print(f"No --data: using the built-in demo cohort ({DEMO_PATIENTS} synthetic patients with a known hazard "
+              f"model, 32 x 32 x 24 voxels), cached under {cache_root()}; budget {config.budget}.", flush=True)
+        store_path = demo_store(workers=min(2, os.cpu_count() or 1))
+        config = StudyConfig(**{**config.__dict__, "data": store_path})
+    store = CohortStore(store_path)
+    cohorts = task_cohorts(config, store)
+    print(describe(config, store, cohorts), flush=True)
+
+    tracker = StudyTracker(config.tracking_uri, config.name)
+    try:
+        tracker.check()
+    except Exception as exc:
+        raise StudyError(f"MLflow tracking store {config.tracking_uri} cannot be reached ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
+    local_experiments = experiment_dir(config)
+    if local_experiments is not None:
+        try:
+            local_experiments.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"--storage-path {config.storage_path} is not writable ({exc})") from exc
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    volumes, volume_slots = _share_volumes(store, cohorts)
+    record = manifest(config, store)
+    tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
+            "git_revision": record["git_revision"],
+            **{f"version.{k}": v for k, v in record["packages"].items()}}
+    tracker.start(tags, {"space": config.space, "budget": config.budget, "backbones": ",".join(config.backbones),
+                         "tasks": ",".join(config.tasks), "num_samples": config.num_samples, "seed": config.seed,
+                         "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
+                  {"study_config.json": json.dumps(config.to_dict(), indent=1),
+                   "manifest.json": json.dumps(record, indent=1)})
+
+    cells = []
+    status = "FAILED"
+    try:
+        for index, (backbone, task) in enumerate(config.cells()):
+            spec = TASKS[task]
+            setup = TrialSetup(store=str(store.path), filter=spec.filter, endpoint=spec.endpoint,
+                               folds=config.protocol.folds, fold_seed=config.seed, cpus=config.cpus_per_trial,
+                               checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
+                               volume_slots=volume_slots)
+            print(f"[{index + 1}/{len(config.cells())}] {backbone} on {task}: {config.num_samples} configurations",
+                  flush=True)
+            grid = run_cell(config, backbone, task, setup, tracker, index)
+            cells.append(summarise(backbone, task, grid, list(config.search_space.distributions_for(config.budget))))
+        status = "FINISHED"
+    finally:
+        table = results_table(cells) if cells else None
+        files = {}
+        if table is not None:
+            files = write_tables(table, local_experiments or Path.cwd() / f"{config.name}-results")
+        tracker.finish_parent(status if status == "FINISHED" else "KILLED", files)
+    print(f"\nResults of study {config.name} (best configuration per cell, pooled out-of-fold predictions):")
+    print(table.T.to_string() if table is not None else "no cells finished")
+    print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; "
+          f"{time.perf_counter() - started:.0f} s in all.")
+    if config.tracking_uri.startswith("sqlite:///"):
+        print(f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
+    else:
+        print(f"Open the MLflow UI of {config.tracking_uri} and choose experiment '{config.name}'.")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_spaces:
+        print(list_spaces())
+        return 0
+    try:
+        config = resolve(args)
+        if args.dry_run:
+            store_path = config.data
+            if store_path is None:
+                from study.demo import demo_store
+
+                store_path = demo_store(workers=min(2, os.cpu_count() or 1))
+            store = CohortStore(store_path)
+            print(describe(config, store, task_cohorts(config, store)))
+            return 0
+        run_study(config)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Every registered search space is valid, samples inside its ranges, and converts to Tune."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from search_spaces import SPACES, TASKS, Choice, LogUniform, Protocol, SearchSpace, get_space
+from trainables.config import TrainConfig
+
+
+@pytest.mark.parametrize("name", sorted(SPACES))
+def test_space_samples_valid_training_configs(name):
+    space = SPACES[name]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        budget = ("demo", "full")[_ % 2]
+        sample = space.sample(rng, budget)
+        assert set(sample) == set(space.distributions)
+        for key, value in sample.items():
+            assert space.distributions_for(budget)[key].contains(value)
+        for budget, protocol in space.protocols.items():
+            TrainConfig.from_dict({**sample, **protocol.fixed, "epochs": protocol.epochs, "width": protocol.width,
+                                   "depth": protocol.depth})
+    assert all(t in TASKS for t in space.tasks)
+
+
+def test_literature_priors_is_centred_on_the_reference_recipe():
+    space = get_space("literature_priors")
+    assert space.reference["lr"] == 1e-4 and space.reference["weight_decay"] == 1e-6
+    assert space.reference["batch_size"] == 64
+    full = space.protocols["full"]
+    assert (full.folds, full.epochs) == (10, 200)
+    assert "Loshchilov" in __import__("search_spaces.literature_priors").literature_priors.__doc__
+
+
+def test_tune_domains():
+    from ray import tune
+
+    from study.tuning import tune_domain
+
+    assert isinstance(tune_domain(LogUniform(1e-5, 1e-3)), tune.search.sample.Float)
+    assert tune_domain(Choice((16, 32))).categories == [16, 32]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: LogUniform(0, 1), "0 < low < high"),
+    (lambda: Protocol(folds=1, epochs=2, num_samples=1, grace_epochs=1), "folds must be at least 2"),
+    (lambda: Protocol(folds=2, epochs=2, num_samples=1, grace_epochs=3), "grace_epochs"),
+    (lambda: SearchSpace("x", "", {"lr": LogUniform(1e-5, 1e-3)}, {"lr": 1.0},
+                         {"demo": Protocol(2, 2, 1, 1), "full": Protocol(2, 2, 1, 1)}), "outside its distribution"),
+])
+def test_invalid_spaces_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_unknown_space_lists_valid_ones():
+    with pytest.raises(KeyError, match="valid spaces are"):
+        get_space("nope")

@@ -1,0 +1,134 @@
+"""End-to-end smoke studies on a tiny store: every backbone family, two tasks; MLflow contents
+checked through MlflowClient; resume after killing the driver; ASHA pruning."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis.metrics import brier_score, harrell_c
+from study.run import main
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _runs(uri: str, name: str):
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("study_role") == "study"]
+    trials = [r for r in runs if r.data.tags.get("study_role") == "trial"]
+    return client, parents, trials
+
+
+@pytest.fixture(scope="module")
+def smoke_study(small_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    uri = f"sqlite:///{root}/mlflow.db"
+    code = main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "1yr_all", "--num-samples", "2",
+                 "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", "smoke"])
+    assert code == 0
+    return root, uri
+
+
+def test_parent_and_trial_runs(smoke_study):
+    root, uri = smoke_study
+    client, parents, trials = _runs(uri, "smoke")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {"space", "data_store_sha256", "git_revision", "version.torch"} <= set(parent.data.tags)
+    assert len(trials) == 3 * 2 * 2
+    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    assert {t.data.tags["backbone"] for t in trials} == {"seresnext50", "resnet50_cbam", "densenet121"}
+    assert {t.data.tags["task"] for t in trials} == {"os_all", "1yr_all"}
+    assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"study_config.json", "manifest.json", "results.csv", "results.md"} <= artifacts
+    table = pd.read_csv(root / "rr" / "smoke" / "results.csv", index_col=0)
+    assert list(table.index[:2]) == ["C-index [95% CI]", "Brier score (365 d)"]
+    assert len(table.columns) == 6
+
+
+def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
+    _, uri = smoke_study
+    client, _, trials = _runs(uri, "smoke")
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert finished
+    for run in finished:
+        assert {"cv_cindex", "cindex", "cindex_low", "cindex_high", "brier_365", "ibs", "fold0_cindex"} <= set(run.data.metrics)
+        assert run.data.params["backbone"] == run.data.tags["backbone"]
+        history = client.get_metric_history(run.info.run_id, "cv_cindex")
+        assert [m.step for m in history] == [1, 2]
+        path = client.download_artifacts(run.info.run_id, "oof_predictions.csv")
+        oof = pd.read_csv(path)
+        assert list(oof.columns[:6]) == ["patient_id", "fold", "time", "event", "risk", "surv_365"]
+        assert harrell_c(oof["time"], oof["event"], oof["risk"]) == pytest.approx(run.data.metrics["cindex"], abs=1e-9)
+        assert brier_score(oof["time"], oof["event"], oof["surv_365"], 365.0)[0] == pytest.approx(
+            run.data.metrics["brier_365"], abs=1e-9)
+        assert "learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_rerun_with_same_name_reuses_everything(smoke_study, small_store):
+    root, uri = smoke_study
+    _, _, before = _runs(uri, "smoke")
+    assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "1yr_all", "--num-samples", "2",
+                 "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", "smoke", "--resume"]) == 0
+    _, parents, after = _runs(uri, "smoke")
+    assert len(parents) == 1
+    assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
+
+
+def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--backbones", "seresnext50",
+                 "--num-samples", "6", "--max-concurrent", "1", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "rr"), "--name", "prune"]) == 0
+    client, _, trials = _runs(uri, "prune")
+    pruned = [t for t in trials if t.info.status == "KILLED"]
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert pruned and finished
+    for run in pruned:
+        assert run.data.tags["pruned_at_epoch"] == "1"
+        assert run.data.metrics["fold_epochs"] == 2  # 2 folds x 1 epoch, not 2 x 2
+        assert run.data.metrics["cv_cindex"] <= max(f.data.metrics["cv_cindex"] for f in finished) + 1e-9
+
+
+def test_resume_after_killing_the_driver(small_store, tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    command = [sys.executable, "-m", "study.run", "--space", "smoke", "--data", str(small_store), "--tasks", "os_all",
+               "1yr_all", "--backbones", "seresnext50", "--num-samples", "2", "--max-concurrent", "1",
+               "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"), "--name", "killed"]
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if "[2/2]" in (tmp_path / "driver.log").read_text():
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, (tmp_path / "driver.log").read_text()
+    time.sleep(3)  # into the second cell's first trial
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    _, _, before = _runs(uri, "killed")
+    first_cell = {r.info.run_id: r.info.end_time for r in before if r.data.tags["task"] == "os_all"}
+    assert len(first_cell) == 2 and all(first_cell.values())
+    assert main(command[3:]) == 0
+    _, parents, after = _runs(uri, "killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    keys = [r.data.tags["trial_key"] for r in after]
+    assert len(keys) == len(set(keys)) == 4, "no duplicate trial runs"
+    for run in after:
+        if run.info.run_id in first_cell:
+            assert run.info.end_time == first_cell[run.info.run_id], "finished trials are not rerun"
+        assert run.info.status in ("FINISHED", "KILLED")

@@ -1,0 +1,102 @@
+"""The Ray Tune trainable: one trial = one configuration evaluated by K-fold CV on one task.
+
+The only Ray calls below `study` live here: `tune.report` (with checkpoints), `tune.get_checkpoint`
+and `ray.get` of the shared volumes. The trial reports after every epoch the mean validation
+C-index across folds (``cv_cindex``, what ASHA prunes on), the per-fold values and the fold-epochs
+spent; the last report carries ``final: True``, the pooled out-of-fold metrics with their 95% CI,
+and a checkpoint holding ``oof_predictions.csv`` and ``learning_curve.png``. A restarted trial
+resumes every fold from the last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasets.cohort import Cohort, CohortSpec
+from trainables.config import TrainConfig
+from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Infrastructure of a trial (never part of the search space).
+
+    Attributes
+    ----------
+    store
+        Absolute path of the cohort store (Tune runs trials in other directories).
+    filter, endpoint
+        The task's cohort.
+    folds, fold_seed
+        K and the seed of the folds: identical for every trial of a task.
+    cpus
+        Torch threads of the trial.
+    checkpoint_every
+        Epochs between checkpoints (the final epoch is always checkpointed).
+    bootstrap
+        Bootstrap resamples of the final CI.
+    volumes
+        Optional Ray object reference to float16 volumes of `volume_slots` (one copy per node).
+    volume_slots
+        Store slots of the rows of `volumes` (sorted).
+    """
+
+    store: str
+    filter: str
+    endpoint: str
+    folds: int
+    fold_seed: int = 0
+    cpus: int = 1
+    checkpoint_every: int = 1
+    bootstrap: int = 1000
+    volumes: Any = None
+    volume_slots: tuple[int, ...] | None = None
+
+
+def _shared_volumes(setup: TrialSetup, cohort: Cohort) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if setup.volumes is None:
+        return cohort.store.images(cohort.slots), None
+    import ray
+
+    volumes = ray.get(setup.volumes)  # zero-copy from the node's object store
+    rows = np.searchsorted(np.asarray(setup.volume_slots), cohort.slots)
+    return volumes, rows
+
+
+def cv_trainable(config: dict, setup: TrialSetup) -> None:
+    """Ray Tune function trainable (see the module docstring)."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, setup.cpus))
+    train_config = TrainConfig.from_dict(config)
+    cohort = Cohort(setup.store, CohortSpec(setup.filter, setup.endpoint))
+    folds = cohort.folds(setup.folds, setup.fold_seed)
+    volumes, rows = _shared_volumes(setup, cohort)
+    workdir = Path(tempfile.mkdtemp(prefix="cv-trial-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            checkpoint.to_directory(str(workdir))
+        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir)
+        while not cv.finished:
+            metrics = cv.step()
+            if cv.finished:
+                oof = cv.predictions()
+                oof.to_csv(workdir / OOF_FILE, index=False)
+                cv.write_learning_curve(workdir / CURVE_FILE)
+                metrics.update(cv_metrics(oof, train_config.eval_times, seed=setup.fold_seed,
+                                          n_resamples=setup.bootstrap))
+                metrics["final"] = True
+            if cv.finished or cv.epoch % setup.checkpoint_every == 0:
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+            else:
+                tune.report(metrics)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
