@@ -115,7 +115,8 @@ def write_report(store_path: Path, attrs: Mapping, manifest: Mapping) -> Path:
             f"<h3 id='{html.escape(pid)}'>{html.escape(pid)}</h3>",
             _table(["grid", "shape (voxels)", "spacing (mm)"], rows),
             _table(["sequence", "mean in mask", "sd", "clip low", "clip high"], stats),
-            f"<img loading='lazy' src='{html.escape(record.get('montage', ''))}' alt='montage of {html.escape(pid)}'>",
+            # The page lives in qc/ beside the montages; the manifest records paths from the store root.
+            f"<img loading='lazy' src='{html.escape(Path(record.get('montage', '')).name)}' alt='montage of {html.escape(pid)}'>",
         ]
     style = "<style>body{font-family:sans-serif;max-width:60em} table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}</style>"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>QC</title>{style}</head><body>{''.join(sections)}</body></html>"

@@ -63,6 +63,11 @@ def test_tumour_lands_at_the_same_physical_place(tcga_store):
 
 
 def test_qc_montage_written(tcga_store):
+    import re
+
     record = tcga_store.manifest["patients"]["TCGA-02-0003"]
     assert (tcga_store.path / record["montage"]).stat().st_size > 10_000
+    page = tcga_store.path / "qc" / "index.html"
+    sources = re.findall(r"<img [^>]*src='([^']+)'", page.read_text())
+    assert sources and all((page.parent / s).is_file() for s in sources), "the report's images resolve"
     assert record["info"]["before"]["t1c"]["spacing"] == pytest.approx([0.78125, 0.78125, 6.5])
