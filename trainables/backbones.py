@@ -138,11 +138,13 @@ class PadToMinimum(nn.Module):
 class Backbone(nn.Module):
     """A network mapping [B, C, X, Y, Z] volumes to [B, out_features] outputs."""
 
-    def __init__(self, net: nn.Module, min_size: int, gradcam_layer: str):
+    def __init__(self, net: nn.Module, min_size: int, stages: tuple[str, ...]):
         super().__init__()
         self.pad = PadToMinimum(min_size)
         self.net = net
-        self.gradcam_layer = f"net.{gradcam_layer}"
+        # Stage outputs from shallow to deep: Grad-CAM uses the deepest one that keeps a spatial map.
+        self.stages = tuple(f"net.{s}" for s in stages)
+        self.gradcam_layer = self.stages[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.pad(x))
@@ -154,7 +156,7 @@ def _seresnext50(in_channels, out_features, width, depth, dropout) -> Backbone:
                        layers=_blocks((3, 4, 6, 3), depth), groups=groups, reduction=16,
                        dropout_prob=dropout or None, inplanes=_channels(64, width), downsample_kernel_size=1,
                        input_3x3=False, num_classes=out_features)
-    return Backbone(net, 1, "layer4")
+    return Backbone(net, 1, ("layer1", "layer2", "layer3", "layer4"))
 
 
 def _resnet50_cbam(in_channels, out_features, width, depth, dropout) -> Backbone:
@@ -164,7 +166,7 @@ def _resnet50_cbam(in_channels, out_features, width, depth, dropout) -> Backbone
                  num_classes=out_features)
     if dropout:
         net.fc = nn.Sequential(nn.Dropout(dropout), net.fc)
-    return Backbone(net, 1, "layer4")
+    return Backbone(net, 1, ("layer1", "layer2", "layer3", "layer4"))
 
 
 def _densenet121(in_channels, out_features, width, depth, dropout) -> Backbone:
@@ -174,7 +176,7 @@ def _densenet121(in_channels, out_features, width, depth, dropout) -> Backbone:
                    block_config=blocks, dropout_prob=dropout)
     # stem conv /2, max-pool /2, then an average pool /2 per transition: each needs >= 2 voxels.
     min_size = 2 ** (1 + len(blocks))
-    return Backbone(net, min_size, f"features.denseblock{len(blocks)}")
+    return Backbone(net, min_size, tuple(f"features.denseblock{i + 1}" for i in range(len(blocks))))
 
 
 @dataclass(frozen=True)

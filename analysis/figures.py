@@ -1,0 +1,137 @@
+"""Report figures (matplotlib, Agg): Kaplan-Meier by DPI group, calibration, search diagnostics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from lifelines import KaplanMeierFitter  # noqa: E402
+from lifelines.plotting import add_at_risk_counts  # noqa: E402
+from lifelines.statistics import logrank_test  # noqa: E402
+
+
+def km_by_dpi(time, event, dpi, cutoff: float, title: str, path: Path) -> float:
+    """Kaplan-Meier curves of DPI <= cutoff (low) vs > cutoff (high) with numbers at risk.
+
+    The cut-off is given (fixed on development data); returns the log-rank p-value.
+    """
+    time, event, dpi = (np.asarray(a, dtype=float) for a in (time, event, dpi))
+    high = dpi > cutoff
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    fitters = []
+    for mask, label, colour in ((~high, "low DPI", "tab:blue"), (high, "high DPI", "tab:red")):
+        km = KaplanMeierFitter(label=f"{label} (n={int(mask.sum())})")
+        if mask.sum() > 0:
+            km.fit(time[mask] / 30.44, event[mask])
+            km.plot_survival_function(ax=ax, ci_show=True, color=colour)
+            fitters.append(km)
+    p = float(logrank_test(time[high], time[~high], event[high], event[~high]).p_value) if high.any() and (~high).any() else float("nan")
+    ax.set(xlabel="months", ylabel="overall survival", title=f"{title}\nlog-rank p = {p:.3g} (cut-off {cutoff:.2f})",
+           ylim=(0, 1.02))
+    if fitters:
+        add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return p
+
+
+def calibration_plot(table: pd.DataFrame, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="ideal")
+    ax.errorbar(table["predicted"], table["observed"],
+                yerr=[table["observed"] - table["observed_low"], table["observed_high"] - table["observed"]],
+                fmt="o-", capsize=3, label="risk quintiles (KM, 95% CI)")
+    ax.set(xlabel="predicted 1-year survival", ylabel="observed 1-year survival (Kaplan-Meier)", xlim=(0, 1),
+           ylim=(0, 1), title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path: Path) -> None:
+    """Optimisation history, parameter importances and parallel coordinates of one cell.
+
+    `trials`: one row per trial in start order, columns ``value`` (final pooled C-index, NaN when
+    pruned), ``cv_cindex`` (last CV mean reported) and the searched parameters.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    order = np.arange(1, len(trials) + 1)
+    finished = trials["value"].notna()
+    ax.scatter(order[finished], trials.loc[finished, "value"], label="finished (pooled OOF C)", color="tab:blue")
+    ax.scatter(order[~finished], trials.loc[~finished, "cv_cindex"], label="pruned (last CV mean)", color="tab:grey",
+               marker="x")
+    best = trials["value"].fillna(-np.inf).cummax().replace(-np.inf, np.nan)
+    ax.step(order, best, where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel="C-index", title="optimisation history")
+    ax.legend(fontsize=7)
+    importances = parameter_importances(trials, params)
+    ax = axes[1]
+    if importances:
+        names = list(importances)
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (fANOVA)", title="parameter importances")
+    else:
+        ax.text(0.5, 0.5, "too few finished trials\nfor importances", ha="center", va="center")
+        ax.set_axis_off()
+    ax = axes[2]
+    score = trials["value"].fillna(trials["cv_cindex"])
+    normalised = []
+    for name in params:
+        column = trials[name]
+        if column.dtype == object:
+            codes = {v: i for i, v in enumerate(sorted(column.astype(str).unique()))}
+            values = column.astype(str).map(codes).astype(float) / max(1, len(codes) - 1)
+        else:
+            values = np.log10(column.astype(float)) if (column.astype(float) > 0).all() and column.max() / max(column.min(), 1e-30) > 20 else column.astype(float)
+            span = values.max() - values.min()
+            values = (values - values.min()) / span if span > 0 else values * 0 + 0.5
+        normalised.append(values.to_numpy())
+    cmap = plt.get_cmap("viridis")
+    low, high = np.nanmin(score), np.nanmax(score)
+    for i in range(len(trials)):
+        colour = cmap(0.5 if high == low else (score.iloc[i] - low) / (high - low))
+        ax.plot(range(len(params)), [v[i] for v in normalised], color=colour, alpha=0.8)
+    ax.set_xticks(range(len(params)), params, rotation=30, fontsize=7)
+    ax.set(title="parallel coordinates (colour: C-index)", ylabel="normalised value")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def parameter_importances(trials: pd.DataFrame, params: list[str]) -> dict[str, float]:
+    """Optuna's fANOVA importances from the finished trials (empty if fewer than 3)."""
+    import warnings
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    done = trials[trials["value"].notna()]
+    if len(done) < 3:
+        return {}
+    distributions = {}
+    for name in params:
+        column = trials[name]
+        if column.dtype == object or column.nunique() <= 3:
+            distributions[name] = CategoricalDistribution(sorted(column.unique().tolist(), key=str))
+        else:
+            low, high = float(column.min()), float(column.max())
+            distributions[name] = FloatDistribution(low, high if high > low else low + 1e-12)
+    study = optuna.create_study(direction="maximize")
+    for _, row in done.iterrows():
+        study.add_trial(optuna.trial.create_trial(params={n: row[n] for n in params}, distributions=distributions,
+                                                  value=float(row["value"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dict(optuna.importance.get_param_importances(study))
+        except (RuntimeError, ValueError):
+            return {}

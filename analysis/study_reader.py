@@ -1,0 +1,110 @@
+"""Reading a tracked study back: MLflow runs, the study config, and the trials' files in Tune's
+storage (fold checkpoints, exact configurations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from datasets.errors import InputError, StudyError
+
+
+class ReportError(StudyError):
+    """The study cannot be reported on (unknown name, no finished trials, missing files)."""
+
+
+@dataclass
+class Trial:
+    run_id: str
+    backbone: str
+    task: str
+    trial_id: str
+    status: str
+    params: dict
+    metrics: dict
+    start_time: int = 0
+
+    @property
+    def cell(self) -> str:
+        return f"{self.backbone}__{self.task}"
+
+
+@dataclass
+class Study:
+    name: str
+    tracking_uri: str
+    parent_run_id: str
+    config: dict
+    trials: list[Trial] = field(default_factory=list)
+
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.status == "FINISHED" and "cindex" in t.metrics]
+
+    def best_per_cell(self) -> dict[tuple[str, str], Trial]:
+        """The finished trial with the highest pooled out-of-fold C-index in each cell."""
+        best: dict[tuple[str, str], Trial] = {}
+        for trial in self.finished():
+            key = (trial.backbone, trial.task)
+            if key not in best or trial.metrics["cindex"] > best[key].metrics["cindex"]:
+                best[key] = trial
+        return best
+
+    def trial_dir(self, trial: Trial) -> Path:
+        """The trial's folder in Tune's storage (local storage paths only)."""
+        storage = self.config["storage_path"]
+        if "://" in storage:
+            raise ReportError(f"storage {storage} is remote: copy it locally to build the report")
+        cell_dir = Path(storage) / self.config["name"] / trial.cell
+        matches = sorted(cell_dir.glob(f"*{trial.trial_id}*"))
+        if not matches:
+            raise ReportError(f"no folder for trial {trial.trial_id} under {cell_dir}")
+        return matches[0]
+
+    def checkpoint_dir(self, trial: Trial) -> Path:
+        checkpoints = sorted(self.trial_dir(trial).glob("checkpoint_*"))
+        if not checkpoints:
+            raise ReportError(f"trial {trial.trial_id} has no checkpoint in {self.trial_dir(trial)}")
+        return checkpoints[-1]
+
+    def trial_config(self, trial: Trial) -> dict:
+        """The trial's configuration with its types (Tune's params.json)."""
+        return json.loads((self.trial_dir(trial) / "params.json").read_text())
+
+
+def read_study(name: str, tracking_uri: str) -> Study:
+    """Load a study's parent run, config and trial runs from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise InputError(f"no study called {name!r} in {tracking_uri}; studies there: {known}")
+    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    parents = [r for r in runs if r.data.tags.get("study_role") == "study"]
+    if not parents:
+        raise ReportError(f"experiment {name!r} has no study run (was it made by python -m study.run?)")
+    parent = parents[0]
+    path = client.download_artifacts(parent.info.run_id, "study_config.json")
+    config = json.loads(Path(path).read_text())
+    trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
+                    r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
+                    r.info.start_time or 0)
+              for r in runs if r.data.tags.get("study_role") == "trial"]
+    trials.sort(key=lambda t: t.start_time)
+    study = Study(name, tracking_uri, parent.info.run_id, config, trials)
+    if not study.finished():
+        raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "
+                          "run or resume it with python -m study.run --name " + name)
+    return study
+
+
+def oof_predictions(study: Study, trial: Trial) -> pd.DataFrame:
+    """The trial's out-of-fold predictions (the CSV logged to its MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    path = MlflowClient(study.tracking_uri).download_artifacts(trial.run_id, "oof_predictions.csv")
+    return pd.read_csv(path)
