@@ -108,3 +108,15 @@ def calibration(time: np.ndarray, event: np.ndarray, predicted: np.ndarray, hori
         rows.append({"group": k + 1, "patients": len(part), "predicted": float(predicted[part].mean()),
                      "observed": observed, "observed_low": float(low), "observed_high": float(high)})
     return pd.DataFrame(rows)
+
+
+def added_value_row(frame: pd.DataFrame, **kwargs) -> tuple[dict, AddedValue | None]:
+    """`added_value` as a table row; a cohort where the models cannot be fitted (too few patients
+    or events, separation) gives a row saying why instead of stopping the report."""
+    from lifelines.exceptions import ConvergenceError
+
+    try:
+        result = added_value(frame, **kwargs)
+    except (ConvergenceError, ValueError, np.linalg.LinAlgError) as exc:
+        return {"patients": int(len(frame)), "note": f"not estimable: {str(exc).splitlines()[0][:200]}"}, None
+    return result.row(), result

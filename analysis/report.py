@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
-from analysis.added_value import added_value
+from analysis.added_value import added_value_row
 from analysis.ensemble import load_fold_models, predict_external, standardised_oof
 from analysis.gradcam import gradcam_map, overlay, save_nifti
 from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
@@ -37,6 +37,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 LEADERBOARD_METRICS = ("cindex", "cindex_low", "cindex_high", "brier_365", "ibs", "uno_c", "auc_365")
 
 
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.3g}"
+
+
 def leaderboard(study: Study) -> pd.DataFrame:
     rows = []
     for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -47,7 +55,7 @@ def leaderboard(study: Study) -> pd.DataFrame:
                      "C-index [95% CI]": f"{m['cindex']:.3f} [{m['cindex_low']:.4f}, {m['cindex_high']:.4f}]",
                      "Brier (365 d)": round(m.get("brier_365", np.nan), 4), "IBS": round(m.get("ibs", np.nan), 4),
                      "Uno's C": round(m.get("uno_c", np.nan), 3), "AUC (365 d)": round(m.get("auc_365", np.nan), 3),
-                     "best config": ", ".join(f"{k}={trial.params[k]}" for k in searched),
+                     "best config": ", ".join(f"{k}={_short(trial.params[k])}" for k in searched),
                      "trial": trial.trial_id, "finished trials": sum(1 for t in study.finished() if t.cell == trial.cell)})
     return pd.DataFrame(rows)
 
@@ -107,7 +115,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     html_parts += ["<h2>1. Leaderboard</h2><p>Best configuration per backbone x task, pooled out-of-fold predictions; "
                    "95% CI by patient bootstrap.</p>", _table_html(board)]
 
-    value_rows, external_rows, km_figures, calibration_figures, cam_figures = [], [], [], [], []
+    value_rows, external_rows, km_rows, km_figures, calibration_figures, cam_figures = [], [], [], [], [], []
     best_per_task: dict[str, Trial] = {}
     for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if task not in best_per_task or trial.metrics["cindex"] > best_per_task[task].metrics["cindex"]:
@@ -119,14 +127,19 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
         oof["dpi"] = standardised_oof(models, oof)
         clinical = store.clinical().loc[oof["patient_id"]].reset_index(drop=True)
         frame = pd.concat([oof[["time", "event", "dpi"]], clinical.drop(columns=["time", "event"])], axis=1)
-        result = added_value(frame)
-        value_rows.append({"backbone": backbone, "task": task, "cohort": "development (out-of-fold)", **result.row()})
-        figures.calibration_plot(result.calibration, f"{cell}: development", out / f"calibration_{cell}_dev.png")
-        calibration_figures.append(f"calibration_{cell}_dev.png")
+        row, result = added_value_row(frame)
+        value_rows.append({"backbone": backbone, "task": task, "cohort": "development (out-of-fold)", **row})
+        if result is not None:
+            figures.calibration_plot(result.calibration, f"{cell}: development", out / f"calibration_{cell}_dev.png")
+            calibration_figures.append(f"calibration_{cell}_dev.png")
+        # The cut-off is fixed here, on development data, and reused unchanged for external cohorts.
         cutoff = float(np.median(oof["dpi"]))
         p = figures.km_by_dpi(oof["time"], oof["event"], oof["dpi"], cutoff, f"{cell}: development",
                               out / f"km_{cell}_dev.png")
         km_figures.append((f"km_{cell}_dev.png", p))
+        km_rows.append({"backbone": backbone, "task": task, "cohort": "development", "cutoff": cutoff,
+                        "high": int((oof["dpi"] > cutoff).sum()), "low": int((oof["dpi"] <= cutoff).sum()),
+                        "logrank_p": p})
         spec = TASKS[task]
         for ext in externals:
             cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
@@ -138,17 +151,21 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
             ext_frame = pd.concat([pd.DataFrame({"time": cohort.time, "event": cohort.event, "dpi": pred["dpi"]}),
                                    cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)
             value_rows.append({"backbone": backbone, "task": task, "cohort": ext.path.name,
-                               **added_value(ext_frame).row()})
+                               **added_value_row(ext_frame)[0]})
             name = f"km_{cell}_{ext.path.stem}.png"
             p = figures.km_by_dpi(cohort.time, cohort.event, pred["dpi"], cutoff, f"{cell}: {ext.path.stem} "
                                   "(development cut-off)", out / name)
             km_figures.append((name, p))
+            km_rows.append({"backbone": backbone, "task": task, "cohort": ext.path.name, "cutoff": cutoff,
+                            "high": int((pred["dpi"] > cutoff).sum()), "low": int((pred["dpi"] <= cutoff).sum()),
+                            "logrank_p": p})
         if trial is best_per_task.get(task):
             best_models, best_oof = models, oof
             best_per_task[task]._models = (best_models, best_oof)  # type: ignore[attr-defined]
 
     values = pd.DataFrame(value_rows)
     values.to_csv(out / "added_value.csv", index=False)
+    pd.DataFrame(km_rows).to_csv(out / "kaplan_meier.csv", index=False)
     if external_rows:
         pd.DataFrame(external_rows).to_csv(out / "external_validation.csv", index=False)
         html_parts += ["<h2>2. External validation (fold ensembles)</h2>", _table_html(pd.DataFrame(external_rows))]

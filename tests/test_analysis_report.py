@@ -1,0 +1,143 @@
+"""The report on a real (small) tracked study: every table against independent recomputation,
+the Kaplan-Meier cut-off discipline, Grad-CAM files, and clear errors."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from lifelines import CoxPHFitter
+from lifelines.statistics import logrank_test
+from mlflow.tracking import MlflowClient
+
+from analysis.added_value import added_value, calibration, usable_covariates
+from analysis.report import build_report, main
+from analysis.study_reader import ReportError, oof_predictions, read_study
+from datasets import CohortStore
+from study.run import main as study_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reported(learnable_store, small_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root}/mlflow.db"
+    assert study_main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones",
+                       "seresnext50", "resnet50_cbam", "--num-samples", "2", "--tracking-uri", uri,
+                       "--storage-path", str(root / "rr"), "--name", "rep"]) == 0
+    index = build_report("rep", uri, root / "report", external=[small_store], gradcam_patients=1)
+    return root, uri, index
+
+
+def test_report_files(reported):
+    root, uri, index = reported
+    folder = index.parent
+    for name in ("leaderboard.csv", "added_value.csv", "kaplan_meier.csv", "external_validation.csv"):
+        assert (folder / name).is_file(), name
+    page = index.read_text()
+    for heading in ("Leaderboard", "External validation", "Added prognostic value", "Kaplan-Meier", "Grad-CAM",
+                    "Search diagnostics"):
+        assert heading in page
+    import re
+
+    for source in re.findall(r"src='([^']+)'", page):
+        assert (folder / source).is_file(), source
+    study = read_study("rep", uri)
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(study.parent_run_id, "report")}
+    assert "report/index.html" in artifacts
+
+
+def test_leaderboard_matches_mlflow(reported):
+    _, uri, index = reported
+    board = pd.read_csv(index.parent / "leaderboard.csv")
+    study = read_study("rep", uri)
+    for _, row in board.iterrows():
+        trial = study.best_per_cell()[(row["backbone"], row["task"])]
+        assert row["C-index [95% CI]"].startswith(f"{trial.metrics['cindex']:.3f} [")
+        assert row["Brier (365 d)"] == pytest.approx(trial.metrics["brier_365"], abs=1e-4)
+        cell_trials = [t for t in study.finished() if t.cell == trial.cell]
+        assert trial.metrics["cindex"] == max(t.metrics["cindex"] for t in cell_trials)
+
+
+def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_store):
+    _, uri, index = reported
+    values = pd.read_csv(index.parent / "added_value.csv")
+    dev = values[values["cohort"] == "development (out-of-fold)"].iloc[0]
+    study = read_study("rep", uri)
+    trial = study.best_per_cell()[(dev["backbone"], dev["task"])]
+    from analysis.ensemble import load_fold_models, standardised_oof
+
+    store = CohortStore(learnable_store)
+    models = load_fold_models(study.checkpoint_dir(trial), study.trial_config(trial), store, "os_all", 2, 0)
+    oof = oof_predictions(study, trial)
+    dpi = standardised_oof(models, oof)
+    clinical = store.clinical().loc[oof["patient_id"]].reset_index(drop=True)
+    data = pd.concat([oof[["time", "event"]], clinical.drop(columns=["time", "event"])], axis=1)
+    data["dpi"] = dpi
+    covariates = usable_covariates(data)
+    data = data[["time", "event", "dpi", *covariates]].dropna()
+    data["dpi"] = (data["dpi"] - data["dpi"].mean()) / data["dpi"].std(ddof=0)
+    full = CoxPHFitter().fit(data, "time", "event")
+    reduced = CoxPHFitter().fit(data.drop(columns=["dpi"]), "time", "event")
+    chi2 = 2 * (full.log_likelihood_ - reduced.log_likelihood_)
+    assert dev["LR chi2"] == pytest.approx(chi2, abs=0.01)
+    assert dev["HR per SD of DPI [95% CI]"].startswith(f"{np.exp(full.params_['dpi']):.2f}")
+    assert dev["C clinical + DPI"] == pytest.approx(full.concordance_index_, abs=1e-3)
+
+
+def test_kaplan_meier_cutoff_is_fixed_on_development(reported):
+    _, _, index = reported
+    km = pd.read_csv(index.parent / "kaplan_meier.csv")
+    for (backbone, task), part in km.groupby(["backbone", "task"]):
+        dev = part[part["cohort"] == "development"].iloc[0]
+        assert (part["cutoff"] == dev["cutoff"]).all(), "external cohorts reuse the development cut-off"
+        assert abs(dev["high"] - dev["low"]) <= 1, "the development cut-off is the median"
+
+
+def test_gradcam_maps_are_on_the_store_grid(reported, learnable_store):
+    _, _, index = reported
+    maps = sorted(index.parent.glob("gradcam_*.nii.gz"))
+    assert maps
+    store = CohortStore(learnable_store)
+    image = nib.load(maps[0])
+    assert image.shape == store.shape
+    pid = maps[0].name.split("_")[-1].removesuffix(".nii.gz")
+    assert np.allclose(image.affine, store.affine(store.patient_ids.index(pid)))
+
+
+def test_added_value_statistics_on_known_answers():
+    rng = np.random.default_rng(0)
+    n = 400
+    age = rng.normal(60, 10, n)
+    signal = rng.normal(size=n)
+    time = rng.exponential(np.exp(-(0.03 * (age - 60) + 0.8 * signal))) * 1000
+    event = (rng.random(n) < 0.8).astype(int)
+    frame = pd.DataFrame({"time": time, "event": event, "age": age, "sex": rng.integers(0, 2, n)})
+    informative = added_value(frame.assign(dpi=signal + rng.normal(0, 0.3, n)), n_resamples=200)
+    useless = added_value(frame.assign(dpi=rng.normal(size=n)), n_resamples=200)
+    assert informative.lr_p < 1e-6 and informative.hr_per_sd > 1.5
+    assert informative.cindex_diff_low > 0
+    assert useless.lr_p > 0.01
+    expected = logrank_test(time[signal > 0], time[signal <= 0], event[signal > 0], event[signal <= 0]).p_value
+    assert expected < 1e-6
+    table = calibration(time, event, np.full(n, 0.5))
+    assert len(table) == 5 and table["patients"].sum() == n
+
+
+def test_unknown_study_and_no_finished_trials(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("empty")
+    run = client.create_run(experiment, tags={"study_role": "study"})
+    import json
+
+    (tmp_path / "study_config.json").write_text(json.dumps({"data": "x", "storage_path": str(tmp_path), "name": "empty"}))
+    client.log_artifact(run.info.run_id, str(tmp_path / "study_config.json"))
+    assert main(["--study", "nope", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "no study called 'nope'" in err and "['empty']" in err
+    with pytest.raises(ReportError, match="has no finished trial"):
+        read_study("empty", uri)
+    assert main(["--study", "empty", "--tracking-uri", uri]) == 2
