@@ -88,8 +88,7 @@ def read_study(name: str, tracking_uri: str) -> Study:
     if not parents:
         raise ReportError(f"experiment {name!r} has no study run (was it made by python -m study.run?)")
     parent = parents[0]
-    path = client.download_artifacts(parent.info.run_id, "study_config.json")
-    config = json.loads(Path(path).read_text())
+    config = json.loads(_artifact_text(client, parent.info.run_id, "study_config.json"))
     trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
                     r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
                     r.info.start_time or 0)
@@ -102,9 +101,18 @@ def read_study(name: str, tracking_uri: str) -> Study:
     return study
 
 
+def _artifact_text(client, run_id: str, name: str) -> str:
+    """An artifact's text, downloaded into a temporary folder that is removed afterwards."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(client.download_artifacts(run_id, name, dst_path=tmp)).read_text()
+
+
 def oof_predictions(study: Study, trial: Trial) -> pd.DataFrame:
     """The trial's out-of-fold predictions (the CSV logged to its MLflow run)."""
+    import io
+
     from mlflow.tracking import MlflowClient
 
-    path = MlflowClient(study.tracking_uri).download_artifacts(trial.run_id, "oof_predictions.csv")
-    return pd.read_csv(path)
+    return pd.read_csv(io.StringIO(_artifact_text(MlflowClient(study.tracking_uri), trial.run_id, "oof_predictions.csv")))

@@ -32,7 +32,7 @@ def summarise(backbone: str, task: str, grid, searched: list[str]) -> CellResult
     for result in grid:
         metrics = result.metrics or {}
         cell.fold_epochs += int(metrics.get("fold_epochs", 0) or 0)
-        if result.error is not None:
+        if result.error is not None or metrics.get("failed"):
             cell.failed += 1
         elif metrics.get("final"):
             cell.finished += 1

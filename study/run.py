@@ -165,18 +165,18 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     cohorts = task_cohorts(config, store)
     print(describe(config, store, cohorts), flush=True)
 
-    tracker = StudyTracker(config.tracking_uri, config.name)
-    try:
-        tracker.check()
-    except Exception as exc:
-        raise StudyError(f"MLflow tracking store {config.tracking_uri} cannot be reached ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
     local_experiments = experiment_dir(config)
     if local_experiments is not None:
         try:
             local_experiments.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StudyError(f"--storage-path {config.storage_path} is not writable ({exc})") from exc
+    tracker = StudyTracker(config.tracking_uri, config.name)
+    try:
+        tracker.check()
+    except Exception as exc:
+        raise StudyError(f"MLflow tracking store {config.tracking_uri} cannot be reached ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
 
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False,

@@ -60,8 +60,16 @@ class StudyTracker:
             return (Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").absolute().as_uri()
         return None
 
-    def check(self) -> None:
-        """Reach the tracking store once (raises if it is down or unwritable)."""
+    def check(self, timeout_s: float = 10.0) -> None:
+        """Reach the tracking store once (raises if it is down or unwritable).
+
+        A server is probed with one short request first: MLflow's client would otherwise retry
+        with back-off for minutes before failing.
+        """
+        if self.tracking_uri.startswith(("http://", "https://")):
+            import requests
+
+            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
         self.client.search_experiments(max_results=1)
 
     def start(self, tags: dict[str, str], params: dict[str, Any], files: dict[str, str]) -> str:
@@ -144,7 +152,11 @@ class MlflowTrialCallback(tune.Callback):
         run_id = self._run(trial)
         last = trial.last_result or {}
         client = self.tracker.client
-        if last.get("final"):
+        if last.get("failed"):
+            client.set_tag(run_id, "failure_reason", str(last["failed"])[-4000:])
+            client.set_terminated(run_id, status="FAILED")
+            print(f"  {self.cell}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
+        elif last.get("final"):
             checkpoint = trial.checkpoint
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:

@@ -69,3 +69,22 @@ def test_dry_run_prints_the_resolved_study(base, capsys, tmp_path):
     assert "task os_all (all, os, cox head): 12 patients" in out
     assert "fold sizes [6, 6]" in out
     assert not (tmp_path / "rr").exists()
+
+
+def test_unreachable_tracking_server_stops_before_training(small_store, tmp_path, capsys):
+    code = main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--tracking-uri",
+                 "http://127.0.0.1:9", "--storage-path", str(tmp_path / "rr")])
+    assert code == 2
+    assert "tracking store http://127.0.0.1:9 cannot be reached" in capsys.readouterr().err
+    assert not list((tmp_path / "rr").rglob("*.pkl")), "no Tune experiment was started"
+
+
+def test_unwritable_storage_path_stops_before_tracking(small_store, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db", "--storage-path", str(blocker / "rr")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--storage-path" in err and "not writable" in err
+    assert not (tmp_path / "m.db").exists(), "nothing written to MLflow for a rejected study"

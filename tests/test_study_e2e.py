@@ -132,3 +132,26 @@ def test_resume_after_killing_the_driver(small_store, tmp_path):
         if run.info.run_id in first_cell:
             assert run.info.end_time == first_cell[run.info.run_id], "finished trials are not rerun"
         assert run.info.status in ("FINISHED", "KILLED")
+
+
+def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store, tmp_path, monkeypatch):
+    from search_spaces import SPACES, Choice, LogUniform, Protocol, SearchSpace
+
+    protocol = Protocol(folds=2, epochs=2, num_samples=2, grace_epochs=1, width=0.25, depth=0.2,
+                        fixed={"warmup_epochs": 0, "cox_memory": 0, "augmentation": 0.0, "optimizer": "sgd",
+                               "grad_clip": 0.0})
+    space = SearchSpace("diverge", "test: the reference lr diverges", {"lr": Choice((1e6, 1e-3)),
+                                                                        "batch_size": Choice((4,))},
+                        {"lr": 1e6, "batch_size": 4}, {"demo": protocol, "full": protocol})
+    monkeypatch.setitem(SPACES, "diverge", space)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["--space", "diverge", "--data", str(small_store), "--tasks", "os_all", "--backbones", "seresnext50",
+                 "--num-samples", "3", "--max-concurrent", "1", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "rr"), "--name", "diverge"]) == 0
+    _, parents, trials = _runs(uri, "diverge")
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert failed and all("became" in t.data.tags["failure_reason"] for t in failed), [t.data.tags for t in failed]
+    assert any(t.data.params["lr"] == "1000000.0" for t in failed)
+    assert parents[0].info.status == "FINISHED"
+    table = pd.read_csv(tmp_path / "rr" / "diverge" / "results.csv", index_col=0)
+    assert table.loc["trials (finished/pruned/failed)"].iloc[0].endswith(f"/{len(failed)}")

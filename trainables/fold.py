@@ -277,6 +277,9 @@ class FoldTrainer:
             raise StudyError(f"fold {self.data.fold} has already finished")
         train_loss = self._train_epoch()
         outputs = self.predict(self.data.val)
+        if not np.isfinite(outputs).all():
+            raise TrainingDivergedError(f"fold {self.data.fold}, epoch {self.epoch}: the validation predictions "
+                                        f"became NaN/inf (lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped")
         cindex = self._cindex(outputs)
         record = {"epoch": self.epoch, "train_loss": train_loss, "val_cindex": cindex,
                   "lr": self.optimizer.param_groups[0]["lr"]}

@@ -5,7 +5,8 @@ and `ray.get` of the shared volumes. The trial reports after every epoch the mea
 C-index across folds (``cv_cindex``, what ASHA prunes on), the per-fold values and the fold-epochs
 spent; the last report carries ``final: True``, the pooled out-of-fold metrics with their 95% CI,
 and a checkpoint holding ``oof_predictions.csv`` and ``learning_curve.png``. A restarted trial
-resumes every fold from the last reported checkpoint.
+resumes every fold from the last reported checkpoint. A trial whose loss diverges (NaN/inf)
+reports ``failed`` with the reason and ends, so Tune does not retry it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from datasets.cohort import Cohort, CohortSpec
 from trainables.config import TrainConfig
 from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
+from trainables.fold import TrainingDivergedError
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,14 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
             checkpoint.to_directory(str(workdir))
         cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir)
         while not cv.finished:
-            metrics = cv.step()
+            try:
+                metrics = cv.step()
+            except TrainingDivergedError as exc:
+                # A diverging configuration fails the same way on every retry: end the trial with
+                # the reason instead of raising (which would make Tune retry it).
+                tune.report({"epoch": cv.epoch, "fold_epochs": cv.fold_epochs, "cv_cindex": float("nan"),
+                             "failed": str(exc)})
+                return
             if cv.finished:
                 oof = cv.predictions()
                 oof.to_csv(workdir / OOF_FILE, index=False)
