@@ -32,13 +32,17 @@ class FoldModel:
 
 
 def load_fold_models(checkpoint_dir: Path, config: dict, store: CohortStore, task: str, folds: int,
-                     seed: int) -> list[FoldModel]:
-    """Rebuild each fold's best model (weights_only checkpoints) with its development statistics."""
+                     seed: int, volumes: np.ndarray | None = None) -> list[FoldModel]:
+    """Rebuild each fold's best model (weights_only checkpoints) with its development statistics.
+
+    `volumes`: the task cohort's volumes if already in memory (they are read otherwise).
+    """
     spec = TASKS[task]
     cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint))
     assignment = cohort.folds(folds, seed)
     train_config = TrainConfig.from_dict({**config, "device": "cpu", "num_workers": 0})
-    volumes = store.images(cohort.slots)
+    if volumes is None:
+        volumes = store.images(cohort.slots)
     models = []
     for fold in range(folds):
         data = FoldData(store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, cohort.label,

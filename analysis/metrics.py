@@ -59,19 +59,19 @@ def _require_events(event: np.ndarray) -> None:
 # Concordance
 # ---------------------------------------------------------------------------------------------
 @numba.njit(cache=True)
-def _concordance_kernel(time, event, rank, weight, n_ranks):
-    """Weighted concordant/tied/comparable sums in O(n log n) with a Fenwick tree over risk ranks.
+def _concordance_kernel(order, time, event, rank, weight, count, n_ranks):
+    """Weighted concordant/comparable sums in O(n log n) with a Fenwick tree over risk ranks.
 
-    Patients are visited from the latest time down; at each time the censored are added to the
-    tree first (an event is comparable to a censored patient with the same time), then the
-    events query it, then the events are added.
+    `order` visits patients from the latest time down; at each time the censored are added to
+    the tree first (an event is comparable to a censored patient with the same time), then the
+    events query it, then the events are added. `weight` weighs a patient as the event of a pair
+    (IPCW for Uno's C); `count` is its multiplicity (bootstrap resamples without copying arrays).
     """
-    order = np.argsort(-time, kind="mergesort")
-    tree = np.zeros(n_ranks + 1, dtype=np.int64)
+    tree = np.zeros(n_ranks + 1, dtype=np.float64)
     numerator = 0.0
     denominator = 0.0
     n = time.shape[0]
-    total = 0
+    total = 0.0
     i = 0
     while i < n:
         j = i
@@ -79,45 +79,61 @@ def _concordance_kernel(time, event, rank, weight, n_ranks):
             j += 1
         for k in range(i, j):
             p = order[k]
-            if not event[p]:
+            if not event[p] and count[p] > 0:
                 r = rank[p] + 1
                 while r <= n_ranks:
-                    tree[r] += 1
+                    tree[r] += count[p]
                     r += r & (-r)
-                total += 1
+                total += count[p]
         for k in range(i, j):
             p = order[k]
-            if event[p] and weight[p] != 0.0:
-                less = 0
+            if event[p] and weight[p] != 0.0 and count[p] > 0:
+                less = 0.0
                 r = rank[p]
                 while r > 0:
                     less += tree[r]
                     r -= r & (-r)
-                less_equal = 0
+                less_equal = 0.0
                 r = rank[p] + 1
                 while r > 0:
                     less_equal += tree[r]
                     r -= r & (-r)
-                numerator += weight[p] * (less + 0.5 * (less_equal - less))
-                denominator += weight[p] * total
+                scale = weight[p] * count[p]
+                numerator += scale * (less + 0.5 * (less_equal - less))
+                denominator += scale * total
         for k in range(i, j):
             p = order[k]
-            if event[p]:
+            if event[p] and count[p] > 0:
                 r = rank[p] + 1
                 while r <= n_ranks:
-                    tree[r] += 1
+                    tree[r] += count[p]
                     r += r & (-r)
-                total += 1
+                total += count[p]
         i = j
     return numerator, denominator
 
 
+class _Concordance:
+    """Sorting and ranking done once; each evaluation (e.g. a bootstrap resample) reuses them."""
+
+    def __init__(self, time, event, risk, weight=None):
+        self.time, self.event = time, event
+        uniq, rank = np.unique(risk, return_inverse=True)
+        self.rank, self.n_ranks = rank.astype(np.int64), uniq.shape[0]
+        self.order = np.argsort(-time, kind="mergesort")
+        self.weight = np.ones(time.shape[0]) if weight is None else weight
+
+    def __call__(self, count=None) -> float:
+        count = np.ones(self.time.shape[0]) if count is None else count
+        numerator, denominator = _concordance_kernel(self.order, self.time, self.event, self.rank, self.weight,
+                                                     count.astype(np.float64), self.n_ranks)
+        if denominator == 0:
+            raise SurvivalDataError("Data has no comparable pairs, cannot estimate concordance index.")
+        return numerator / denominator
+
+
 def _concordance(time, event, risk, weight) -> float:
-    uniq, rank = np.unique(risk, return_inverse=True)
-    numerator, denominator = _concordance_kernel(time, event, rank.astype(np.int64), weight, uniq.shape[0])
-    if denominator == 0:
-        raise SurvivalDataError("Data has no comparable pairs, cannot estimate concordance index.")
-    return numerator / denominator
+    return _Concordance(time, event, risk, weight)()
 
 
 def harrell_c(time, event, risk) -> float:
@@ -269,18 +285,30 @@ def bootstrap_ci(metric: Callable[..., float], *arrays, n_resamples: int = 1000,
                  seed: int = 0) -> Estimate:
     """Percentile bootstrap CI of ``metric(*arrays)`` resampling patients with replacement.
 
-    All resamples are drawn at once (seeded); a resample on which the metric cannot be computed
-    (e.g. no events) is skipped.
+    Resamples are drawn from one seeded generator; a resample on which the metric cannot be
+    computed (e.g. no events) is skipped. For `harrell_c` the sort is done once and each
+    resample only re-weights patients by how often they were drawn: O(n log n) without
+    re-sorting, a 1,000-resample CI on 100,000 patients in seconds.
     """
     arrays = [np.asarray(a) for a in arrays]
     n = arrays[0].shape[0]
     value = float(metric(*arrays))
     rng = np.random.default_rng(seed)
-    indices = rng.integers(0, n, size=(n_resamples, n))
     values = np.empty(n_resamples)
+    fast = None
+    if metric is harrell_c:
+        time, event, risk = check_survival(*arrays)
+        fast = _Concordance(time, event, risk)
     for b in range(n_resamples):
+        indices = rng.integers(0, n, size=n)
         try:
-            values[b] = metric(*(a[indices[b]] for a in arrays))
+            if fast is not None:
+                count = np.bincount(indices, minlength=n)
+                if not (event * count).any():
+                    raise SurvivalDataError("All samples are censored.")
+                values[b] = fast(count)
+            else:
+                values[b] = metric(*(a[indices] for a in arrays))
         except SurvivalDataError:
             values[b] = np.nan
     values = values[np.isfinite(values)]

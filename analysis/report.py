@@ -45,12 +45,21 @@ def _short(value: str) -> str:
     return f"{number:.3g}"
 
 
+def searched_parameters(study: Study) -> list[str]:
+    """The parameters the study searched (from its space), in the space's order."""
+    from search_spaces import SPACES
+
+    space = SPACES.get(study.config.get("space", ""))
+    if space is None:
+        return ["lr", "weight_decay", "batch_size", "optimizer", "dropout", "augmentation"]
+    return list(space.distributions_for(study.config.get("budget", "full")))
+
+
 def leaderboard(study: Study) -> pd.DataFrame:
     rows = []
     for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
         m = trial.metrics
-        searched = [k for k in study.config.get("searched", []) if k in trial.params] or \
-            [k for k in ("lr", "weight_decay", "batch_size", "optimizer", "dropout", "augmentation") if k in trial.params]
+        searched = [k for k in searched_parameters(study) if k in trial.params]
         rows.append({"backbone": backbone, "task": task,
                      "C-index [95% CI]": f"{m['cindex']:.3f} [{m['cindex_low']:.4f}, {m['cindex_high']:.4f}]",
                      "Brier (365 d)": round(m.get("brier_365", np.nan), 4), "IBS": round(m.get("ibs", np.nan), 4),
@@ -117,15 +126,20 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
 
     value_rows, external_rows, km_rows, km_figures, calibration_figures, cam_figures = [], [], [], [], [], []
     best_per_task: dict[str, Trial] = {}
+    task_volumes: dict[str, np.ndarray] = {}
+    all_clinical = store.clinical()
     for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if task not in best_per_task or trial.metrics["cindex"] > best_per_task[task].metrics["cindex"]:
             best_per_task[task] = trial
         cell = f"{backbone}__{task}"
         config = study.trial_config(trial)
-        models = load_fold_models(study.checkpoint_dir(trial), config, store, task, folds, seed)
+        if task not in task_volumes:  # read each task's volumes once, not once per backbone
+            spec = TASKS[task]
+            task_volumes[task] = store.images(Cohort(store, CohortSpec(spec.filter, spec.endpoint)).slots)
+        models = load_fold_models(study.checkpoint_dir(trial), config, store, task, folds, seed, task_volumes[task])
         oof = oof_predictions(study, trial)
         oof["dpi"] = standardised_oof(models, oof)
-        clinical = store.clinical().loc[oof["patient_id"]].reset_index(drop=True)
+        clinical = all_clinical.loc[oof["patient_id"]].reset_index(drop=True)
         frame = pd.concat([oof[["time", "event", "dpi"]], clinical.drop(columns=["time", "event"])], axis=1)
         row, result = added_value_row(frame)
         value_rows.append({"backbone": backbone, "task": task, "cohort": "development (out-of-fold)", **row})
@@ -201,7 +215,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     html_parts += [f"<img src='{f}' width='640'>" for f in cam_figures]
 
     html_parts += ["<h2>6. Search diagnostics</h2>"]
-    searched = [k for k in ("lr", "weight_decay", "batch_size", "optimizer", "dropout", "augmentation")]
+    searched = searched_parameters(study)
     for (backbone, task) in sorted({(t.backbone, t.task) for t in study.trials}, key=lambda bt: (bt[1], bt[0])):
         cell_trials = [t for t in study.trials if t.backbone == backbone and t.task == task]
         params = [k for k in searched if all(k in t.params for t in cell_trials)]

@@ -115,3 +115,15 @@ def test_bootstrap_ci_is_seeded_and_sensible():
     wider = bootstrap_ci(harrell_c, time[:100], event[:100], risk[:100], n_resamples=300, seed=5)
     assert wider.high - wider.low > first.high - first.low
     assert str(first).count("[") == 1
+
+
+def test_fast_bootstrap_of_harrell_c_equals_resampling():
+    rng = np.random.default_rng(1)
+    n = 300
+    risk = np.round(rng.normal(size=n), 1)  # tied risks
+    time = np.ceil(rng.exponential(np.exp(-risk)) * 10)  # tied times
+    event = rng.random(n) < 0.6
+    fast = bootstrap_ci(harrell_c, time, event, risk, n_resamples=200, seed=3)
+    slow = bootstrap_ci(lambda t, e, r: harrell_c(t, e, r), time, event, risk, n_resamples=200, seed=3)
+    assert fast.value == slow.value
+    assert fast.low == pytest.approx(slow.low, abs=1e-12) and fast.high == pytest.approx(slow.high, abs=1e-12)
