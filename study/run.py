@@ -166,6 +166,8 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     print(describe(config, store, cohorts), flush=True)
 
     local_experiments = experiment_dir(config)
+    if config.resume and local_experiments is not None and not local_experiments.is_dir():
+        raise StudyError(f"--resume: there is no study {config.name!r} under {config.storage_path} to resume")
     if local_experiments is not None:
         try:
             local_experiments.mkdir(parents=True, exist_ok=True)

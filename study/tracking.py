@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from datasets.errors import StudyError
 from trainables.cross_validation import CURVE_FILE, OOF_FILE
 
 # Final metrics of a finished trial (logged once, without a step).
@@ -83,6 +84,12 @@ class StudyTracker:
             self.experiment_id = experiment.experiment_id
         found = self.client.search_runs([self.experiment_id], "tags.study_role = 'study'", max_results=1)
         if found:
+            logged = found[0].data.params
+            changed = {k: (logged[k], str(v)[:6000]) for k, v in params.items() if k in logged and logged[k] != str(v)[:6000]}
+            if changed:
+                details = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+                raise StudyError(f"study {self.study_name!r} already exists with other settings ({details}); "
+                                 "resume it with its original settings or choose another --name")
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
         else:

@@ -88,3 +88,9 @@ def test_unwritable_storage_path_stops_before_tracking(small_store, tmp_path, ca
     err = capsys.readouterr().err
     assert "--storage-path" in err and "not writable" in err
     assert not (tmp_path / "m.db").exists(), "nothing written to MLflow for a rejected study"
+
+
+def test_resume_of_a_study_that_does_not_exist(base, capsys, tmp_path):
+    assert main(base + ["--name", "never-ran", "--resume"]) == 2
+    assert "no study 'never-ran'" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists()

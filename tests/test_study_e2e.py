@@ -155,3 +155,10 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store
     assert parents[0].info.status == "FINISHED"
     table = pd.read_csv(tmp_path / "rr" / "diverge" / "results.csv", index_col=0)
     assert table.loc["trials (finished/pruned/failed)"].iloc[0].endswith(f"/{len(failed)}")
+
+
+def test_same_name_with_other_settings_is_refused(smoke_study, small_store, capsys):
+    root, uri = smoke_study
+    assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--num-samples", "2",
+                 "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", "smoke"]) == 2
+    assert "already exists with other settings (tasks: os_all,1yr_all -> os_all)" in capsys.readouterr().err
