@@ -49,8 +49,8 @@ def load_fold_models(checkpoint_dir: Path, config: dict, store: CohortStore, tas
                         np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold), fold, volumes)
         trainer = FoldTrainer(data, train_config, Path(checkpoint_dir) / f"fold{fold}.pt")
         trainer.model.load_state_dict(trainer.best_state)
-        train_outputs = trainer.predict(data.train)
-        trainer.head.fit(train_outputs, data.time[data.train], data.event[data.train])
+        train_outputs = trainer.predict(trainer.fit)
+        trainer.head.fit(train_outputs, data.time[trainer.fit], data.event[trainer.fit])
         val_risk = trainer.head.risk(trainer.best_val_outputs)
         models.append(FoldModel(fold, trainer, float(val_risk.mean()), float(val_risk.std() or 1.0)))
     return models

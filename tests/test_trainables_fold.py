@@ -101,8 +101,18 @@ def test_config_rejects_bad_values(values, message):
         TrainConfig.from_dict(values)
 
 
-def test_early_stopping(small_store):
-    trainer = FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=30, patience=2, **{**TINY, "lr": 1e-7}))
+def test_best_epoch_is_chosen_without_the_validation_fold(learnable_store):
+    data = _fold_data(learnable_store)
+    trainer = FoldTrainer(data, TrainConfig(epochs=1, **TINY))
+    assert len(trainer.select) == pytest.approx(0.15 * len(data.train), abs=2)
+    assert not set(trainer.select) & set(data.val) and not set(trainer.select) & set(trainer.fit)
+    assert sorted([*trainer.fit, *trainer.select]) == sorted(data.train)
+    selected_events = data.event[trainer.select].mean()
+    assert abs(selected_events - data.event[data.train].mean()) < 0.1, "stratified by event"
+
+
+def test_early_stopping(learnable_store):
+    trainer = FoldTrainer(_fold_data(learnable_store), TrainConfig(epochs=30, patience=2, **{**TINY, "lr": 1e-7}))
     while not trainer.finished:
         trainer.step()
     assert trainer.stopped_early and trainer.epoch < 30

@@ -30,7 +30,11 @@ class TrainConfig:
     grad_clip
         Maximum gradient norm (0: no clipping).
     patience
-        Early stopping after this many epochs without a better validation C-index (0: off).
+        Early stopping after this many epochs without a better selection C-index (0: off).
+    selection_fraction
+        Fraction of each training fold held out (stratified by event) to choose the best epoch
+        and to stop early, so the out-of-fold predictions are never chosen by their own outcomes
+        (0: no hold-out, the last epoch is used).
     augmentation
         Strength of the random training transforms (0: none).
     cox_memory
@@ -61,6 +65,7 @@ class TrainConfig:
     warmup_epochs: int = 5
     grad_clip: float = 1.0
     patience: int = 0
+    selection_fraction: float = 0.15
     augmentation: float = 1.0
     cox_memory: int = 256
     intervals: int = 19
@@ -84,6 +89,7 @@ class TrainConfig:
             (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (0 <= self.selection_fraction < 0.5, f"selection_fraction must be in [0, 0.5), got {self.selection_fraction}"),
             (len(self.eval_times) >= 2 and list(self.eval_times) == sorted(self.eval_times),
              f"eval_times must be at least two increasing times, got {self.eval_times}"),
         ]

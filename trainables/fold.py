@@ -1,7 +1,13 @@
 """Training and evaluating one cross-validation fold of one configuration.
 
 `FoldTrainer` advances one epoch per `step()` so a trial can run its folds in lock-step and
-report the cross-fold mean after every epoch. Every epoch ends with an atomic checkpoint
+report the cross-fold mean after every epoch.
+
+The best epoch (whose weights give the out-of-fold predictions) and early stopping are decided on
+a *selection* split held out from the training fold, never on the validation fold itself:
+choosing the epoch with the best validation C-index and then reporting that fold's predictions
+leaks the validation outcomes into the predictions (on cohorts whose images carry no
+information this made the DPI look prognostic in a third of the seeds). Every epoch ends with an atomic checkpoint
 (model, optimizer, scheduler, best weights, history); a trainer built on an existing checkpoint
 continues from it. Randomness (shuffling, augmentation, dropout) is re-seeded from
 (seed, fold, epoch) at each epoch, so an interrupted and resumed fold reproduces the
@@ -152,9 +158,11 @@ class FoldTrainer:
         else:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.fit, self.select = self._selection_split()
         self.epoch = 0
         self.history: list[dict] = []
         self.best_cindex = -math.inf
+        self.best_score = -math.inf
         self.best_epoch = -1
         self.best_state: dict | None = None
         self.best_val_outputs: np.ndarray | None = None
@@ -163,6 +171,22 @@ class FoldTrainer:
             self._load()
 
     # -- bookkeeping ------------------------------------------------------------------------
+    def _selection_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Training positions split into (fit, select), seeded and stratified by event."""
+        train = np.asarray(self.data.train)
+        fraction = self.config.selection_fraction
+        events = self.data.event[train] == 1
+        n_select = int(round(fraction * len(train)))
+        if fraction == 0 or n_select < 4 or events.sum() < 4:
+            return train, train[:0]
+        rng = np.random.default_rng(self._seed(-2))
+        picked = []
+        for group in (train[events], train[~events]):
+            k = int(round(fraction * len(group)))
+            picked.extend(rng.choice(group, size=k, replace=False).tolist())
+        select = np.sort(np.asarray(picked, dtype=int))
+        return np.setdiff1d(train, select), select
+
     def _seed(self, epoch: int) -> int:
         return (self.config.seed * 1_000_003 + self.data.fold * 10_007 + epoch + 1) % (2**31)
 
@@ -181,6 +205,7 @@ class FoldTrainer:
             "epoch": self.epoch,
             "history": self.history,
             "best_cindex": self.best_cindex,
+            "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_model": self.best_state,
             "best_val_outputs": None if self.best_val_outputs is None else torch.from_numpy(self.best_val_outputs),
@@ -205,6 +230,7 @@ class FoldTrainer:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_cindex = float(state["best_cindex"])
+        self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
         self.best_state = state["best_model"]
         outputs = state["best_val_outputs"]
@@ -225,7 +251,7 @@ class FoldTrainer:
         config, seed = self.config, self._seed(self.epoch)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        dataset = self.data.dataset(self.data.train, training_augmentation(config.augmentation, seed=seed))
+        dataset = self.data.dataset(self.fit, training_augmentation(config.augmentation, seed=seed))
         batch = min(config.batch_size, len(dataset))
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator,
                             drop_last=len(dataset) > batch, num_workers=config.num_workers,
@@ -264,10 +290,9 @@ class FoldTrainer:
                 chunks.append(self.model(self._to_device(items["image"])).float().cpu())
         return torch.cat(chunks).double().numpy()
 
-    def _cindex(self, outputs: np.ndarray) -> float:
-        val = self.data.val
+    def _cindex(self, outputs: np.ndarray, positions: np.ndarray) -> float:
         try:
-            return harrell_c(self.data.time[val], self.data.event[val], self.head.risk(outputs))
+            return harrell_c(self.data.time[positions], self.data.event[positions], self.head.risk(outputs))
         except SurvivalDataError:
             return float("nan")
 
@@ -280,12 +305,15 @@ class FoldTrainer:
         if not np.isfinite(outputs).all():
             raise TrainingDivergedError(f"fold {self.data.fold}, epoch {self.epoch}: the validation predictions "
                                         f"became NaN/inf (lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped")
-        cindex = self._cindex(outputs)
+        cindex = self._cindex(outputs, self.data.val)
+        select_cindex = self._cindex(self.predict(self.select), self.select) if len(self.select) else float("nan")
         record = {"epoch": self.epoch, "train_loss": train_loss, "val_cindex": cindex,
-                  "lr": self.optimizer.param_groups[0]["lr"]}
+                  "select_cindex": select_cindex, "lr": self.optimizer.param_groups[0]["lr"]}
         self.history.append(record)
-        if np.isfinite(cindex) and cindex > self.best_cindex:
-            self.best_cindex, self.best_epoch = cindex, self.epoch
+        score = select_cindex if np.isfinite(select_cindex) else -math.inf
+        # Without a usable selection split (or before its C-index is defined) the latest epoch wins.
+        if score > self.best_score or self.best_score == -math.inf:
+            self.best_score, self.best_cindex, self.best_epoch = score, cindex, self.epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.best_val_outputs = outputs
         self.epoch += 1
@@ -300,13 +328,13 @@ class FoldTrainer:
     def result(self) -> FoldResult:
         """Out-of-fold predictions of the best epoch's weights (call when `finished`)."""
         if self.best_state is None:
-            raise StudyError(f"fold {self.data.fold}: no epoch gave a finite validation C-index")
+            raise StudyError(f"fold {self.data.fold}: no epoch was trained")
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.best_state)
-        train_outputs = self.predict(self.data.train)
+        train_outputs = self.predict(self.fit)
         self.model.load_state_dict(current)
         data = self.data
-        self.head.fit(train_outputs, data.time[data.train], data.event[data.train])
+        self.head.fit(train_outputs, data.time[self.fit], data.event[self.fit])
         outputs = self.best_val_outputs
         val = data.val
         frame = pd.DataFrame({
