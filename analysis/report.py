@@ -34,7 +34,6 @@ from datasets.store import CohortStore
 from search_spaces import TASKS
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-LEADERBOARD_METRICS = ("cindex", "cindex_low", "cindex_high", "brier_365", "ibs", "uno_c", "auc_365")
 
 
 def _short(value: str) -> str:

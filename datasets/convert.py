@@ -32,12 +32,11 @@ from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from datasets import clinical as clinical_mod
 from datasets import qc
-from datasets.errors import ImageError, InputError, StoreError, StudyError
+from datasets.errors import ImageError, InputError, StudyError
 from datasets.preprocess import PreprocessConfig, preprocess_patient
 from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
 from datasets.store import (
