@@ -3,6 +3,8 @@
 from search_spaces import literature_priors, smoke, wide
 from search_spaces._space import BACKBONES, TASKS, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform
 
+BUILTIN_SPACES = frozenset(s.name for s in (literature_priors.SPACE, wide.SPACE, smoke.SPACE))
+# Built-in spaces, plus a user's space file once `study.config.resolve` has read it.
 SPACES: dict[str, SearchSpace] = {s.name: s for s in (literature_priors.SPACE, wide.SPACE, smoke.SPACE)}
 
 
@@ -13,5 +15,5 @@ def get_space(name: str) -> SearchSpace:
     return SPACES[name]
 
 
-__all__ = ["BACKBONES", "SPACES", "TASKS", "Choice", "LogUniform", "Protocol", "SearchSpace", "Task", "Uniform",
+__all__ = ["BACKBONES", "BUILTIN_SPACES", "SPACES", "TASKS", "Choice", "LogUniform", "Protocol", "SearchSpace", "Task", "Uniform",
            "get_space"]

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets.errors import InputError
-from search_spaces import SPACES, TASKS, Protocol, SearchSpace, get_space
+from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Protocol, SearchSpace, get_space
+from search_spaces.from_file import is_space_file, load_space
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class StudyConfig:
     ----------
     space, budget
         Search space name and budget (``demo`` | ``full``) selecting its protocol.
+    space_file
+        The YAML/JSON file the space was read from (None: a built-in space).
     data, external
         Development cohort store (None: the built-in demo cohort) and external stores.
     backbones, tasks
@@ -53,6 +56,7 @@ class StudyConfig:
     name: str
     resume: bool = False
     seed: int = 0
+    space_file: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,10 +81,18 @@ class StudyConfig:
 
 def resolve(args) -> StudyConfig:
     """Validate parsed CLI arguments into a `StudyConfig` (raises InputError naming the flag)."""
-    if args.space not in SPACES:
-        raise InputError(f"--space {args.space!r} is not a known search space; valid spaces are {sorted(SPACES)} "
-                         "(see --list-spaces)")
-    space = SPACES[args.space]
+    space_file = None
+    if is_space_file(args.space):
+        space = load_space(args.space)
+        if space.name in BUILTIN_SPACES:
+            raise InputError(f"--space {args.space}: name {space.name!r} is a built-in space; choose another name")
+        SPACES[space.name] = space  # the driver looks spaces up by name from here on
+        space_file = str(Path(args.space).expanduser().absolute())
+    elif args.space not in SPACES:
+        raise InputError(f"--space {args.space!r} is not a known search space or a .yaml/.json space file; valid "
+                         f"spaces are {sorted(SPACES)} (see --list-spaces)")
+    else:
+        space = SPACES[args.space]
     budget = args.budget or ("demo" if args.data is None else "full")
     backbones = tuple(args.backbones or space.backbones)
     tasks = tuple(args.tasks or space.tasks)
@@ -110,11 +122,11 @@ def resolve(args) -> StudyConfig:
     if "://" not in storage:
         storage = str(Path(storage).expanduser().absolute())
     tracking = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    name = args.name or f"{args.space}-{budget}"
+    name = args.name or f"{space.name}-{budget}"
     if not name.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
     return StudyConfig(
-        space=args.space, budget=budget,
+        space=space.name, space_file=space_file, budget=budget,
         data=Path(args.data).expanduser().absolute() if args.data else None,
         external=tuple(Path(p).expanduser().absolute() for p in args.external),
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,

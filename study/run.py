@@ -44,7 +44,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
-    parser.add_argument("--space", default="literature_priors", help="search space (see --list-spaces)")
+    parser.add_argument("--space", default="literature_priors", help="search space: a built-in name (see --list-spaces) or a .yaml/.json space file")
     parser.add_argument("--list-spaces", action="store_true", help="print the search spaces and exit")
     parser.add_argument("--data", type=Path, default=None, help="development cohort store (default: the demo cohort)")
     parser.add_argument("--external", type=Path, nargs="*", default=[], help="external cohort stores (for the report)")

@@ -4,7 +4,8 @@ One MLflow experiment per study holds a parent run (the study: tags, resolved co
 manifest, results table) and one nested run per trial (params = its configuration; per-epoch
 ``cv_cindex``/``train_loss``/per-fold C-index as step series; the final CV metrics with their CI;
 ``oof_predictions.csv`` and ``learning_curve.png``). Trial status: FINISHED, KILLED (pruned by
-ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged ``failure_reason``).
+ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged ``failure_reason``); a trial restarted from its
+checkpoint after losing its worker keeps its run and is tagged ``restarts``.
 
 Runs are found again by tags (``study_role``, ``trial_key``), so a resumed study reuses its parent
 run and never duplicates a trial run.
@@ -179,6 +180,16 @@ class MlflowTrialCallback(tune.Callback):
             client.set_terminated(run_id, status="KILLED")
             print(f"  {self.cell}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
                   f"(CV C-index {last.get('cv_cindex', float('nan')):.3f})", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune restarts the trial from its last checkpoint (FailureConfig): same run, counted.
+        run_id = self._run(trial)
+        error = trial.get_error() if hasattr(trial, "get_error") else None
+        reason = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "worker lost"
+        self.tracker.client.set_tag(run_id, "restarts", str(trial.num_failures))
+        self.tracker.client.set_tag(run_id, "last_restart_reason", reason[-4000:])
+        print(f"  {self.cell}: trial {trial.trial_id} lost its worker ({reason[:200]}); restarting from its last "
+              f"checkpoint (restart {trial.num_failures})", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)

@@ -1,0 +1,114 @@
+"""Faults survived with real process kills: a trial's worker SIGKILLed mid-fold, the tracking
+server going down mid-study. (The driver kill is in test_study_e2e, the converter kill in
+test_datasets_store.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 10
+SPACE = f"""
+name: faults
+summary: for fault tests (no pruning, {EPOCHS} epochs)
+backbones: [seresnext50]
+tasks: [os_all]
+distributions:
+  lr: {{loguniform: [1.0e-4, 3.0e-3]}}
+  batch_size: {{choice: [4]}}
+reference: {{lr: 1.0e-3, batch_size: 4}}
+protocols:
+  demo: &p {{folds: 2, epochs: {EPOCHS}, num_samples: 2, grace_epochs: {EPOCHS}, width: 0.25, depth: 0.2,
+             fixed: {{warmup_epochs: 0, cox_memory: 0, augmentation: 0.0}}}}
+  full: *p
+"""
+
+
+def study_command(store: Path, root: Path, name: str, uri: str) -> list[str]:
+    space = root / "faults.yaml"
+    space.write_text(SPACE)
+    return [sys.executable, "-m", "study.run", "--space", str(space), "--data", str(store), "--max-concurrent", "1",
+            "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", name]
+
+
+def trial_runs(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return sorted((r for r in runs if r.data.tags.get("study_role") == "trial"), key=lambda r: r.data.params["lr"])
+
+
+def trial_workers(driver_pid: int) -> list[psutil.Process]:
+    """Ray's trial actor processes started by this driver (its local Ray instance)."""
+    found = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def undisturbed(small_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("calm")
+    uri = f"sqlite:///{root}/m.db"
+    subprocess.run(study_command(small_store, root, "calm", uri), cwd=PROJECT_ROOT, check=True, capture_output=True,
+                   timeout=600)
+    return trial_runs(uri, "calm")
+
+
+def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_path, undisturbed):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(study_command(small_store, tmp_path, "kill", uri), cwd=PROJECT_ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline, killed = time.monotonic() + 300, None
+        while time.monotonic() < deadline and driver.poll() is None and killed is None:
+            # Kill once the first trial has checkpointed epoch 3 and is inside a later epoch.
+            checkpoints = sorted((tmp_path / "rr").glob("kill/*/cv_trainable_*/checkpoint_*"))
+            if any(c.name == "checkpoint_000002" for c in checkpoints):
+                assert not any(c.name == f"checkpoint_{EPOCHS - 1:06d}" for c in checkpoints)
+                workers = trial_workers(driver.pid)
+                assert len(workers) == 1, workers
+                workers[0].send_signal(signal.SIGKILL)
+                killed = workers[0].pid
+            time.sleep(0.02)
+        assert killed, log.read_text()
+        assert driver.wait(timeout=400) == 0, log.read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    assert "lost its worker" in text and "restarting from its last checkpoint" in text, text
+
+    runs = trial_runs(uri, "kill")
+    assert len(runs) == len(undisturbed) == 2, "no duplicate or orphaned trial runs"
+    assert len({r.data.tags["trial_key"] for r in runs}) == 2
+    assert [r.data.tags.get("restarts") for r in runs].count("1") == 1
+    client = MlflowClient(uri)
+    for run, calm in zip(runs, undisturbed):
+        assert run.info.status == calm.info.status == "FINISHED"
+        assert run.data.params == calm.data.params, "the same configurations as an undisturbed study"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), "every epoch reported once: folds resumed, not restarted"
+        assert run.data.metrics["fold_epochs"] == 2 * EPOCHS
+        # Resuming from a checkpoint restores weights, optimiser, scheduler and RNG states: the
+        # result equals the undisturbed run's.
+        for metric in ("cindex", "brier_365", "cv_cindex"):
+            assert run.data.metrics[metric] == pytest.approx(calm.data.metrics[metric], abs=1e-6), metric
