@@ -21,6 +21,10 @@ import numpy as np
 
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
+
+
+class TrackingIncomplete(StudyError):
+    """The study ran, but some tracking records are still waiting in the journal (exit code 3)."""
 from datasets.store import CohortStore
 from search_spaces import SPACES, TASKS
 from study.config import StudyConfig, resolve
@@ -29,6 +33,16 @@ from study.config import StudyConfig, resolve
 # study prints its own one line per trial instead.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# MLflow's HTTP client retries a lost server with exponential back-off for about two minutes per
+# call, blocking Tune's event loop; the study's own journal (study.tracking) does the waiting.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# One "View run at" line per trial drowns the study's own progress lines; it prints the UI link.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# How long the end of a study waits for a tracking server that went down before leaving its
+# records in the journal for --resume.
+CATCH_UP_S = float(os.environ.get("STUDY_TRACKING_CATCH_UP_S", "300"))
 
 PACKAGES = ("torch", "monai", "ray", "optuna", "mlflow", "zarr", "numpy", "pandas", "lifelines", "pycox")
 SHARE_FRACTION = 0.25  # share volumes through the object store when they fit in this much RAM
@@ -173,7 +187,10 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
             local_experiments.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StudyError(f"--storage-path {config.storage_path} is not writable ({exc})") from exc
-    tracker = StudyTracker(config.tracking_uri, config.name)
+    # The journal must be local to the driver: it is written on every record.
+    journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
+               else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
+    tracker = StudyTracker(config.tracking_uri, config.name, journal)
     try:
         tracker.check()
     except Exception as exc:
@@ -214,6 +231,7 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
         if table is not None:
             files = write_tables(table, local_experiments or Path.cwd() / f"{config.name}-results")
         tracker.finish_parent(status if status == "FINISHED" else "KILLED", files)
+        delivered = tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
     print(f"\nResults of study {config.name} (best configuration per cell, pooled out-of-fold predictions):")
     print(table.T.to_string() if table is not None else "no cells finished")
     print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; "
@@ -222,6 +240,11 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
         print(f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
     else:
         print(f"Open the MLflow UI of {config.tracking_uri} and choose experiment '{config.name}'.")
+    if not delivered:
+        raise TrackingIncomplete(
+            f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
+            f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}. Start the server again and "
+            f"run the same command with --resume: it delivers them (no trial is rerun).")
     return table
 
 
@@ -245,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_study(config)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, TrackingIncomplete) else 2
     return 0
 
 

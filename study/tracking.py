@@ -8,18 +8,25 @@ ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged ``failure_reason``); a trial
 checkpoint after losing its worker keeps its run and is tagged ``restarts``.
 
 Runs are found again by tags (``study_role``, ``trial_key``), so a resumed study reuses its parent
-run and never duplicates a trial run.
+run and never duplicates a trial run. Records go through a journal on the storage path first, so
+a tracking server that goes down mid-study loses nothing: the study goes on, and the records are
+delivered when it is back (or by ``--resume`` if it stayed down past the end of the study).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -36,26 +43,52 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class StudyTracker:
-    """The study's MLflow experiment and parent run; picklable (the client is made lazily)."""
+class TrackingUnavailable(Exception):
+    """The tracking store could not take a record (server down, network, disk)."""
 
-    def __init__(self, tracking_uri: str, study_name: str):
-        self.tracking_uri, self.study_name = tracking_uri, study_name
+
+# The driver's live tracker per study: Tune pickles callbacks into its experiment state and
+# unpickles them on restore; they must resolve to this one instance (one journal writer).
+_LIVE: dict[tuple[str, str], StudyTracker] = {}
+
+
+class StudyTracker:
+    """The study's MLflow experiment and parent run, and a journal that outlives tracking outages.
+
+    Every record about a trial (its run, metrics, tags, artifacts, end) and the parent run's
+    end is appended to a JSON-lines journal first and delivered from it in order. If the tracking
+    store is unreachable, records wait in the journal (artifacts copied beside it) while the
+    study goes on; delivery is retried every `retry_s` seconds and at the end of the study; a
+    later run of the study (``--resume``) delivers whatever is left.
+    """
+
+    def __init__(self, tracking_uri: str, study_name: str, journal: Path | None = None, retry_s: float = 15.0):
+        self.tracking_uri, self.study_name, self.retry_s = tracking_uri, study_name, retry_s
+        self.journal = Path(journal) if journal is not None else None
         self._client: MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._trial_runs: dict[str, str] = {}
+        self._pending: list[dict] = []
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        if self.journal is not None and self.journal.exists():
+            self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
+        _LIVE[(tracking_uri, study_name)] = self
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = None
-        return state
+    def __reduce__(self):
+        return _live_tracker, (self.tracking_uri, self.study_name, str(self.journal) if self.journal else None)
 
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         return self._client
+
+    @property
+    def pending(self) -> int:
+        """Records not yet delivered to the tracking store."""
+        return len(self._pending)
 
     def _artifact_location(self) -> str | None:
         if self.tracking_uri.startswith("sqlite:///"):
@@ -75,7 +108,7 @@ class StudyTracker:
         self.client.search_experiments(max_results=1)
 
     def start(self, tags: dict[str, str], params: dict[str, Any], files: dict[str, str]) -> str:
-        """Create or reuse the study's parent run; returns its id."""
+        """Create or reuse the study's parent run, then deliver what an earlier run left in the journal."""
         experiment = self.client.get_experiment_by_name(self.study_name)
         if experiment is None:
             # The kind tag makes MLflow 3's UI open the experiment in its model-training view.
@@ -103,66 +136,191 @@ class StudyTracker:
             for name, text in files.items():
                 (Path(tmp) / name).write_text(text)
                 self.client.log_artifact(self.parent_run_id, str(Path(tmp) / name))
+        if self._pending:
+            print(f"  delivering {len(self._pending)} tracking records left by an earlier run of the study", flush=True)
+            self.flush(force=True)
         return self.parent_run_id
 
-    def trial_run(self, key: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        """The run of a trial, created on first sight and found again after a resume."""
-        if key in self._trial_runs:
-            return self._trial_runs[key]
-        found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{key}'", max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-                "mlflow.parentRunId": self.parent_run_id, "study_role": "trial", "trial_key": key, **tags})
-            run_id = run.info.run_id
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-        self._trial_runs[key] = run_id
-        return run_id
+    # -- records (journalled, delivered in order) -------------------------------------------
 
-    def log_metrics(self, run_id: str, values: dict[str, Any], step: int = 0) -> None:
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if _finite(v)]
-        if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+    def record(self, op: str, key: str | None = None, **fields: Any) -> None:
+        """Queue one record (``key``: the trial's key; None: the parent run) and try to deliver."""
+        entry = {"op": op, "key": key, **fields}
+        if op == "artifact":
+            entry["path"] = self._keep_artifact(Path(fields["path"]))
+        self._pending.append(entry)
+        if self.journal is not None:
+            with open(self.journal, "a") as out:
+                out.write(json.dumps(entry) + "\n")
+        self.flush()
+
+    def trial_run(self, key: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        if key not in self._trial_runs:
+            self.record("trial", key, run_name=run_name, params={k: str(v) for k, v in params.items()}, tags=tags)
+
+    def log_metrics(self, key: str | None, values: dict[str, Any], step: int = 0) -> None:
+        values = {k: float(v) for k, v in values.items() if _finite(v)}
+        if values:
+            self.record("metrics", key, values=values, step=step, timestamp=int(time.time() * 1000))
+
+    def set_tags(self, key: str | None, tags: dict[str, str]) -> None:
+        self.record("tags", key, tags={k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, key: str | None, path: Path) -> None:
+        self.record("artifact", key, path=str(path))
+
+    def terminate(self, key: str | None, status: str) -> None:
+        self.record("terminate", key, status=status)
 
     def finish_parent(self, status: str, files: dict[str, Path]) -> None:
         for path in files.values():
-            self.client.log_artifact(self.parent_run_id, str(path))
-        self.client.set_terminated(self.parent_run_id, status=status)
+            self.log_artifact(None, path)
+        self.terminate(None, status)
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver queued records in order; False if the store is unreachable (they stay queued).
+
+        While the store is down, delivery is tried at most every `retry_s` seconds, so an outage
+        costs the study's event loop one failed request per interval, not one per record.
+        """
+        if not self._pending:
+            return True
+        if self._down_since is not None and not force and time.monotonic() - self._last_try < self.retry_s:
+            return False
+        self._last_try = time.monotonic()
+        delivered = 0
+        try:
+            while delivered < len(self._pending):
+                self._apply(self._pending[delivered])
+                delivered += 1
+        except TrackingUnavailable as exc:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                print(f"  tracking store {self.tracking_uri} unreachable ({exc}); the study goes on and its records "
+                      f"wait in {self.journal or 'memory'}", flush=True)
+            return False
+        finally:
+            if delivered:
+                self._drop_delivered(delivered)
+        if self._down_since is not None:
+            print(f"  tracking store {self.tracking_uri} is back after {time.monotonic() - self._down_since:.0f} s; "
+                  "queued records delivered", flush=True)
+            self._down_since = None
+        return True
+
+    def catch_up(self, timeout_s: float) -> bool:
+        """Retry delivery until everything is delivered or `timeout_s` has passed."""
+        deadline = time.monotonic() + timeout_s
+        while not self.flush(force=True):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(self.retry_s, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _drop_delivered(self, count: int) -> None:
+        for entry in self._pending[:count]:
+            if entry["op"] == "artifact" and self.journal is not None:
+                shutil.rmtree(Path(entry["path"]).parent, ignore_errors=True)
+        self._pending = self._pending[count:]
+        if self.journal is not None:
+            tmp = self.journal.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in self._pending))
+            os.replace(tmp, self.journal)
+
+    def _keep_artifact(self, path: Path) -> str:
+        """Copy an artifact beside the journal: Tune may delete its checkpoint before delivery."""
+        if self.journal is None:
+            return str(path)
+        folder = self.journal.parent / f"{self.journal.name}.files" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        shutil.copy2(path, folder / path.name)
+        return str(folder / path.name)
+
+    def _run_id(self, key: str | None) -> str:
+        if key is None:
+            return self.parent_run_id
+        if key not in self._trial_runs:
+            found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{key}'", max_results=1)
+            if not found:
+                raise KeyError(f"no trial run {key!r} in study {self.study_name!r}")
+            self._trial_runs[key] = found[0].info.run_id
+        return self._trial_runs[key]
+
+    def _apply(self, entry: dict) -> None:
+        try:
+            op, key = entry["op"], entry["key"]
+            if op == "trial":
+                if key in self._trial_runs:
+                    return
+                found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{key}'", max_results=1)
+                if found:
+                    self._trial_runs[key] = found[0].info.run_id
+                    return
+                run = self.client.create_run(self.experiment_id, run_name=entry["run_name"], tags={
+                    "mlflow.parentRunId": self.parent_run_id, "study_role": "trial", "trial_key": key, **entry["tags"]})
+                self._trial_runs[key] = run.info.run_id
+                self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(entry["params"].items())])
+            elif op == "metrics":
+                self.client.log_batch(self._run_id(key), metrics=[
+                    Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["values"].items()])
+            elif op == "tags":
+                self.client.log_batch(self._run_id(key), tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+            elif op == "artifact":
+                if Path(entry["path"]).exists():
+                    self.client.log_artifact(self._run_id(key), entry["path"])
+            elif op == "terminate":
+                self.client.set_terminated(self._run_id(key), status=entry["status"])
+            else:
+                raise ValueError(f"unknown tracking record {op!r}")
+        except (ConnectionError, OSError, MlflowException) as exc:
+            if isinstance(exc, MlflowException) and not _unreachable(exc):
+                raise
+            raise TrackingUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _unreachable(exc: Exception) -> bool:
+    """MLflow raises MlflowException for both a lost server and a bad request; only the first waits."""
+    text = str(exc)
+    return any(s in text for s in ("API request to", "Max retries exceeded", "Connection", "database is locked",
+                                   "OperationalError", "TEMPORARILY_UNAVAILABLE"))
+
+
+def _live_tracker(tracking_uri: str, study_name: str, journal: str | None) -> StudyTracker:
+    return _LIVE.get((tracking_uri, study_name)) or StudyTracker(tracking_uri, study_name, journal)
 
 
 class MlflowTrialCallback(tune.Callback):
-    """Tune callback logging one cell's trials as nested runs of the study run."""
+    """Tune callback logging one cell's trials as nested runs of the study run (via the journal)."""
 
     def __init__(self, tracker: StudyTracker, backbone: str, task: str, max_epochs: int):
         self.tracker, self.backbone, self.task, self.max_epochs = tracker, backbone, task, max_epochs
         self.cell = f"{backbone}__{task}"
 
-    def _run(self, trial) -> str:
-        return self.tracker.trial_run(f"{self.cell}/{trial.trial_id}", f"{self.backbone}/{self.task}/{trial.trial_id}",
-                                      trial.config, {"backbone": self.backbone, "task": self.task,
-                                                     "trial_id": trial.trial_id})
+    def _key(self, trial) -> str:
+        key = f"{self.cell}/{trial.trial_id}"
+        self.tracker.trial_run(key, f"{self.backbone}/{self.task}/{trial.trial_id}", trial.config,
+                               {"backbone": self.backbone, "task": self.task, "trial_id": trial.trial_id})
+        return key
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
+        self._key(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run(trial)
+        key = self._key(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         per_epoch = {k: result.get(k) for k in EPOCH_METRICS}
         per_epoch.update({k: v for k, v in result.items() if k.startswith("fold") and k.endswith("_cindex")})
-        self.tracker.log_metrics(run_id, per_epoch, step=epoch)
+        self.tracker.log_metrics(key, per_epoch, step=epoch)
         if result.get("final"):
-            self.tracker.log_metrics(run_id, {k: result.get(k) for k in FINAL_METRICS})
+            self.tracker.log_metrics(key, {k: result.get(k) for k in FINAL_METRICS})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
+        key = self._key(trial)
         last = trial.last_result or {}
-        client = self.tracker.client
+        tracker = self.tracker
         if last.get("failed"):
-            client.set_tag(run_id, "failure_reason", str(last["failed"])[-4000:])
-            client.set_terminated(run_id, status="FAILED")
+            tracker.set_tags(key, {"failure_reason": str(last["failed"])[-4000:]})
+            tracker.terminate(key, "FAILED")
             print(f"  {self.cell}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
         elif last.get("final"):
             checkpoint = trial.checkpoint
@@ -170,32 +328,34 @@ class MlflowTrialCallback(tune.Callback):
                 with checkpoint.as_directory() as directory:
                     for name in (OOF_FILE, CURVE_FILE):
                         if (Path(directory) / name).exists():
-                            client.log_artifact(run_id, str(Path(directory) / name))
-            client.set_terminated(run_id, status="FINISHED")
+                            tracker.log_artifact(key, Path(directory) / name)
+            tracker.terminate(key, "FINISHED")
             print(f"  {self.cell}: trial {trial.trial_id} finished, CV C-index {last.get('cindex', float('nan')):.3f} "
                   f"[{last.get('cindex_low', float('nan')):.3f}, {last.get('cindex_high', float('nan')):.3f}]", flush=True)
         else:
             epoch = last.get("epoch", 0)
-            client.set_tag(run_id, "pruned_at_epoch", str(epoch))
-            client.set_terminated(run_id, status="KILLED")
+            tracker.set_tags(key, {"pruned_at_epoch": str(epoch)})
+            tracker.terminate(key, "KILLED")
             print(f"  {self.cell}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
                   f"(CV C-index {last.get('cv_cindex', float('nan')):.3f})", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Tune restarts the trial from its last checkpoint (FailureConfig): same run, counted.
-        run_id = self._run(trial)
+        key = self._key(trial)
         error = trial.get_error() if hasattr(trial, "get_error") else None
         reason = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "worker lost"
-        self.tracker.client.set_tag(run_id, "restarts", str(trial.num_failures))
-        self.tracker.client.set_tag(run_id, "last_restart_reason", reason[-4000:])
+        self.tracker.set_tags(key, {"restarts": str(trial.num_failures), "last_restart_reason": reason[-4000:]})
         print(f"  {self.cell}: trial {trial.trial_id} lost its worker ({reason[:200]}); restarting from its last "
               f"checkpoint (restart {trial.num_failures})", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
+        key = self._key(trial)
         error = trial.get_error() if hasattr(trial, "get_error") else None
         reason = str(error) if error is not None else "unknown error"
-        self.tracker.client.set_tag(run_id, "failure_reason", reason[-4000:])
-        self.tracker.client.set_terminated(run_id, status="FAILED")
+        self.tracker.set_tags(key, {"failure_reason": reason[-4000:]})
+        self.tracker.terminate(key, "FAILED")
         print(f"  {self.cell}: trial {trial.trial_id} FAILED: {reason.strip().splitlines()[-1] if reason.strip() else ''}",
               flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.tracker.flush(force=True)

@@ -112,3 +112,119 @@ def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_pat
         # result equals the undisturbed run's.
         for metric in ("cindex", "brier_365", "cv_cindex"):
             assert run.data.metrics[metric] == pytest.approx(calm.data.metrics[metric], abs=1e-6), metric
+
+
+# -- the tracking server goes down mid-study ----------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TrackingServer:
+    """A real `mlflow server` on loopback that the test can kill and start again on the same port."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.process = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import requests
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination",
+             str(self.root / "artifacts"), "--workers", "1"],
+            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.uri}/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.3)
+        raise RuntimeError((self.root / "server.log").read_text()[-3000:])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def wait_for(log: Path, driver: subprocess.Popen, text: str, count: int = 1, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while log.read_text().count(text) < count:
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+
+def assert_everything_tracked(uri: str, name: str, trials: int) -> None:
+    runs = trial_runs(uri, name)
+    client = MlflowClient(uri)
+    assert len(runs) == trials and len({r.data.tags["trial_key"] for r in runs}) == trials
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1))
+        assert {"cindex", "brier_365"} <= set(run.data.metrics)
+        assert {"oof_predictions.csv", "learning_curve.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    parents = [r for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
+               if r.data.tags.get("study_role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert "results.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_tracking_server_down_mid_study_then_back(small_store, tmp_path, server):
+    command = study_command(small_store, tmp_path, "outage", server.uri) + ["--num-samples", "3"]
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(log, driver, "finished, CV C-index", 1)
+        server.kill()
+        wait_for(log, driver, "finished, CV C-index", 2)  # a whole trial runs while the server is down
+        server.start()
+        assert driver.wait(timeout=400) == 0, log.read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    assert "unreachable" in text and "is back" in text, text
+    assert_everything_tracked(server.uri, "outage", 3)
+    assert (tmp_path / "rr" / "outage" / "tracking_journal.jsonl").read_text() == ""
+
+
+def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, tmp_path, server):
+    command = study_command(small_store, tmp_path, "outage2", server.uri)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "STUDY_TRACKING_CATCH_UP_S": "2"})
+    try:
+        wait_for(log, driver, "finished, CV C-index", 1)
+        server.kill()
+        assert driver.wait(timeout=400) == 3, log.read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    journal = tmp_path / "rr" / "outage2" / "tracking_journal.jsonl"
+    assert f"records wait in {journal}" in text and "--resume" in text, text
+    assert journal.read_text().count("\n") > 5
+    server.start()
+    resumed = subprocess.run(command + ["--resume"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "delivering" in resumed.stdout
+    assert_everything_tracked(server.uri, "outage2", 2)
+    assert journal.read_text() == ""

@@ -3,14 +3,12 @@ checked through MlflowClient; resume after killing the driver; ASHA pruning."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -135,7 +133,7 @@ def test_resume_after_killing_the_driver(small_store, tmp_path):
 
 
 def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store, tmp_path, monkeypatch):
-    from search_spaces import SPACES, Choice, LogUniform, Protocol, SearchSpace
+    from search_spaces import SPACES, Choice, Protocol, SearchSpace
 
     protocol = Protocol(folds=2, epochs=2, num_samples=2, grace_epochs=1, width=0.25, depth=0.2,
                         fixed={"warmup_epochs": 0, "cox_memory": 0, "augmentation": 0.0, "optimizer": "sgd",

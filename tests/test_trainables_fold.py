@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from analysis.metrics import brier_score, harrell_c
 from datasets import Cohort, CohortSpec, InputError
