@@ -209,6 +209,7 @@ class CohortStore:
         missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise StoreError(f"cohort store {self.path}: attributes {missing} are missing")
+        _check_attributes(self.path, attrs)
         self.attrs = attrs
         self.manifest = self._read_manifest()
         self._group: zarr.Group | None = None
@@ -231,11 +232,29 @@ class CohortStore:
     def group(self) -> zarr.Group:
         if self._group is None or self._owner_pid != os.getpid():
             try:
-                self._group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
-            except Exception as exc:
-                raise StoreError(f"cohort store {self.path} cannot be opened: {exc}") from exc
-            self._owner_pid = os.getpid()
+                group = zarr.open_group(store=str(self.path), mode="r", zarr_format=3)
+                layout = {name: (group[name].dtype, group[name].shape) for name in self.expected_layout()}
+                clinical_arrays = sorted(group["clinical"].array_keys())
+            except Exception as exc:  # zarr raises KeyError, ValueError, JSON and codec errors here
+                raise StoreError(f"cohort store {self.path} cannot be opened ({type(exc).__name__}: {exc})") from exc
+            for name, (dtype, shape) in self.expected_layout().items():
+                if layout[name] != (np.dtype(dtype), shape):
+                    raise StoreError(f"cohort store {self.path}: array '{name}' is {layout[name][0]} "
+                                     f"{list(layout[name][1])}, expected {dtype} {list(shape)}")
+            if clinical_arrays != sorted(self.attrs["clinical_columns"]):
+                raise StoreError(f"cohort store {self.path}: clinical arrays {clinical_arrays} differ from the "
+                                 f"attribute clinical_columns {self.attrs['clinical_columns']}")
+            self._group, self._owner_pid = group, os.getpid()
         return self._group
+
+    def expected_layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Array name -> (dtype, shape) that the attributes imply."""
+        n, c, spatial = len(self.patient_ids), len(self.sequences), self.shape
+        layout = {"images": ("float16", (n, c, *spatial)), "masks": ("uint8", (n, *spatial)),
+                  "labels": ("uint8", (n, *spatial)), "missing": ("bool", (n, c)), "affines": ("float64", (n, 4, 4)),
+                  "done": ("bool", (n,))}
+        layout.update({f"clinical/{col}": ("float64", (n,)) for col in self.attrs["clinical_columns"]})
+        return layout
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -264,7 +283,8 @@ class CohortStore:
         done = self.done()
         records = self.manifest["patients"]
         return np.array([i for i, pid in enumerate(self.patient_ids)
-                         if done[i] and records.get(pid, {}).get("status") == "ok"], dtype=int)
+                         if done[i] and isinstance(records.get(pid), dict) and records[pid].get("status") == "ok"],
+                        dtype=int)
 
     def clinical(self) -> pd.DataFrame:
         """Clinical columns of every slot, index = patient_id (float64, NaN = unknown)."""
@@ -312,17 +332,56 @@ class CohortStore:
         return out
 
 
-def verify_store(path: str | Path) -> list[str]:
-    """Re-read every patient marked done and check it against the manifest.
+def _check_attributes(path: Path, attrs: dict) -> None:
+    """Types of the attributes everything else relies on (a hand-edited zarr.json fails here)."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
 
-    Returns the problems found (empty list: the store is sound).
+    checks = [
+        (strings(attrs["sequences"]) and len(attrs["sequences"]) >= 1, "sequences must be a list of names"),
+        (isinstance(attrs["shape"], list) and len(attrs["shape"]) == 3
+         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in attrs["shape"]),
+         "shape must be three positive whole numbers"),
+        (strings(attrs["patient_ids"]) and len(set(attrs["patient_ids"])) == len(attrs["patient_ids"]),
+         "patient_ids must be a list of distinct ids"),
+        (strings(attrs["clinical_columns"]) and {"time", "event"} <= set(attrs["clinical_columns"]),
+         "clinical_columns must list at least time and event"),
+        (isinstance(attrs["preprocessing"], dict) and attrs["preprocessing"].get("sequences") == attrs["sequences"]
+         and attrs["preprocessing"].get("shape") == attrs["shape"] and "spacing" in attrs["preprocessing"],
+         "preprocessing must be the conversion's settings, with the store's sequences and shape"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise StoreError(f"cohort store {path}: attribute {message} (zarr.json was edited or damaged; "
+                             "re-create the store with python -m datasets.convert)")
+
+
+def verify_store(path: str | Path) -> list[str]:
+    """Re-read every array and every patient marked done, and check them against the manifest.
+
+    Returns the problems found (empty list: the store is sound). Raises StoreError when the
+    store cannot be opened at all.
     """
     store = CohortStore(path)
     problems: list[str] = []
+    for name in store.expected_layout():
+        if name not in ("images", "masks", "labels"):  # read per patient below
+            try:
+                values = store._read(name, slice(None))
+            except StoreError as exc:
+                problems.append(str(exc))
+                continue
+            if name in ("clinical/time", "clinical/event") and np.isnan(values[store.usable()]).any():
+                problems.append(f"array '{name}' has no value for some patients marked usable")
+    if problems:
+        return problems
     done = store.done()
     records = store.manifest["patients"]
     for i, pid in enumerate(store.patient_ids):
         record = records.get(pid)
+        if record is not None and (not isinstance(record, dict) or not isinstance(record.get("status"), str)):
+            problems.append(f"patient {pid}: manifest record has no status")
+            continue
         if not done[i]:
             if record and record.get("status") == "ok":
                 problems.append(f"patient {pid}: manifest says ok but data are not marked done")
