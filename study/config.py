@@ -112,7 +112,8 @@ def resolve(args) -> StudyConfig:
         raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0 or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial)):
         raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
-    max_concurrent = args.max_concurrent or max(1, (os.cpu_count() or 1) // args.cpus_per_trial)
+    max_concurrent = (args.max_concurrent if args.max_concurrent is not None
+                      else max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
     if max_concurrent < 1:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     for path in [args.data, *args.external]:

@@ -138,18 +138,43 @@ def manifest(config: StudyConfig, store: CohortStore) -> dict:
             "packages": packages, "python": sys.version.split()[0]}
 
 
-def _share_volumes(store: CohortStore, cohorts) -> tuple[object, tuple[int, ...] | None]:
-    """Put the volumes of every task's patients into Ray's object store once (one copy per node)."""
+def check_external(config: StudyConfig, store: CohortStore) -> None:
+    """External cohorts must match the development store's sequences and shape (the models' input)."""
+    for path in config.external:
+        external = CohortStore(path)
+        if external.sequences != store.sequences or external.shape != store.shape:
+            raise StudyError(f"--external {path}: sequences {external.sequences} and shape {list(external.shape)} "
+                             f"differ from the development store's {store.sequences} {list(store.shape)}; convert it "
+                             "with the same --sequences and --shape")
+        if len(external.usable()) == 0:
+            raise StudyError(f"--external {path}: the store has no usable patients")
+
+
+def read_volumes(store: CohortStore, cohorts) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """Read every volume the study will train on, before anything is written anywhere.
+
+    A damaged chunk then stops the study at once, naming the patient, instead of failing trials
+    hours later. Volumes that fit in `SHARE_FRACTION` of RAM are returned for Ray's object store
+    (one copy per node); larger cohorts are only checked, and each trial reads the store itself.
+    """
     import psutil
-    import ray
 
     slots = np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
     size = len(slots) * len(store.sequences) * int(np.prod(store.shape)) * 2
-    if size > SHARE_FRACTION * psutil.virtual_memory().total:
+    keep = size <= SHARE_FRACTION * psutil.virtual_memory().total
+    if not keep:
         print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
               "each trial reads the store itself")
-        return None, None
-    return ray.put(store.images(slots)), tuple(int(s) for s in slots)
+    out = np.empty((len(slots), len(store.sequences), *store.shape), dtype=np.float16) if keep else None
+    for k, slot in enumerate(slots):
+        try:
+            image = store.image(int(slot))
+        except StudyError as exc:
+            raise StudyError(f"patient {store.patient_ids[slot]}: {exc} (python -m datasets.convert --verify lists "
+                             "every damaged patient; rerun the conversion to repair them)") from exc
+        if out is not None:
+            out[k] = image
+    return out, tuple(int(s) for s in slots)
 
 
 def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
@@ -177,7 +202,9 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
         config = StudyConfig(**{**config.__dict__, "data": store_path})
     store = CohortStore(store_path)
     cohorts = task_cohorts(config, store)
+    check_external(config, store)
     print(describe(config, store, cohorts), flush=True)
+    volumes_array, volume_slots = read_volumes(store, cohorts)
 
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():
@@ -200,7 +227,10 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="ERROR")
-    volumes, volume_slots = _share_volumes(store, cohorts)
+    volumes = ray.put(volumes_array) if volumes_array is not None else None
+    del volumes_array  # the object store holds the one copy of this node
+    if volumes is None:
+        volume_slots = None
     record = manifest(config, store)
     tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
             "git_revision": record["git_revision"],

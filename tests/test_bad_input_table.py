@@ -1,0 +1,207 @@
+"""Bad input, one table: CLI flags, search-space files, cohort stores, clinical tables, checkpoints.
+
+Every case must end with exit code 2 (usage error) or the project's own exception, a message that
+names the flag, file, column or patient and what was expected, and nothing written: no MLflow
+database, no Tune storage folder, no store.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from datasets.convert import main as convert_main
+from study.run import main as study_main
+
+VALID_SPACE = """
+name: user_space
+distributions:
+  lr: {loguniform: [1.0e-4, 1.0e-2]}
+  batch_size: {choice: [4]}
+reference: {lr: 1.0e-3, batch_size: 4}
+protocols:
+  demo: &p {folds: 2, epochs: 1, num_samples: 1, grace_epochs: 1, width: 0.25, depth: 0.2}
+  full: *p
+"""
+
+
+@dataclass
+class Case:
+    """One bad input: `prepare(tmp, store)` returns the command's arguments."""
+
+    name: str
+    prepare: Callable[[Path, Path], list[str]]
+    message: str
+    command: str = "study"  # study | convert
+
+
+def flags(*extra: str) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, store: ["--data", str(store), "--space", "smoke", *extra]
+
+
+def space_file(text: str, suffix: str = ".yaml") -> Callable[[Path, Path], list[str]]:
+    def prepare(tmp: Path, store: Path) -> list[str]:
+        path = tmp / f"space{suffix}"
+        path.write_text(text)
+        return ["--data", str(store), "--space", str(path)]
+    return prepare
+
+
+def damaged_store(edit: Callable[[Path], None], *extra: str) -> Callable[[Path, Path], list[str]]:
+    def prepare(tmp: Path, store: Path) -> list[str]:
+        copy = tmp / "copy.zarr"
+        shutil.copytree(store, copy)
+        edit(copy)
+        return ["--data", str(copy), "--space", "smoke", *extra]
+    return prepare
+
+
+def _truncate_chunk(store: Path) -> None:
+    chunk = sorted((store / "images" / "c").rglob("*"))[-1]
+    while chunk.is_dir():
+        chunk = sorted(chunk.iterdir())[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+
+
+def _format_version(store: Path) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 0
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def _set_clinical(column: str, value: float) -> Callable[[Path], None]:
+    def edit(store: Path) -> None:
+        array = zarr.open_array(str(store / "clinical" / column), mode="r+")
+        array[:] = np.full(array.shape, value)
+    return edit
+
+
+def _external_other_shape(tmp: Path, store: Path) -> list[str]:
+    other = tmp / "other.zarr"
+    shutil.copytree(store, other)
+    for name in ("zarr.json",):
+        meta = json.loads((other / name).read_text())
+        meta["attributes"]["sequences"] = ["t1c", "flair"]
+        meta["attributes"]["preprocessing"]["sequences"] = ["t1c", "flair"]
+        (other / name).write_text(json.dumps(meta))
+    return ["--data", str(store), "--space", "smoke", "--external", str(other)]
+
+
+def clinical(edit: Callable[[Path], None], *extra: str) -> Callable[[Path, Path], list[str]]:
+    def prepare(tmp: Path, export: Path) -> list[str]:
+        table = tmp / "clinical.csv"
+        shutil.copy(export / "clinical.csv", table)
+        edit(table)
+        return ["--images", str(export / "images"), "--clinical", str(table), "--out", str(tmp / "new.zarr"),
+                "--shape", "32x32x24", "--no-progress", *extra]
+    return prepare
+
+
+def _csv_edit(fn: Callable[[str], str]) -> Callable[[Path], None]:
+    return lambda path: path.write_text(fn(path.read_text()))
+
+
+CASES = [
+    # -- CLI flags of the study
+    Case("unknown space", flags("--space", "nope"), r"--space 'nope' is not a known search space"),
+    Case("unknown backbone", flags("--backbones", "vgg16"), r"--backbones: unknown \['vgg16'\]; valid values"),
+    Case("unknown task", flags("--tasks", "pfs_all"), r"--tasks: unknown \['pfs_all'\]"),
+    Case("repeated task", flags("--tasks", "os_all", "os_all"), r"--tasks: repeated values"),
+    Case("zero samples", flags("--num-samples", "0"), r"--num-samples must be at least 1, got 0"),
+    Case("negative samples", flags("--num-samples", "-3"), r"--num-samples must be at least 1, got -3"),
+    Case("non-numeric samples", flags("--num-samples", "many"), r"--num-samples: invalid int value: 'many'"),
+    Case("zero CPUs", flags("--cpus-per-trial", "0"), r"--cpus-per-trial must be at least 1"),
+    Case("negative GPUs", flags("--gpus-per-trial", "-1"), r"--gpus-per-trial must be a fraction"),
+    Case("fractional multi-GPU", flags("--gpus-per-trial", "1.5"), r"--gpus-per-trial must be a fraction"),
+    Case("zero concurrency", flags("--max-concurrent", "0"), r"--max-concurrent must be at least 1, got 0"),
+    Case("bad study name", flags("--name", "my study!"), r"--name 'my study!': use letters, digits"),
+    Case("unknown budget", flags("--budget", "huge"), r"--budget: invalid choice: 'huge'"),
+    Case("resume of an unknown study", flags("--name", "never_ran", "--resume"), r"no study 'never_ran' .* to resume"),
+    # -- search-space files
+    Case("space file missing", lambda tmp, store: ["--data", str(store), "--space", str(tmp / "none.yaml")],
+         r"--space .*none.yaml: no such search-space file"),
+    Case("space YAML syntax", space_file("name: [unclosed\n"), r"space.yaml: not readable as YAML"),
+    Case("space JSON syntax", space_file("{'name': 1}", ".json"), r"space.json: not readable as JSON"),
+    Case("space not a mapping", space_file("- lr\n- batch_size\n"), r"space.yaml: expected a mapping"),
+    Case("space unknown distribution", space_file(VALID_SPACE.replace("loguniform", "lognormal")),
+         r"distributions.lr must be one of \{loguniform"),
+    Case("space low above high", space_file(VALID_SPACE.replace("[1.0e-4, 1.0e-2]", "[1.0e-2, 1.0e-4]")),
+         r"distributions.lr: LogUniform needs 0 < low < high"),
+    Case("space reference outside", space_file(VALID_SPACE.replace("lr: 1.0e-3", "lr: 0.5")),
+         r"reference lr=0.5 is outside its distribution"),
+    Case("space unknown parameter", space_file(VALID_SPACE.replace("lr", "learning_rate")),
+         r"\['learning_rate'\] are not training parameters"),
+    Case("space protocol without folds", space_file(VALID_SPACE.replace("folds: 2, ", "")),
+         r"protocols.demo: missing \['folds'\]"),
+    Case("space named like a built-in", space_file(VALID_SPACE.replace("user_space", "smoke")),
+         r"name 'smoke' is a built-in space"),
+    Case("space unknown key", space_file(VALID_SPACE + "sampler: random\n"), r"unknown key\(s\) \['sampler'\]"),
+    # -- cohort stores
+    Case("store missing", lambda tmp, store: ["--data", str(tmp / "none.zarr")], r"cohort store .*none.zarr does not exist"),
+    Case("store not a cohort store", lambda tmp, store: (zarr.open_group(str(tmp / "plain.zarr"), mode="w"),
+                                                         ["--data", str(tmp / "plain.zarr")])[1],
+         r"plain.zarr is a Zarr store but not a cohort store"),
+    Case("store format version", damaged_store(_format_version), r"has format version 0; this software reads version 1"),
+    Case("store truncated chunk", damaged_store(_truncate_chunk), r"patient SYN-\d+: cohort store .* 'images' .* cannot be read"),
+    Case("no patient after the filter", damaged_store(_set_clinical("glioblastoma", 0.0), "--tasks", "os_gbm"),
+         r"no patient left after filter 'glioblastoma'"),
+    Case("a fold without events", damaged_store(_set_clinical("event", 0.0), "--tasks", "os_all"),
+         r"fold 0 of 2 has no event"),
+    Case("external store missing", flags("--external", "/nonexistent/ext.zarr"),
+         r"cohort store /nonexistent/ext.zarr does not exist"),
+    Case("external channels differ", _external_other_shape,
+         r"--external .*other.zarr: sequences \['t1c', 'flair'\] and shape .* differ from the development store's"),
+    # -- clinical tables (the converter)
+    Case("clinical column missing", clinical(_csv_edit(lambda t: t.replace("survival_days", "days_alive", 1))),
+         r"clinical.csv: required column\(s\) \['time'\] not found; columns are", "convert"),
+    Case("clinical duplicate ids", clinical(_csv_edit(lambda t: t + t.splitlines()[1] + "\n")),
+         r"duplicate patient_id\(s\) \['SYN-0001'\]", "convert"),
+    Case("clinical binary file", clinical(lambda p: p.write_bytes(b"\x00\xff\xfe" * 50)),
+         r"clinical.csv: cannot be read as CSV", "convert"),
+    Case("clinical bad --column", clinical(lambda p: None, "--column", "survival=os"),
+         r"--column 'survival=os': unknown name 'survival'", "convert"),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, workspace, small_store, small_export, capsys):
+    source = small_export if case.command == "convert" else small_store
+    argv = case.prepare(workspace, source)
+    before = sorted(p.name for p in workspace.iterdir())
+    common = ["--tracking-uri", f"sqlite:///{workspace}/m.db", "--storage-path", str(workspace / "rr")]
+    try:
+        code = study_main(argv + common) if case.command == "study" else convert_main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(case.message, err), err
+    assert sorted(p.name for p in workspace.iterdir()) == before, "nothing written"
+    assert len(CASES) >= 30
+
+
+def test_checkpoint_corrupt_or_from_another_backbone_is_refused(small_store, tmp_path):
+    from tests.test_trainables_fold import TINY, _fold_data
+    from trainables import CheckpointError, FoldTrainer, TrainConfig
+
+    path = tmp_path / "fold.pt"
+    FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path).step()
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} was written for .*seresnext50"):
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **{**TINY, "backbone": "densenet121"}), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} cannot be read"):
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path)
