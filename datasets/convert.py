@@ -38,6 +38,7 @@ from datasets import clinical as clinical_mod
 from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
 from datasets.preprocess import PreprocessConfig, preprocess_patient
+from datasets.pseudonyms import Pseudonymiser, load_or_create_key
 from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
 from datasets.store import (
     MANIFEST,
@@ -70,6 +71,7 @@ class PatientTask:
     files: dict[str, str]
     store: str
     config: PreprocessConfig
+    source_id: str | None = None  # the id in the export, when `patient_id` is its pseudonym
 
 
 def convert_patient(task: PatientTask) -> dict:
@@ -91,9 +93,15 @@ def convert_patient(task: PatientTask) -> dict:
                 "missing": [k for k, m in zip(task.config.sequences, result.missing) if m],
                 "has_label": result.has_label}
     except ImageError as exc:
-        return {"status": "excluded", "reason": str(exc)}
+        return {"status": "excluded", "reason": _scrub(str(exc), task)}
     except Exception as exc:  # a bug or an unforeseen file: keep converting the others, say why
-        return {"status": "excluded", "reason": f"patient {task.patient_id}: unexpected {type(exc).__name__}: {exc}"}
+        return {"status": "excluded",
+                "reason": _scrub(f"patient {task.patient_id}: unexpected {type(exc).__name__}: {exc}", task)}
+
+
+def _scrub(text: str, task: PatientTask) -> str:
+    """Error messages name files, whose paths hold the source id: replace it by the pseudonym."""
+    return text.replace(task.source_id, task.patient_id) if task.source_id else text
 
 
 @dataclass
@@ -116,9 +124,15 @@ def discover_patients(images: Path) -> dict[str, Path]:
     return folders
 
 
-def _open_or_create(out: Path, ids: list[str], config: PreprocessConfig, table, created: str):
+def _open_or_create(out: Path, ids: list[str], config: PreprocessConfig, table, created: str,
+                    fingerprint: str | None):
     if (out / "zarr.json").exists():
         store = CohortStore(out)
+        if store.attrs.get("pseudonymisation_key") != fingerprint:
+            raise InputError(
+                f"{out} was made " + ("without pseudonymisation" if not store.attrs.get("pseudonymisation_key")
+                                      else "with another --pseudonymise-key" if fingerprint
+                                      else "with --pseudonymise-key") + "; resume it the same way")
         if store.attrs["preprocessing"] != config.to_dict():
             raise InputError(
                 f"{out} was made with other preprocessing ({store.attrs['preprocessing']}); "
@@ -138,6 +152,8 @@ def _open_or_create(out: Path, ids: list[str], config: PreprocessConfig, table, 
     out.parent.mkdir(parents=True, exist_ok=True)
     group = create_store(out, ids, config.sequences, config.shape, table, config.to_dict(),
                          software_version(), created)
+    if fingerprint is not None:
+        group.attrs["pseudonymisation_key"] = fingerprint
     return group, {"patients": {}, "excluded": {}}
 
 
@@ -178,8 +194,14 @@ def convert(
     workers: int = 1,
     backend: str = "processes",
     progress: bool = True,
+    pseudonymiser: Pseudonymiser | None = None,
 ) -> ConversionSummary:
-    """Convert a site export into a cohort store (resumable). See the module docstring."""
+    """Convert a site export into a cohort store (resumable). See the module docstring.
+
+    With a `pseudonymiser`, the store, its manifest and QC report only ever see pseudonyms:
+    ids in recorded messages and source paths are replaced, and the key's fingerprint is stored
+    so that resuming with another key (or none) is refused.
+    """
     start = time.perf_counter()
     images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
     table = clinical_mod.read_clinical(clinical, column_map)
@@ -207,12 +229,22 @@ def convert(
     if not ids:
         raise InputError(f"no patient can be converted: {len(excluded)} excluded, e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:3]))
+    # Store ids: the pseudonyms when pseudonymising (everything written below uses `alias`).
+    alias = pseudonymiser if pseudonymiser is not None else (lambda pid: pid)
+    scrub = pseudonymiser.scrub if pseudonymiser is not None else (lambda text, pid: text)
+    if pseudonymiser is not None:
+        excluded = {alias(pid): scrub(reason, pid) for pid, reason in excluded.items()}
+        rows = table.rows.copy()
+        rows.index = [alias(pid) for pid in rows.index]
+        table.rows = rows
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
         hashes = dict(zip(ids, pool.map(lambda p: {k: file_sha256(v) for k, v in found[p].items()}, ids)))
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    group, manifest = _open_or_create(out, ids, config, table.rows, created)
-    slot = {pid: i for i, pid in enumerate(group.attrs["patient_ids"])}
+    fingerprint = pseudonymiser.fingerprint if pseudonymiser is not None else None
+    group, manifest = _open_or_create(out, [alias(pid) for pid in ids], config, table.rows, created, fingerprint)
+    positions = {store_id: i for i, store_id in enumerate(group.attrs["patient_ids"])}
+    slot = {pid: positions[alias(pid)] for pid in ids}
     records: dict = manifest.setdefault("patients", {})
     manifest["excluded"] = excluded
     done = group["done"]
@@ -221,14 +253,15 @@ def convert(
     tasks = []
     done_now = done[:]
     for pid in ids:
-        sources = {k: {"path": str(v), "sha256": hashes[pid][k]} for k, v in found[pid].items()}
-        old = records.get(pid, {})
+        sources = {k: {"path": scrub(str(v), pid), "sha256": hashes[pid][k]} for k, v in found[pid].items()}
+        old = records.get(alias(pid), {})
         if done_now[slot[pid]] and old.get("status") == "ok" and old.get("sources") == sources:
-            summary.skipped.append(pid)
+            summary.skipped.append(alias(pid))
             continue
         done[slot[pid]] = False  # cleared before rewriting: a kill can't leave stale data marked done
-        records[pid] = {"status": "pending", "sources": sources, "notes": notes[pid]}
-        tasks.append(PatientTask(slot[pid], pid, {k: str(v) for k, v in found[pid].items()}, str(out), config))
+        records[alias(pid)] = {"status": "pending", "sources": sources, "notes": [scrub(n, pid) for n in notes[pid]]}
+        tasks.append(PatientTask(slot[pid], alias(pid), {k: str(v) for k, v in found[pid].items()}, str(out), config,
+                                 source_id=pid if pseudonymiser is not None else None))
     (out / qc.QC_DIR).mkdir(exist_ok=True)
     write_json_atomic(out / MANIFEST, manifest)
 
@@ -285,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
     parser.add_argument("--backend", choices=("processes", "ray"), default="processes",
                         help="process pool on this machine, or Ray tasks (RAY_ADDRESS for a cluster)")
+    parser.add_argument("--pseudonymise-key", metavar="KEY_FILE", type=Path, default=None,
+                        help="store keyed-hash pseudonyms instead of patient ids; the key file is created if absent "
+                             "and must stay outside the store (keep it to resume or to link results back)")
     parser.add_argument("--verify", metavar="STORE", type=Path, help="re-check an existing store and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -308,9 +344,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--workers must be at least 1")
         config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
                                   spacing=args.spacing, clip_percentiles=tuple(args.clip))
+        pseudonymiser = None
+        if args.pseudonymise_key is not None:
+            key, created = load_or_create_key(args.pseudonymise_key, args.out)
+            pseudonymiser = Pseudonymiser(key)
+            if created:
+                print(f"created pseudonymisation key {args.pseudonymise_key} (owner-only); keep it safe and outside "
+                      "the store: the same key is needed to resume or extend the store and to link results back")
         summary = convert(args.images, args.clinical, args.out, config,
                           clinical_mod.parse_column_map(args.column), parse_patterns(args.pattern),
-                          workers=args.workers, backend=args.backend, progress=not args.no_progress)
+                          workers=args.workers, backend=args.backend, progress=not args.no_progress,
+                          pseudonymiser=pseudonymiser)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
