@@ -24,6 +24,7 @@ import pandas as pd
 
 from analysis import figures
 from analysis.added_value import added_value_row
+from datasets.remote import stage_store
 from analysis.ensemble import load_fold_models, predict_external, standardised_oof
 from analysis.gradcam import gradcam_map, overlay, save_nifti
 from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
@@ -109,8 +110,8 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     study = read_study(study_name, tracking_uri)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    store = CohortStore(study.config["data"])
-    externals = [CohortStore(p) for p in [*study.config.get("external", []), *map(str, external)]]
+    store = CohortStore(stage_store(study.config["data"]))
+    externals = [CohortStore(stage_store(p)) for p in [*study.config.get("external", []), *map(str, external)]]
     folds = study.config["protocol"]["folds"]
     seed = study.config.get("seed", 0)
     html_parts = [f"<h1>Study {html.escape(study.name)}</h1>",
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", required=True, help="study name (the MLflow experiment)")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{_Path.cwd() / 'mlflow.db'}", help="MLflow tracking URI")
     parser.add_argument("--out", type=_Path, default=None, help="report folder (default: report-STUDY)")
-    parser.add_argument("--external", type=_Path, nargs="*", default=[], help="external cohort stores to validate on")
+    parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (paths or s3:// gs:// URIs)")
     parser.add_argument("--gradcam-random", type=int, default=2, help="random patients explained per task")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the study run")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from datasets.errors import InputError, StudyError
+from datasets.remote import cache_root, download_folder, is_remote, list_folder
 
 
 class ReportError(StudyError):
@@ -53,10 +54,17 @@ class Study:
         return best
 
     def trial_dir(self, trial: Trial) -> Path:
-        """The trial's folder in Tune's storage (local storage paths only)."""
+        """The trial's folder in Tune's storage (downloaded once if the storage is remote)."""
         storage = self.config["storage_path"]
-        if "://" in storage:
-            raise ReportError(f"storage {storage} is remote: copy it locally to build the report")
+        if is_remote(storage):
+            cell_uri = f"{storage.rstrip('/')}/{self.config['name']}/{trial.cell}"
+            names = [n for n in list_folder(cell_uri) if trial.trial_id in n]
+            if not names:
+                raise ReportError(f"no folder for trial {trial.trial_id} under {cell_uri}")
+            local = cache_root().parent / "trials" / self.name / trial.cell / names[0]
+            if not (local / "params.json").exists():
+                download_folder(f"{cell_uri}/{names[0]}", local)
+            return local
         cell_dir = Path(storage) / self.config["name"] / trial.cell
         matches = sorted(cell_dir.glob(f"*{trial.trial_id}*"))
         if not matches:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets.errors import InputError
+from datasets.remote import is_remote
 from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Protocol, SearchSpace, get_space
 from search_spaces.from_file import is_space_file, load_space
 
@@ -23,7 +24,8 @@ class StudyConfig:
     space_file
         The YAML/JSON file the space was read from (None: a built-in space).
     data, external
-        Development cohort store (None: the built-in demo cohort) and external stores.
+        Development cohort store (None: the built-in demo cohort) and external stores: local
+        paths, or URIs (``s3://``, ``gs://``) that every node stages once (`datasets.remote`).
     backbones, tasks
         Cells of the study: every backbone x task.
     num_samples
@@ -42,8 +44,8 @@ class StudyConfig:
 
     space: str
     budget: str
-    data: Path | None
-    external: tuple[Path, ...]
+    data: Path | str | None
+    external: tuple[Path | str, ...]
     backbones: tuple[str, ...]
     tasks: tuple[str, ...]
     num_samples: int
@@ -77,6 +79,10 @@ class StudyConfig:
         out["external"] = [str(p) for p in self.external]
         out["protocol"] = asdict(self.protocol)
         return out
+
+
+def _location(value: str) -> Path | str:
+    return value if is_remote(value) else Path(value).expanduser().absolute()
 
 
 def resolve(args) -> StudyConfig:
@@ -117,7 +123,7 @@ def resolve(args) -> StudyConfig:
     if max_concurrent < 1:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     for path in [args.data, *args.external]:
-        if path is not None and not Path(path).exists():
+        if path is not None and not is_remote(path) and not Path(path).exists():
             raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
     storage = args.storage_path
     if "://" not in storage:
@@ -128,8 +134,8 @@ def resolve(args) -> StudyConfig:
         raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
     return StudyConfig(
         space=space.name, space_file=space_file, budget=budget,
-        data=Path(args.data).expanduser().absolute() if args.data else None,
-        external=tuple(Path(p).expanduser().absolute() for p in args.external),
+        data=_location(args.data) if args.data else None,
+        external=tuple(_location(p) for p in args.external),
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed)

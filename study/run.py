@@ -21,6 +21,7 @@ import numpy as np
 
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
+from datasets.remote import check_writable, stage_store
 
 
 class TrackingIncomplete(StudyError):
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--space", default="literature_priors", help="search space: a built-in name (see --list-spaces) or a .yaml/.json space file")
     parser.add_argument("--list-spaces", action="store_true", help="print the search spaces and exit")
-    parser.add_argument("--data", type=Path, default=None, help="development cohort store (default: the demo cohort)")
-    parser.add_argument("--external", type=Path, nargs="*", default=[], help="external cohort stores (for the report)")
+    parser.add_argument("--data", default=None,
+                        help="development cohort store: a path, or s3:// gs:// URI staged once per node "
+                             "(default: the demo cohort)")
+    parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (for the report)")
     parser.add_argument("--backbones", nargs="+", default=None, help="backbones (default: the space's)")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks among {list(TASKS)} (default: the space's)")
     parser.add_argument("--num-samples", type=int, default=None, help="configurations per backbone x task (default: the protocol's)")
@@ -70,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
-    parser.add_argument("--storage-path", default="ray_results", help="Tune experiment state and checkpoints")
+    parser.add_argument("--storage-path", default="ray_results",
+                        help="Tune experiment state and checkpoints: a folder (shared by all nodes on a cluster) "
+                             "or an s3:// gs:// URI")
     parser.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
     parser.add_argument("--resume", action="store_true", help="continue the study called --name")
     parser.add_argument("--budget", choices=("demo", "full"), default=None,
@@ -141,7 +146,7 @@ def manifest(config: StudyConfig, store: CohortStore) -> dict:
 def check_external(config: StudyConfig, store: CohortStore) -> None:
     """External cohorts must match the development store's sequences and shape (the models' input)."""
     for path in config.external:
-        external = CohortStore(path)
+        external = CohortStore(stage_store(path))
         if external.sequences != store.sequences or external.shape != store.shape:
             raise StudyError(f"--external {path}: sequences {external.sequences} and shape {list(external.shape)} "
                              f"differ from the development store's {store.sequences} {list(store.shape)}; convert it "
@@ -200,7 +205,7 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
               f"model, 32 x 32 x 24 voxels), cached under {cache_root()}; budget {config.budget}.", flush=True)
         store_path = demo_store(workers=min(2, os.cpu_count() or 1))
         config = StudyConfig(**{**config.__dict__, "data": store_path})
-    store = CohortStore(store_path)
+    store = CohortStore(stage_store(store_path))
     cohorts = task_cohorts(config, store)
     check_external(config, store)
     print(describe(config, store, cohorts), flush=True)
@@ -209,11 +214,9 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():
         raise StudyError(f"--resume: there is no study {config.name!r} under {config.storage_path} to resume")
+    check_writable(config.storage_path)
     if local_experiments is not None:
-        try:
-            local_experiments.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StudyError(f"--storage-path {config.storage_path} is not writable ({exc})") from exc
+        local_experiments.mkdir(parents=True, exist_ok=True)
     # The journal must be local to the driver: it is written on every record.
     journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
                else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
@@ -246,7 +249,7 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     try:
         for index, (backbone, task) in enumerate(config.cells()):
             spec = TASKS[task]
-            setup = TrialSetup(store=str(store.path), filter=spec.filter, endpoint=spec.endpoint,
+            setup = TrialSetup(store=str(store_path), filter=spec.filter, endpoint=spec.endpoint,
                                folds=config.protocol.folds, fold_seed=config.seed, cpus=config.cpus_per_trial,
                                checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
                                volume_slots=volume_slots)
@@ -292,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from study.demo import demo_store
 
                 store_path = demo_store(workers=min(2, os.cpu_count() or 1))
-            store = CohortStore(store_path)
+            store = CohortStore(stage_store(store_path))
             print(describe(config, store, task_cohorts(config, store)))
             return 0
         run_study(config)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from datasets.cohort import Cohort, CohortSpec
+from datasets.remote import stage_store
 from trainables.config import TrainConfig
 from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
 from trainables.fold import TrainingDivergedError
@@ -33,7 +34,8 @@ class TrialSetup:
     Attributes
     ----------
     store
-        Absolute path of the cohort store (Tune runs trials in other directories).
+        Absolute path or URI of the cohort store (Tune runs trials in other directories; a
+        remote store is staged once per node).
     filter, endpoint
         The task's cohort.
     folds, fold_seed
@@ -78,7 +80,7 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
 
     torch.set_num_threads(max(1, setup.cpus))
     train_config = TrainConfig.from_dict(config)
-    cohort = Cohort(setup.store, CohortSpec(setup.filter, setup.endpoint))
+    cohort = Cohort(stage_store(setup.store), CohortSpec(setup.filter, setup.endpoint))
     folds = cohort.folds(setup.folds, setup.fold_seed)
     volumes, rows = _shared_volumes(setup, cohort)
     workdir = Path(tempfile.mkdtemp(prefix="cv-trial-"))
