@@ -125,7 +125,8 @@ def free_port() -> int:
 
 
 class TrackingServer:
-    """A real `mlflow server` on loopback that the test can kill and start again on the same port."""
+    """`python -m study.tracking serve` (a real mlflow server on loopback) that the test can kill
+    and start again on the same port."""
 
     def __init__(self, root: Path):
         self.root, self.port, self.process = root, free_port(), None
@@ -135,9 +136,8 @@ class TrackingServer:
         import requests
 
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination",
-             str(self.root / "artifacts"), "--workers", "1"],
+            [sys.executable, "-m", "study.tracking", "serve", "--root", str(self.root / "server"),
+             "--port", str(self.port), "--workers", "1"], cwd=PROJECT_ROOT,
             stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -228,3 +228,13 @@ def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, t
     assert "delivering" in resumed.stdout
     assert_everything_tracked(server.uri, "outage2", 2)
     assert journal.read_text() == ""
+
+
+def test_tracking_server_binds_loopback_only(server):
+    listening = set()
+    for process in [server.process and psutil.Process(server.process.pid)] + psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            listening |= {c.laddr.ip for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    assert listening == {"127.0.0.1"}, listening
