@@ -78,7 +78,10 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
     """Ray Tune function trainable (see the module docstring)."""
     from ray import tune
 
+    import ray
+
     torch.set_num_threads(max(1, setup.cpus))
+    node = ray.get_runtime_context().get_node_id()  # tracked: which node ran (or re-ran) the trial
     train_config = TrainConfig.from_dict(config)
     cohort = Cohort(stage_store(setup.store), CohortSpec(setup.filter, setup.endpoint))
     folds = cohort.folds(setup.folds, setup.fold_seed)
@@ -91,7 +94,7 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir)
         while not cv.finished:
             try:
-                metrics = cv.step()
+                metrics = {**cv.step(), "node_id": node}
             except TrainingDivergedError as exc:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).

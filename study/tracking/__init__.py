@@ -295,6 +295,7 @@ class MlflowTrialCallback(tune.Callback):
     def __init__(self, tracker: StudyTracker, backbone: str, task: str, max_epochs: int):
         self.tracker, self.backbone, self.task, self.max_epochs = tracker, backbone, task, max_epochs
         self.cell = f"{backbone}__{task}"
+        self._nodes: dict[str, str] = {}  # trial key -> Ray node id last reported
 
     def _key(self, trial) -> str:
         key = f"{self.cell}/{trial.trial_id}"
@@ -311,6 +312,9 @@ class MlflowTrialCallback(tune.Callback):
         per_epoch = {k: result.get(k) for k in EPOCH_METRICS}
         per_epoch.update({k: v for k, v in result.items() if k.startswith("fold") and k.endswith("_cindex")})
         self.tracker.log_metrics(key, per_epoch, step=epoch)
+        if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
+            self._nodes[key] = result["node_id"]
+            self.tracker.set_tags(key, {"node_id": result["node_id"]})
         if result.get("final"):
             self.tracker.log_metrics(key, {k: result.get(k) for k in FINAL_METRICS})
 

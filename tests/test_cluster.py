@@ -1,0 +1,165 @@
+"""A real two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address`` on
+loopback, token authentication on): the study submitted with ``--address`` runs trials on both
+nodes, and a worker node lost mid-study has its trials rescheduled on the other node."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import PROJECT_ROOT
+from tests.test_faults import EPOCHS, TrackingServer, free_port, study_command, trial_runs, wait_for
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+class LocalCluster:
+    """Two Ray nodes started with the `ray` CLI, each with 1 CPU and a marker resource."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        token = root / "ray_token"
+        token.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        self.session: str | None = None
+
+    def _ray(self, *args: str) -> None:
+        subprocess.run([RAY, "start", *args, "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
+                        "--object-store-memory", str(300 * 2**20)], env=self.env, check=True, capture_output=True,
+                       timeout=120)
+
+    def start(self) -> None:
+        self._ray("--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--include-dashboard",
+                  "false", "--resources", '{"node_a": 1}')
+        for process in psutil.process_iter(["cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if "gcs_server" in command and f"--gcs_server_port={self.port}" in command:
+                self.session = next(part for part in command.split("/") if part.startswith("session_"))
+        assert self.session, "head node did not start"
+        self._ray("--address", self.address, "--node-ip-address", "127.0.0.1", "--resources", '{"node_b": 1}')
+
+    def raylet(self, marker: str) -> psutil.Process:
+        for process in psutil.process_iter(["cmdline"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if "raylet/raylet" in command and self.session in command and f"static_resource_list={marker}," in command:
+                return process
+        raise LookupError(marker)
+
+    def node_ids(self) -> dict[str, str]:
+        """marker resource -> Ray node id, read through the cluster's own API."""
+        code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+                "print(json.dumps({[k for k in n['Resources'] if k.startswith('node_') and k[5:] in ('a', 'b')][0]: "
+                "n['NodeID'] for n in ray.nodes() if n['Alive']}))")
+        out = subprocess.run([sys.executable, "-c", code], env={**self.env, "RAY_ADDRESS": self.address},
+                             capture_output=True, text=True, check=True, timeout=120)
+        import json
+
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this cluster (its session's daemons and the raylets' workers)."""
+        found = {}
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if self.session and self.session in " ".join(process.info["cmdline"] or []):
+                    found[process.pid] = process
+                    found.update({c.pid: c for c in process.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                continue
+        return list(found.values())
+
+    def kill_node(self, marker: str) -> None:
+        raylet = self.raylet(marker)
+        for process in [*raylet.children(recursive=True), raylet]:
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop(self) -> None:
+        for process in self.processes():
+            try:
+                process.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(self.processes(), timeout=20)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster = LocalCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not [p for p in cluster.processes() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+            "the cluster is stopped afterwards"
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_study_on_a_two_node_cluster_uses_both_nodes(cluster, server, small_store, tmp_path):
+    nodes = cluster.node_ids()
+    assert set(nodes) == {"node_a", "node_b"}
+    command = [sys.executable, "-m", "study.run", "--address", cluster.address, "--space", "smoke", "--data",
+               str(small_store), "--tasks", "os_all", "--backbones", "seresnext50", "--num-samples", "2",
+               "--max-concurrent", "2", "--tracking-uri", server.uri, "--storage-path", str(tmp_path / "shared"),
+               "--name", "two_nodes"]
+    run = subprocess.run(command, cwd=PROJECT_ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs = trial_runs(server.uri, "two_nodes")
+    assert len(runs) == 2 and "FINISHED" in {r.info.status for r in runs} <= {"FINISHED", "KILLED"}  # ASHA may prune one
+    assert {r.data.tags["node_id"] for r in runs} == set(nodes.values()), "one trial on each node"
+    assert all("cv_cindex" in r.data.metrics for r in runs), "results reached the server"
+    assert all({"cindex", "brier_365"} <= set(r.data.metrics) for r in runs if r.info.status == "FINISHED")
+    storage = tmp_path / "shared" / "two_nodes" / "seresnext50__os_all"
+    assert list(storage.glob("experiment_state-*.json"))
+    assert len(list(storage.glob("cv_trainable_*/checkpoint_*/fold1.pt"))) == 2, "both trials checkpointed"
+
+
+def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, small_store, tmp_path):
+    nodes = cluster.node_ids()
+    command = study_command(small_store, tmp_path, "node_loss", server.uri) + ["--address", cluster.address]
+    command[command.index("--max-concurrent") + 1] = "2"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c.name == "checkpoint_000002" for c in (tmp_path / "rr").glob("node_loss/*/cv_trainable_*/checkpoint_*")):
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        cluster.kill_node("node_b")
+        wait_for(log, driver, "lost its worker", timeout=240)
+        assert driver.wait(timeout=500) == 0, log.read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    runs = trial_runs(server.uri, "node_loss")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    moved = [r for r in runs if r.data.tags.get("restarts") == "1"]
+    assert len(moved) == 1, [r.data.tags for r in runs]
+    assert moved[0].data.tags["node_id"] == nodes["node_a"], "rescheduled on the remaining node"
+    client = MlflowClient(server.uri)
+    for run in runs:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex"))
+        assert steps == list(range(1, EPOCHS + 1)), "the moved trial resumed from its checkpoint"
