@@ -31,7 +31,10 @@ class StudyConfig:
     num_samples
         Configurations per cell (None: the protocol's).
     max_concurrent, cpus_per_trial, gpus_per_trial
-        Resources.
+        Resources. A trial is one resource bundle, so it always runs on one node; with several
+        GPUs its folds train in parallel on them (`trainables.cross_validation`).
+    share_volumes
+        One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
     address
         Ray cluster address (None: a local Ray instance).
     tracking_uri, storage_path, name
@@ -59,6 +62,7 @@ class StudyConfig:
     resume: bool = False
     seed: int = 0
     space_file: str | None = None
+    share_volumes: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,4 +142,5 @@ def resolve(args) -> StudyConfig:
         external=tuple(_location(p) for p in args.external),
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
-        tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed)
+        tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
+        share_volumes=getattr(args, "share_volumes", True))

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
+    parser.add_argument("--share-volumes", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep one in-memory copy of the cohort's volumes per node (Ray's object store) for all "
+                             "trials on it; --no-share-volumes: every trial reads its own copy from the store")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
     parser.add_argument("--storage-path", default="ray_results",
@@ -117,6 +120,14 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
              f"  tracking: {config.tracking_uri}; storage: {config.storage_path}/{config.name}",
              f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {config.num_samples} "
              f"configurations = {len(config.cells()) * config.num_samples} trials"]
+    gpus = config.gpus_per_trial
+    if gpus > 1:
+        idle = "" if protocol.folds % int(gpus) == 0 else (
+            f" (warning: {protocol.folds} folds do not divide evenly over {int(gpus)} GPUs; some GPUs idle "
+            "in the last round)")
+        lines.append(f"  each trial trains its folds in parallel on its {int(gpus)} GPUs{idle}")
+    lines.append("  volumes: " + ("one in-memory copy per node, shared by its trials" if config.share_volumes
+                                  else "each trial reads its own copy"))
     for task, (cohort, folds) in cohorts.items():
         events = [int(cohort.label[folds == k].sum()) for k in range(protocol.folds)]
         sizes = [int((folds == k).sum()) for k in range(protocol.folds)]
@@ -155,7 +166,7 @@ def check_external(config: StudyConfig, store: CohortStore) -> None:
             raise StudyError(f"--external {path}: the store has no usable patients")
 
 
-def read_volumes(store: CohortStore, cohorts) -> tuple[np.ndarray | None, tuple[int, ...]]:
+def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.ndarray | None, tuple[int, ...]]:
     """Read every volume the study will train on, before anything is written anywhere.
 
     A damaged chunk then stops the study at once, naming the patient, instead of failing trials
@@ -166,8 +177,8 @@ def read_volumes(store: CohortStore, cohorts) -> tuple[np.ndarray | None, tuple[
 
     slots = np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
     size = len(slots) * len(store.sequences) * int(np.prod(store.shape)) * 2
-    keep = size <= SHARE_FRACTION * psutil.virtual_memory().total
-    if not keep:
+    keep = share and size <= SHARE_FRACTION * psutil.virtual_memory().total
+    if share and not keep:
         print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
               "each trial reads the store itself")
     out = np.empty((len(slots), len(store.sequences), *store.shape), dtype=np.float16) if keep else None
@@ -209,7 +220,7 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     cohorts = task_cohorts(config, store)
     check_external(config, store)
     print(describe(config, store, cohorts), flush=True)
-    volumes_array, volume_slots = read_volumes(store, cohorts)
+    volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
 
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():

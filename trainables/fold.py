@@ -138,10 +138,12 @@ def _save_atomic(payload: dict, path: Path) -> None:
 class FoldTrainer:
     """Trains one fold epoch by epoch; see the module docstring."""
 
-    def __init__(self, data: FoldData, config: TrainConfig, checkpoint: Path | None = None):
+    def __init__(self, data: FoldData, config: TrainConfig, checkpoint: Path | None = None,
+                 device: str | None = None):
         self.data, self.config = data, config
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.device = resolve_device(config.device)
+        # `device` (e.g. "cuda:3") overrides config.device: a multi-GPU trial places its folds.
+        self.device = torch.device(device) if device else resolve_device(config.device)
         self.head = build_head(config.head, cox_memory=config.cox_memory, intervals=config.intervals,
                                horizon_days=config.horizon_days)
         torch.manual_seed(self._seed(-1))

@@ -91,7 +91,10 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(workdir))
-        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir)
+        # Ray exposes the trial's GPUs (CUDA_VISIBLE_DEVICES); with several, folds run in parallel on them.
+        gpus = torch.cuda.device_count() if train_config.device != "cpu" else 0
+        devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else None
+        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices)
         while not cv.finished:
             try:
                 metrics = {**cv.step(), "node_id": node}
