@@ -35,3 +35,13 @@ def describe() -> str:
             pass
     lines.append("- packages: " + ", ".join(packages))
     return "\n".join(lines)
+
+
+def markdown_table(frame, floatfmt: str = ".2f") -> str:
+    """A pipe table of a DataFrame (no tabulate dependency)."""
+    def cell(value) -> str:
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)

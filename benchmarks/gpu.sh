@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check: run at once whenever a GPU machine is lent (under 8 minutes).
 # Installs the project if needed, then measures training throughput per backbone at the
-# reference shape for fp32 / bf16 / bf16 + channels-last / + torch.compile, and prints tables.
-# Results land in ${OUT:-benchmarks/results}/gpu_compute.md.
+# reference shape for fp32 / bf16 / bf16 + channels-last / + torch.compile, and prints tables;
+# then runs a short demo study with 4 trials packed at 0.25 GPU each and reports GPU utilisation.
+# Results land in ${OUT:-benchmarks/results}/gpu_compute.md and gpu_study.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -11,5 +12,10 @@ if ! python -c "import monai, zarr, pycox" 2>/dev/null; then
     python -m pip install --quiet -e . 2>&1 | tail -2
 fi
 nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv || true
-timeout 460 python -m benchmarks.compute --device cuda --batch 64 --steps 5 --warmup 2 \
-    --modes fp32 bf16 bf16_cl bf16_cl_compile --budget-s 380 --out "$out/gpu_compute.md"
+# The demo cohort for the study below is built on the CPUs while the GPU benchmark runs.
+python -c "from study.demo import demo_store; demo_store(workers=6)" > "$out/demo_build.log" 2>&1 &
+demo_build=$!
+timeout 330 python -m benchmarks.compute --device cuda --batch 64 --steps 5 --warmup 2 \
+    --modes fp32 bf16 bf16_cl bf16_cl_compile --budget-s 280 --out "$out/gpu_compute.md" || true
+wait "$demo_build" || true
+timeout 150 python -m benchmarks.gpu_study --gpus-per-trial 0.25 --trials 4 --timeout 140 --out "$out/gpu_study.md"

@@ -35,6 +35,8 @@ class StudyConfig:
         GPUs its folds train in parallel on them (`trainables.cross_validation`).
     share_volumes
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
+    pruning
+        ASHA stops poor configurations early (False: every configuration runs all its epochs).
     address
         Ray cluster address (None: a local Ray instance).
     tracking_uri, storage_path, name
@@ -63,6 +65,7 @@ class StudyConfig:
     seed: int = 0
     space_file: str | None = None
     share_volumes: bool = True
+    pruning: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,4 +146,4 @@ def resolve(args) -> StudyConfig:
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
-        share_volumes=getattr(args, "share_volumes", True))
+        share_volumes=getattr(args, "share_volumes", True), pruning=getattr(args, "pruning", True))

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
+    parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop poor configurations early with ASHA (default); --no-pruning runs every "
+                             "configuration for all its epochs")
     parser.add_argument("--share-volumes", action=argparse.BooleanOptionalAction, default=True,
                         help="keep one in-memory copy of the cohort's volumes per node (Ray's object store) for all "
                              "trials on it; --no-share-volumes: every trial reads its own copy from the store")
@@ -109,7 +112,8 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
     protocol = config.protocol
     lines = [f"study {config.name}: space {config.space} ({config.search_space.summary})",
              f"  budget {config.budget}: {protocol.folds} folds, up to {protocol.epochs} epochs, "
-             f"ASHA grace {protocol.grace_epochs} reduction {protocol.reduction_factor}, "
+             + (f"ASHA grace {protocol.grace_epochs} reduction {protocol.reduction_factor}, " if config.pruning
+                else "no pruning, ") +
              f"backbone width {protocol.width} depth {protocol.depth}",
              "  searched: " + ", ".join(f"{k} {d}" for k, d in config.search_space.distributions_for(config.budget).items()),
              f"  reference recipe (first trial of every cell): {config.search_space.reference_for(config.budget)}",
@@ -193,6 +197,12 @@ def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.nd
     return out, tuple(int(s) for s in slots)
 
 
+def write_timings(timings: dict, directory: Path) -> None:
+    """Where the study's wall time went (benchmarks/overhead.py reads it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "timings.json").write_text(json.dumps(timings, indent=1))
+
+
 def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     import ray
 
@@ -221,6 +231,7 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     check_external(config, store)
     print(describe(config, store, cohorts), flush=True)
     volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
+    data_seconds = time.perf_counter() - started  # demo cohort build (first run), staging, reading volumes
 
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():
@@ -239,7 +250,8 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
                          f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
 
     if not ray.is_initialized():
-        ray.init(address=config.address, include_dashboard=False, log_to_driver=False,
+        # "local": a fresh instance, never one found in /tmp/ray that `ray start` left behind.
+        ray.init(address=config.address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="ERROR")
     volumes = ray.put(volumes_array) if volumes_array is not None else None
     del volumes_array  # the object store holds the one copy of this node
@@ -257,6 +269,8 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
 
     cells = []
     status = "FAILED"
+    timings = {"data_s": data_seconds, "startup_s": time.perf_counter() - started - data_seconds, "tune_s": 0.0,
+               "trial_train_s": 0.0, "trial_reports": 0}
     try:
         for index, (backbone, task) in enumerate(config.cells()):
             spec = TASKS[task]
@@ -266,7 +280,12 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
                                volume_slots=volume_slots)
             print(f"[{index + 1}/{len(config.cells())}] {backbone} on {task}: {config.num_samples} configurations",
                   flush=True)
+            cell_started = time.perf_counter()
             grid = run_cell(config, backbone, task, setup, tracker, index)
+            timings["tune_s"] += time.perf_counter() - cell_started
+            for result in grid:
+                timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
+                timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
             cells.append(summarise(backbone, task, grid, list(config.search_space.distributions_for(config.budget))))
         status = "FINISHED"
     finally:
@@ -276,10 +295,14 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
             files = write_tables(table, local_experiments or Path.cwd() / f"{config.name}-results")
         tracker.finish_parent(status if status == "FINISHED" else "KILLED", files)
         delivered = tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
+        timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
+        write_timings(timings, local_experiments or Path.cwd() / f"{config.name}-results")
     print(f"\nResults of study {config.name} (best configuration per cell, pooled out-of-fold predictions):")
     print(table.T.to_string() if table is not None else "no cells finished")
-    print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; "
-          f"{time.perf_counter() - started:.0f} s in all.")
+    print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; {timings['wall_s']:.0f} s in all: "
+          f"data {timings['data_s']:.0f} s, start-up {timings['startup_s']:.0f} s, trials {timings['tune_s']:.0f} s "
+          f"(their training and validation {timings['trial_train_s']:.0f} s of trial time), tracking "
+          f"{timings['tracking_s']:.1f} s (timings.json).")
     if config.tracking_uri.startswith("sqlite:///"):
         print(f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
     else:

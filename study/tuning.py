@@ -77,7 +77,8 @@ def run_cell(config: StudyConfig, backbone: str, task: str, setup: TrialSetup, t
         metric=METRIC, mode=MODE, points_to_evaluate=[config.search_space.reference_for(config.budget)],
         sampler=optuna.samplers.TPESampler(seed=config.seed * 1000 + cell_index))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=protocol.epochs,
-                              grace_period=protocol.grace_epochs, reduction_factor=protocol.reduction_factor)
+                              grace_period=protocol.grace_epochs, reduction_factor=protocol.reduction_factor
+                              ) if config.pruning else None  # None: Tune's FIFO, every configuration to the end
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(config, backbone, task),

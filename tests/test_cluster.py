@@ -95,6 +95,11 @@ class LocalCluster:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(self.processes(), timeout=20)
+        # `ray start --head` records the cluster for later `ray.init()` calls; a killed cluster must
+        # not leave that pointer behind.
+        pointer = Path("/tmp/ray/ray_current_cluster")
+        if pointer.exists() and pointer.read_text().strip().endswith(f":{self.port}"):
+            pointer.unlink()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,13 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         gpus = torch.cuda.device_count() if train_config.device != "cpu" else 0
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else None
         cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices)
+        train_seconds = 0.0  # time in training and validation since this (re)start, for the overhead split
         while not cv.finished:
             try:
-                metrics = {**cv.step(), "node_id": node}
+                started = time.perf_counter()
+                metrics = cv.step()
+                train_seconds += time.perf_counter() - started
+                metrics.update(node_id=node, train_seconds=train_seconds)
             except TrainingDivergedError as exc:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).

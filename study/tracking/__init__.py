@@ -72,6 +72,7 @@ class StudyTracker:
         self._pending: list[dict] = []
         self._down_since: float | None = None
         self._last_try = 0.0
+        self.seconds = 0.0  # spent talking to the tracking store (the study's tracking overhead)
         if self.journal is not None and self.journal.exists():
             self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
         _LIVE[(tracking_uri, study_name)] = self
@@ -247,6 +248,13 @@ class StudyTracker:
         return self._trial_runs[key]
 
     def _apply(self, entry: dict) -> None:
+        started = time.perf_counter()
+        try:
+            self._deliver(entry)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _deliver(self, entry: dict) -> None:
         try:
             op, key = entry["op"], entry["key"]
             if op == "trial":
