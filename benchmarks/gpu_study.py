@@ -27,8 +27,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_study.md"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="gpu-study-"))
-    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                                "-lms", "500"], stdout=open(work / "util.csv", "w"))
+    import shutil
+
+    (work / "util.csv").write_text("")
+    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+                                "--format=csv,noheader,nounits", "-lms", "500"],
+                               stdout=open(work / "util.csv", "w")) if shutil.which("nvidia-smi") else None
     started = time.perf_counter()
     study = subprocess.run([sys.executable, "-m", "study.run", "--space", "literature_priors", "--tasks", "os_all",
                             "--backbones", "seresnext50", "--num-samples", str(args.trials), "--max-concurrent",
@@ -36,7 +40,8 @@ def main(argv=None) -> int:
                             "--tracking-uri", f"sqlite:///{work}/m.db", "--storage-path", str(work / "rr"),
                             "--name", "gpu_study"], capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - started
-    sampler.terminate()
+    if sampler is not None:
+        sampler.terminate()
     rows = [line.split(", ") for line in (work / "util.csv").read_text().splitlines() if line.count(",") == 2]
     utilisation = [float(r[1]) for r in rows]
     memory = [float(r[2]) for r in rows]

@@ -29,6 +29,7 @@ class TrackingIncomplete(StudyError):
 from datasets.store import CohortStore
 from search_spaces import SPACES, TASKS
 from study.config import StudyConfig, resolve
+from study.preflight import check_free_space
 
 # Tune's legacy console output honours verbose=0 (the new engine prints tables regardless); the
 # study prints its own one line per trial instead.
@@ -236,7 +237,9 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():
         raise StudyError(f"--resume: there is no study {config.name!r} under {config.storage_path} to resume")
+    needed = check_free_space(config, len(store.sequences))
     check_writable(config.storage_path)
+    print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
     if local_experiments is not None:
         local_experiments.mkdir(parents=True, exist_ok=True)
     # The journal must be local to the driver: it is written on every record.

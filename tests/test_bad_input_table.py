@@ -205,3 +205,28 @@ def test_checkpoint_corrupt_or_from_another_backbone_is_refused(small_store, tmp
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} cannot be read"):
         FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path)
+
+
+def test_storage_without_room_for_the_checkpoints_is_refused(small_store, workspace, monkeypatch, capsys):
+    """A full disk is not something a test can safely make: the free space is reported small."""
+    from collections import namedtuple
+
+    import study.preflight
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(study.preflight.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
+    code = study_main(["--data", str(small_store), "--space", "smoke", "--tracking-uri", f"sqlite:///{workspace}/m.db",
+                       "--storage-path", str(workspace / "rr")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"--storage-path .*rr: the study's checkpoints need about .* GiB are free", err), err
+    assert sorted(p.name for p in workspace.iterdir()) == [], "nothing written"
+
+
+def test_full_size_checkpoint_estimate_is_told():
+    """The reference study (3 backbones x 4 tasks x 20 configurations x 10 folds) keeps ~1 TB of checkpoints."""
+    from study.config import resolve
+    from study.preflight import checkpoint_bytes
+    from study.run import build_parser
+
+    config = resolve(build_parser().parse_args(["--budget", "full", "--num-samples", "20"]))
+    assert 2e11 < checkpoint_bytes(config, 4) < 5e12

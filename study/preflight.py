@@ -1,0 +1,55 @@
+"""Checks before a study starts: will its checkpoints fit on the storage path?
+
+Every trial keeps its last checkpoint (Tune's ``num_to_keep=1``), and a checkpoint holds, for
+each fold, the network, its optimiser state and the best epoch's weights. A full-size study
+(240 trials x 10 folds of a 3D ResNeXt-50) keeps on the order of a terabyte; finding that out
+when the disk fills on day three loses the running trials' last epochs, so it is checked first.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from datasets.errors import StudyError
+from datasets.remote import is_remote
+
+# Network weights + AdamW's two moments + the best epoch's weights, float32.
+COPIES_PER_FOLD = 4
+HEADROOM = 1.2
+
+
+def parameter_count(backbone: str, in_channels: int, out_features: int, width: float, depth: float) -> int:
+    """Parameters of a backbone, counted without allocating them (meta device)."""
+    from trainables.backbones import build_backbone
+
+    with torch.device("meta"):
+        model = build_backbone(backbone, in_channels, out_features, width, depth, 0.0)
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_bytes(config, in_channels: int) -> int:
+    """Storage the study's kept checkpoints need (all trials, all folds)."""
+    protocol = config.protocol
+    per_backbone = {b: parameter_count(b, in_channels, 19, protocol.width, protocol.depth) for b in config.backbones}
+    trials_per_backbone = len(config.tasks) * config.num_samples
+    return int(sum(n * 4 * COPIES_PER_FOLD * protocol.folds * trials_per_backbone for n in per_backbone.values()))
+
+
+def check_free_space(config, in_channels: int) -> int:
+    """Raise StudyError if a local storage path lacks room for the checkpoints; returns the estimate."""
+    needed = checkpoint_bytes(config, in_channels)
+    if is_remote(config.storage_path):
+        return needed
+    root = Path(config.storage_path)
+    while not root.exists():
+        root = root.parent
+    free = shutil.disk_usage(root).free
+    if free < needed * HEADROOM:
+        raise StudyError(f"--storage-path {config.storage_path}: the study's checkpoints need about "
+                         f"{needed / 2**30:.1f} GiB ({needed * HEADROOM / 2**30:.1f} GiB with headroom) and "
+                         f"{free / 2**30:.1f} GiB are free; free space, use fewer --num-samples, or store to "
+                         "object storage (s3:// gs://)")
+    return needed
