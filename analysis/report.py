@@ -162,6 +162,10 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
             external_rows.append({"backbone": backbone, "task": task, "cohort": ext.path.name, "patients": len(cohort),
                                   **external_metrics(cohort.time, cohort.event, pred["dpi"], pred["surv_365"],
                                                      pred["curves"], times)})
+            predictions = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
+                                        "dpi": pred["dpi"], "surv_365": pred["surv_365"],
+                                        **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(times)}})
+            predictions.to_csv(out / f"external_{cell}_{ext.path.stem}.csv", index=False)
             ext_frame = pd.concat([pd.DataFrame({"time": cohort.time, "event": cohort.event, "dpi": pred["dpi"]}),
                                    cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)
             value_rows.append({"backbone": backbone, "task": task, "cohort": ext.path.name,

@@ -141,3 +141,22 @@ def test_unknown_study_and_no_finished_trials(tmp_path, capsys):
     with pytest.raises(ReportError, match="has no finished trial"):
         read_study("empty", uri)
     assert main(["--study", "empty", "--tracking-uri", uri]) == 2
+
+
+def test_external_validation_matches_scikit_survival(reported, small_store):
+    """The external table recomputed from the written per-patient predictions with scikit-survival."""
+    from sksurv.metrics import brier_score as sk_brier
+    from sksurv.metrics import concordance_index_censored
+    from sksurv.util import Surv
+
+    _, _, index = reported
+    table = pd.read_csv(index.parent / "external_validation.csv")
+    assert len(table) == 2  # two cells, one external cohort
+    for _, row in table.iterrows():
+        pred = pd.read_csv(index.parent / f"external_{row['backbone']}__{row['task']}_{small_store.stem}.csv")
+        assert len(pred) == row["patients"] and pred["patient_id"].is_unique
+        c = concordance_index_censored(pred["event"].astype(bool), pred["time"], pred["dpi"])[0]
+        assert row["C-index [95% CI]"].startswith(f"{c:.3f}"), (row["C-index [95% CI]"], c)
+        survival = Surv.from_arrays(pred["event"].astype(bool), pred["time"])
+        _, brier = sk_brier(survival, survival, pred["surv_365"].to_numpy()[:, None], [365.0])
+        assert row["Brier (365 d)"] == pytest.approx(brier[0], abs=1e-4)

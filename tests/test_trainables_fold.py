@@ -125,3 +125,48 @@ def test_folds_on_parallel_devices_equal_sequential_folds(small_store, tmp_path)
             cv.step()
         results.append(cv.predictions().sort_values("patient_id").reset_index(drop=True))
     pd.testing.assert_frame_equal(results[0], results[1])
+
+
+def test_batch_augmentation_is_seeded_shape_preserving_and_identity_at_zero():
+    import torch
+
+    from trainables.batches import BatchAugmentation
+
+    images = torch.randn(16, 2, 12, 10, 8)
+    assert BatchAugmentation(0.0)(images, torch.Generator().manual_seed(0)) is images
+    first = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(3))
+    again = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(3))
+    other = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(4))
+    assert first.shape == images.shape and first.dtype == images.dtype
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    changed = [not torch.allclose(first[i], images[i]) for i in range(16)]
+    assert 4 <= sum(changed) <= 16
+
+
+def test_batch_augmentation_flips_left_right_only_and_identity_affine_is_exact():
+    import torch
+
+    from trainables.batches import BatchAugmentation, _rotation
+
+    assert torch.allclose(_rotation(torch.zeros(2, 3)), torch.eye(3).expand(2, 3, 3))
+    images = torch.randn(64, 1, 6, 5, 4)
+    # Strength tiny: affine/intensity/noise nearly identity, flips still happen with p 0.5.
+    out = BatchAugmentation(1e-6)(images, torch.Generator().manual_seed(1))
+    flipped = [torch.allclose(out[i], images[i].flip(1), atol=1e-4) for i in range(64)]
+    kept = [torch.allclose(out[i], images[i], atol=1e-4) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 20 <= sum(flipped) <= 44
+
+
+def test_in_memory_batches_equal_the_store(small_store):
+    import torch
+
+    from trainables.batches import InMemoryBatches
+
+    data = _fold_data(small_store, k=2)
+    batches = InMemoryBatches(data.volumes, data.volume_rows, torch.device("cpu"))
+    positions = data.train[:3]
+    expected = np.stack([data.store.image(int(s)) for s in data.slots[positions]]).astype(np.float32)
+    assert np.array_equal(batches.images(positions).numpy(), expected)
+    order = InMemoryBatches.order(10, 4, torch.Generator().manual_seed(0), drop_last=True)
+    assert [len(o) for o in order] == [4, 4] and len(set(np.concatenate(order))) == 8

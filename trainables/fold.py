@@ -31,6 +31,7 @@ from datasets.errors import StudyError
 from datasets.store import CohortStore
 from datasets.torch_data import CohortDataset, training_augmentation
 from trainables.backbones import build_backbone
+from trainables.batches import BatchAugmentation, InMemoryBatches
 from trainables.config import TrainConfig
 from trainables.heads import build_head
 
@@ -161,6 +162,8 @@ class FoldTrainer:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.fit, self.select = self._selection_split()
+        self.memory = InMemoryBatches(data.volumes, data.volume_rows, self.device) if data.volumes is not None else None
+        self.augment = BatchAugmentation(config.augmentation)
         self.epoch = 0
         self.history: list[dict] = []
         self.best_cindex = -math.inf
@@ -249,24 +252,38 @@ class FoldTrainer:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         return images
 
+    def _training_batches(self, seed: int):
+        """(images on the device, time, event, label) of one shuffled, augmented epoch."""
+        config = self.config
+        generator = torch.Generator().manual_seed(seed)
+        batch = min(config.batch_size, len(self.fit))
+        drop_last = len(self.fit) > batch
+        if self.memory is not None:  # in-memory volumes: gather + augment whole batches on the device
+            augment_generator = torch.Generator(device=self.device).manual_seed(seed)
+            for order in InMemoryBatches.order(len(self.fit), batch, generator, drop_last):
+                positions = self.fit[order]
+                images = self.augment(self.memory.images(positions), augment_generator)
+                yield (self._to_device(images), *(torch.as_tensor(a[positions], dtype=torch.float32, device=self.device)
+                                                  for a in (self.data.time, self.data.event, self.data.label)))
+            return
+        dataset = self.data.dataset(self.fit, training_augmentation(config.augmentation, seed=seed))
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator, drop_last=drop_last,
+                            num_workers=config.num_workers, persistent_workers=False,
+                            pin_memory=self.device.type == "cuda")
+        for items in loader:
+            yield (self._to_device(items["image"]), items["time"].to(self.device), items["event"].to(self.device),
+                   items["label"].to(self.device))
+
     def _train_epoch(self) -> float:
         config, seed = self.config, self._seed(self.epoch)
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        dataset = self.data.dataset(self.fit, training_augmentation(config.augmentation, seed=seed))
-        batch = min(config.batch_size, len(dataset))
-        loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator,
-                            drop_last=len(dataset) > batch, num_workers=config.num_workers,
-                            persistent_workers=False, pin_memory=self.device.type == "cuda")
         self.model.train()
         self.head.reset()
         losses = []
-        for items in loader:
-            images = self._to_device(items["image"])
+        for images, time, event, label in self._training_batches(seed):
             with self._autocast():
                 outputs = self.model(images)
-            loss = self.head.loss(outputs.float(), items["time"].to(self.device), items["event"].to(self.device),
-                                  items["label"].to(self.device))
+            loss = self.head.loss(outputs.float(), time, event, label)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"fold {self.data.fold}, epoch {self.epoch}: the loss became {loss.item()} "
@@ -284,12 +301,17 @@ class FoldTrainer:
     def predict(self, positions: np.ndarray) -> np.ndarray:
         """Network outputs [len(positions), out_features] (float64) without augmentation."""
         self.model.eval()
-        loader = DataLoader(self.data.dataset(positions), batch_size=max(2, self.config.batch_size),
-                            shuffle=False, num_workers=self.config.num_workers)
+        size = max(2, self.config.batch_size)
+        if self.memory is not None:
+            batches = (self.memory.images(positions[i:i + size]) for i in range(0, len(positions), size))
+        else:
+            loader = DataLoader(self.data.dataset(positions), batch_size=size, shuffle=False,
+                                num_workers=self.config.num_workers)
+            batches = (items["image"] for items in loader)
         chunks = []
-        for items in loader:
+        for images in batches:
             with self._autocast():
-                chunks.append(self.model(self._to_device(items["image"])).float().cpu())
+                chunks.append(self.model(self._to_device(images)).float().cpu())
         return torch.cat(chunks).double().numpy()
 
     def _cindex(self, outputs: np.ndarray, positions: np.ndarray) -> float:
