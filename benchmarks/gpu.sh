@@ -15,7 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,utilization.gpu --format=csv || true
 # The demo cohort for the study below is built on the CPUs while the GPU benchmark runs.
 python -c "from study.demo import demo_store; demo_store(workers=6)" > "$out/demo_build.log" 2>&1 &
 demo_build=$!
-timeout 330 python -m benchmarks.compute --device cuda --batch 64 --steps 5 --warmup 2 \
-    --modes fp32 bf16 bf16_cl bf16_cl_compile --budget-s 280 --out "$out/gpu_compute.md" || true
+timeout 220 python -m benchmarks.compute --device cuda --batch 64 --steps 5 --warmup 2 \
+    --modes fp32 bf16 bf16_cl bf16_cl_compile --budget-s 180 --out "$out/gpu_compute.md" || true
+timeout 100 python -m benchmarks.loader --n 12 --workers 8 --device cuda --out "$out/gpu_loader.md" || true
 wait "$demo_build" || true
 timeout 150 python -m benchmarks.gpu_study --gpus-per-trial 0.25 --trials 4 --timeout 140 --out "$out/gpu_study.md"

@@ -24,6 +24,7 @@ from datasets.preprocess import PreprocessConfig, preprocess_patient
 from datasets.sequences import SequenceMatcher
 from datasets.synthetic import SyntheticConfig, generate
 from datasets.torch_data import CohortDataset, training_augmentation
+from trainables.batches import BatchAugmentation, InMemoryBatches
 
 
 class NiftiEveryEpoch(Dataset):
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="device of the batched augmentation (d)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/glioma-bench-loader"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loader.md")
     args = parser.parse_args(argv)
@@ -82,7 +84,20 @@ def main(argv=None) -> int:
     augmented = _rate(DataLoader(CohortDataset(store, slots, zeros, zeros, volumes=volumes,
                                                transform=training_augmentation(1.0, seed=0)),
                                  batch_size=4, num_workers=args.workers), n, 1)
-    rows.append(("(c') in-memory cache + MONAI CPU augmentation", augmented))
+    rows.append(("(c') in-memory cache + MONAI CPU augmentation (per item, DataLoader)", augmented))
+    device = torch.device(args.device)
+    batches = InMemoryBatches(volumes, None, device)
+    augment = BatchAugmentation(1.0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    start, seen = time.perf_counter(), 0
+    for _ in range(3):
+        for order in InMemoryBatches.order(n, 4, torch.Generator().manual_seed(0), drop_last=False):
+            augment(batches.images(order), generator)
+            seen += len(order)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rows.append((f"(d) in-memory cache + batched augmentation on {device.type} (the training path)",
+                 seen / (time.perf_counter() - start)))
     lines = ["# Loader throughput: volumes/s into batches of 4 at 4 x 120 x 120 x 78", "",
              describe(), f"- {n} synthetic patients (2 mm source voxels), DataLoader workers {args.workers}", "",
              "| pipeline | volumes/s | x (a) |", "|---|---:|---:|"]
