@@ -19,7 +19,7 @@ from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 10
+EPOCHS = 6
 SPACE = f"""
 name: faults
 summary: for fault tests (no pruning, {EPOCHS} epochs)

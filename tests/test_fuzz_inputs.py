@@ -27,7 +27,7 @@ from datasets.errors import ClinicalTableError, StoreError
 from datasets.preprocess import PreprocessConfig
 from datasets.synthetic import SyntheticConfig, generate
 
-FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 # -- clinical tables ------------------------------------------------------------------------

@@ -126,6 +126,8 @@ def test_resume_after_killing_the_driver(small_store, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     keys = [r.data.tags["trial_key"] for r in after]
     assert len(keys) == len(set(keys)) == 4, "no duplicate trial runs"
+    configs = [tuple(sorted(r.data.params.items())) for r in after]
+    assert len(set(configs)) == len(configs), "the resumed search repeats no configuration"
     for run in after:
         if run.info.run_id in first_cell:
             assert run.info.end_time == first_cell[run.info.run_id], "finished trials are not rerun"
