@@ -84,7 +84,11 @@ def main(argv=None) -> int:
     augmented = _rate(DataLoader(CohortDataset(store, slots, zeros, zeros, volumes=volumes,
                                                transform=training_augmentation(1.0, seed=0)),
                                  batch_size=4, num_workers=args.workers), n, 1)
-    rows.append(("(c') in-memory cache + MONAI CPU augmentation (per item, DataLoader)", augmented))
+    rows.append((f"(c') in-memory cache + MONAI CPU augmentation (per item, {args.workers} DataLoader workers)", augmented))
+    in_process = _rate(DataLoader(CohortDataset(store, slots, zeros, zeros, volumes=volumes,
+                                                transform=training_augmentation(1.0, seed=0)),
+                                  batch_size=4, num_workers=0), n, 1)
+    rows.append(("(c'') the same in the training process (num_workers 0, as in a trial)", in_process))
     device = torch.device(args.device)
     batches = InMemoryBatches(volumes, None, device)
     augment = BatchAugmentation(1.0)

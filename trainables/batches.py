@@ -47,21 +47,22 @@ class BatchAugmentation:
         affine = uniform(batch) < 0.5 * min(1.0, s)
         angles = uniform(batch, 3, low=-0.12 * s, high=0.12 * s)
         scales = uniform(batch, 3, low=1 - 0.08 * s, high=1 + 0.08 * s)
-        if bool(affine.any()):
-            matrix = _rotation(angles) * scales.view(-1, 1, 3)
-            identity = torch.eye(3, device=device).expand(batch, 3, 3)
-            matrix = torch.where(affine.view(-1, 1, 1), matrix, identity)
-            theta = torch.cat([matrix, torch.zeros(batch, 3, 1, device=device)], dim=2).to(images.dtype)
-            grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-            images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        chosen = affine.nonzero().squeeze(1)
+        if chosen.numel():  # resample only the chosen volumes: the costly step on a CPU
+            matrix = _rotation(angles[chosen]) * scales[chosen].view(-1, 1, 3)
+            theta = torch.cat([matrix, torch.zeros(len(chosen), 3, 1, device=device)], dim=2).to(images.dtype)
+            grid = F.affine_grid(theta, [len(chosen), *images.shape[1:]], align_corners=False)
+            images = images.clone()
+            images[chosen] = F.grid_sample(images[chosen], grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)
         scale = torch.where(uniform(batch) < 0.5, uniform(batch, low=1 - 0.1 * s, high=1 + 0.1 * s),
                             torch.ones(batch, device=device))
         images = images * scale.view(-1, 1, 1, 1, 1).to(images.dtype)
-        noisy = uniform(batch) < 0.3
-        if bool(noisy.any()):
-            std = torch.where(noisy, uniform(batch, high=0.05 * s), torch.zeros(batch, device=device))
-            noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
-            images = images + noise * std.view(-1, 1, 1, 1, 1).to(images.dtype)
+        noisy = (uniform(batch) < 0.3).nonzero().squeeze(1)
+        std = uniform(batch, high=0.05 * s)
+        if noisy.numel():
+            noise = torch.randn((len(noisy), *images.shape[1:]), generator=generator, device=device, dtype=images.dtype)
+            images[noisy] += noise * std[noisy].view(-1, 1, 1, 1, 1).to(images.dtype)
         return images
 
 
