@@ -78,7 +78,7 @@ def test_map_peaks_in_the_tumour_for_a_model_trained_to_see_it(learnable_store):
     train, val = np.sort(order[:110]), np.sort(order[110:])
     data = FoldData(store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, label, train, val, 0, volumes)
     trainer = FoldTrainer(data, TrainConfig(backbone="resnet50_cbam", width=0.25, depth=0.2, head="binary", lr=2e-3,
-                                            batch_size=16, epochs=10, warmup_epochs=1, augmentation=0.3,
+                                            batch_size=16, epochs=14, warmup_epochs=1, augmentation=0.3,
                                             weight_decay=1e-4))
     while not trainer.finished:
         trainer.step()

@@ -17,7 +17,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_faults import EPOCHS, TrackingServer, free_port, study_command, trial_runs, wait_for
+from tests.test_faults import (
+    EPOCHS,
+    TrackingServer,
+    assert_resumed_not_restarted,
+    free_port,
+    reported_epochs,
+    study_command,
+    trial_runs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,9 +111,10 @@ class LocalCluster:
             pointer.unlink()
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    cluster = LocalCluster(tmp_path)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One cluster for the module (starting one costs ~20 s); the node-loss test, last, kills node_b."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
         cluster.start()
         yield cluster
@@ -167,4 +177,5 @@ def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, 
     client = MlflowClient(server.uri)
     for run in runs:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex"))
-        assert steps == list(range(1, EPOCHS + 1)), "the moved trial resumed from its checkpoint"
+        assert steps == list(range(1, EPOCHS + 1)), "every epoch logged once"
+        assert_resumed_not_restarted(reported_epochs(tmp_path / "rr" / "node_loss", run.data.tags["trial_id"]))

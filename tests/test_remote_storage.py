@@ -77,7 +77,8 @@ def test_study_and_report_with_store_and_storage_on_s3(s3, small_store, tmp_path
     assert sum(k.endswith("fold0.pt") for k in keys) >= 2, "both trials' checkpoints on S3"
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("remote").experiment_id])
-    assert sorted(r.info.status for r in runs if r.data.tags.get("study_role") == "trial") == ["FINISHED"] * 2
+    statuses = [r.info.status for r in runs if r.data.tags.get("study_role") == "trial"]
+    assert len(statuses) == 2 and "FINISHED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}  # ASHA may prune
 
     # Resuming finds the Tune state on S3; the report downloads the trials' checkpoints from it.
     again = subprocess.run(command + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -304,6 +304,7 @@ class MlflowTrialCallback(tune.Callback):
         self.tracker, self.backbone, self.task, self.max_epochs = tracker, backbone, task, max_epochs
         self.cell = f"{backbone}__{task}"
         self._nodes: dict[str, str] = {}  # trial key -> Ray node id last reported
+        self._logged_epoch: dict[str, int] = {}  # trial key -> last epoch logged
 
     def _key(self, trial) -> str:
         key = f"{self.cell}/{trial.trial_id}"
@@ -319,7 +320,11 @@ class MlflowTrialCallback(tune.Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         per_epoch = {k: result.get(k) for k in EPOCH_METRICS}
         per_epoch.update({k: v for k, v in result.items() if k.startswith("fold") and k.endswith("_cindex")})
-        self.tracker.log_metrics(key, per_epoch, step=epoch)
+        # A trial restarted from its checkpoint may repeat the epoch whose result reached the driver
+        # just before its worker died (Tune reports at least once): log each epoch once.
+        if epoch > self._logged_epoch.get(key, 0):
+            self.tracker.log_metrics(key, per_epoch, step=epoch)
+            self._logged_epoch[key] = max(epoch, self._logged_epoch.get(key, 0))
         if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
