@@ -146,4 +146,4 @@ def resolve(args) -> StudyConfig:
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
-        share_volumes=getattr(args, "share_volumes", True), pruning=getattr(args, "pruning", True))
+        share_volumes=args.share_volumes, pruning=args.pruning)

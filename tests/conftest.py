@@ -46,12 +46,30 @@ def export_copy(small_export, tmp_path) -> Path:
     return out
 
 
+def synthetic_store(root: Path, name: str, synthetic: SyntheticConfig, preprocess: PreprocessConfig,
+                    workers: int = 1) -> Path:
+    """A synthetic site export under `root` converted to the store `root/name`."""
+    generate(root / "export", synthetic)
+    out = root / name
+    convert(root / "export" / "images", root / "export" / "clinical.csv", out, preprocess, workers=workers,
+            progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def learnable_store(tmp_path_factory) -> Path:
     """150 synthetic patients (imaging effect 1) at 32x32x24: enough to learn the imaging signal."""
-    root = tmp_path_factory.mktemp("learnable")
-    generate(root / "export", SyntheticConfig(n=150, voxel_size=6.0, seed=0))
-    out = root / "learnable.zarr"
-    convert(root / "export" / "images", root / "export" / "clinical.csv", out,
-            PreprocessConfig(shape=(32, 32, 24), spacing=4.0), workers=2, progress=False)
-    return out
+    return synthetic_store(tmp_path_factory.mktemp("learnable"), "learnable.zarr",
+                           SyntheticConfig(n=150, voxel_size=6.0, seed=0), PreprocessConfig(shape=(32, 32, 24), spacing=4.0),
+                           workers=2)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A real MLflow tracking server on loopback (`tests.services.TrackingServer`), stopped after."""
+    from tests.services import TrackingServer
+
+    server = TrackingServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()

@@ -17,16 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_faults import (
-    EPOCHS,
-    TrackingServer,
-    assert_resumed_not_restarted,
-    free_port,
-    reported_epochs,
-    study_command,
-    trial_runs,
-    wait_for,
-)
+from tests.services import free_port, running_study, wait_for
+from tests.test_faults import EPOCHS, assert_resumed_not_restarted, reported_epochs, study_command, trial_runs
 
 pytestmark = pytest.mark.slow
 
@@ -124,14 +116,6 @@ def cluster(tmp_path_factory):
             "the cluster is stopped afterwards"
 
 
-@pytest.fixture
-def server(tmp_path):
-    server = TrackingServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
 def test_study_on_a_two_node_cluster_uses_both_nodes(cluster, server, small_store, tmp_path):
     nodes = cluster.node_ids()
     assert set(nodes) == {"node_a", "node_b"}
@@ -156,9 +140,7 @@ def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, 
     command = study_command(small_store, tmp_path, "node_loss", server.uri) + ["--address", cluster.address]
     command[command.index("--max-concurrent") + 1] = "2"
     log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
-    try:
+    with running_study(command, log, env=cluster.env) as driver:
         deadline = time.monotonic() + 300
         while not any(c.name == "checkpoint_000002" for c in (tmp_path / "rr").glob("node_loss/*/cv_trainable_*/checkpoint_*")):
             assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -166,9 +148,6 @@ def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, 
         cluster.kill_node("node_b")
         wait_for(log, driver, "lost its worker", timeout=240)
         assert driver.wait(timeout=500) == 0, log.read_text()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     runs = trial_runs(server.uri, "node_loss")
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     moved = [r for r in runs if r.data.tags.get("restarts") == "1"]

@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
+from tests.services import running_study, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -89,10 +90,7 @@ def undisturbed(small_store, tmp_path_factory):
 def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_path, undisturbed):
     uri = f"sqlite:///{tmp_path}/m.db"
     log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(study_command(small_store, tmp_path, "kill", uri), cwd=PROJECT_ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
+    with running_study(study_command(small_store, tmp_path, "kill", uri), log) as driver:
         deadline, killed = time.monotonic() + 300, None
         while time.monotonic() < deadline and driver.poll() is None and killed is None:
             # Kill once the first trial has checkpointed epoch 3 and is inside a later epoch.
@@ -106,9 +104,6 @@ def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_pat
             time.sleep(0.02)
         assert killed, log.read_text()
         assert driver.wait(timeout=400) == 0, log.read_text()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     text = log.read_text()
     assert "lost its worker" in text and "restarting from its last checkpoint" in text, text
 
@@ -131,59 +126,6 @@ def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_pat
 
 
 # -- the tracking server goes down mid-study ----------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TrackingServer:
-    """`python -m study.tracking serve` (a real mlflow server on loopback) that the test can kill
-    and start again on the same port."""
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.process = root, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import requests
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "study.tracking", "serve", "--root", str(self.root / "server"),
-             "--port", str(self.port), "--workers", "1"], cwd=PROJECT_ROOT,
-            stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.uri}/health", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.3)
-        raise RuntimeError((self.root / "server.log").read_text()[-3000:])
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-
-@pytest.fixture
-def server(tmp_path):
-    server = TrackingServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-def wait_for(log: Path, driver: subprocess.Popen, text: str, count: int = 1, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while log.read_text().count(text) < count:
-        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-
 
 def assert_everything_tracked(uri: str, name: str, trials: int) -> None:
     runs = trial_runs(uri, name)
@@ -216,17 +158,12 @@ def test_tracking_server_down_mid_study_then_back(small_store, tmp_path, server)
     assert listening_addresses(server.process) == {"127.0.0.1"}, "the tracking server binds loopback only"
     command = study_command(small_store, tmp_path, "outage", server.uri) + ["--num-samples", "3"]
     log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running_study(command, log) as driver:
         wait_for(log, driver, "finished, CV C-index", 1)
         server.kill()
         wait_for(log, driver, "finished, CV C-index", 2)  # a whole trial runs while the server is down
         server.start()
         assert driver.wait(timeout=400) == 0, log.read_text()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     text = log.read_text()
     assert "unreachable" in text and "is back" in text, text
     assert_everything_tracked(server.uri, "outage", 3)
@@ -236,16 +173,10 @@ def test_tracking_server_down_mid_study_then_back(small_store, tmp_path, server)
 def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, tmp_path, server):
     command = study_command(small_store, tmp_path, "outage2", server.uri)
     log = tmp_path / "driver.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "STUDY_TRACKING_CATCH_UP_S": "2"})
-    try:
+    with running_study(command, log, env={**os.environ, "STUDY_TRACKING_CATCH_UP_S": "2"}) as driver:
         wait_for(log, driver, "finished, CV C-index", 1)
         server.kill()
         assert driver.wait(timeout=400) == 3, log.read_text()
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     text = log.read_text()
     journal = tmp_path / "rr" / "outage2" / "tracking_journal.jsonl"
     assert f"records wait in {journal}" in text and "--resume" in text, text

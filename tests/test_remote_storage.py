@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import PROJECT_ROOT
-from tests.test_faults import free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 

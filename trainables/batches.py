@@ -76,7 +76,7 @@ class InMemoryBatches:
     rows
         Row of `volumes` for each fold position (None: position = row).
     device
-        The training device; on CUDA the gathered batch is copied from pinned memory.
+        The training device.
     """
 
     def __init__(self, volumes: np.ndarray, rows: np.ndarray | None, device: torch.device):
@@ -85,9 +85,8 @@ class InMemoryBatches:
     def images(self, positions: np.ndarray) -> torch.Tensor:
         rows = positions if self.rows is None else self.rows[positions]
         batch = torch.from_numpy(np.ascontiguousarray(self.volumes[rows]))  # one gather, a new array
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.float()
+        # float16 crosses to the device (half the bytes); pinning this fresh array would copy it again.
+        return batch.to(self.device).float()
 
     @staticmethod
     def order(count: int, batch_size: int, generator: torch.Generator, drop_last: bool) -> list[np.ndarray]:
