@@ -67,6 +67,18 @@ def test_no_event_and_single_sample_give_finite_zero_with_gradient():
     assert cox_nll(single, torch.ones(1), torch.ones(1)).item() == 0.0
 
 
+@pytest.mark.parametrize("ties", ["efron", "breslow"])
+def test_large_spread_of_log_hazards_stays_finite_in_float32(ties):
+    """A spread over ~100 used to underflow exp() and give log(0) = -inf for the last at risk."""
+    log_hz = torch.tensor([0.0, -200.0, -150.0, -150.0], requires_grad=True)
+    time, event = torch.tensor([1.0, 2.0, 3.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    loss = cox_nll(log_hz, event, time, ties=ties, reduction="sum")
+    exact = _brute_force(log_hz.detach().double().numpy(), event.numpy(), time.numpy(), ties)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(exact, abs=1e-5)
+    loss.backward()
+    assert torch.isfinite(log_hz.grad).all()
+
+
 @st.composite
 def survival_batches(draw):
     """Batches that always contain at least one event (as torchsurv's strategies do)."""

@@ -51,16 +51,17 @@ def cox_nll(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties:
         event = torch.cat([event[:n_loss], torch.zeros_like(event[n_loss:])])
     if event.sum() == 0:
         return log_hz.sum() * 0.0
-    shift = log_hz.detach().max()
-    hz = torch.exp(log_hz - shift)
     event_times = torch.unique(time[event == 1])  # [k]
-    at_risk = (time[None, :] >= event_times[:, None]).to(hz.dtype)  # [k, n]
-    tied_event = ((time[None, :] == event_times[:, None]) & (event[None, :] == 1)).to(hz.dtype)
-    risk_sum = at_risk @ hz  # [k]
-    tie_sum = tied_event @ hz  # [k]
-    d = tied_event.sum(dim=1)  # events per time [k]
+    at_risk = time[None, :] >= event_times[:, None]  # [k, n]
+    tied_event = (time[None, :] == event_times[:, None]) & (event[None, :] == 1)
+    # Denominators in log space: with a spread of log hazards over ~100 (float32), exp() of the
+    # lowest underflows to 0 and a last-at-risk event would give log(0); logsumexp cannot.
+    minus_inf = torch.tensor(-torch.inf, dtype=log_hz.dtype, device=log_hz.device)
+    log_risk_sum = torch.logsumexp(torch.where(at_risk, log_hz[None, :], minus_inf), dim=1)  # [k]
+    log_tie_sum = torch.logsumexp(torch.where(tied_event, log_hz[None, :], minus_inf), dim=1)  # [k]
+    d = tied_event.sum(dim=1).to(log_hz.dtype)  # events per time [k]
     # Each event's rank l (0..d-1) within its tie group, for Efron's correction.
-    group = torch.argmax(tied_event, dim=0)  # group of each sample (valid for events)
+    group = torch.argmax(tied_event.to(torch.uint8), dim=0)  # group of each sample (valid for events)
     events_idx = torch.nonzero(event == 1).reshape(-1)
     g = group[events_idx]
     order = torch.argsort(g, stable=True)
@@ -68,11 +69,12 @@ def cox_nll(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor, ties:
     first = torch.searchsorted(sorted_g, sorted_g)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order), device=order.device) - first
+    log_denominator = log_risk_sum[g]
     if ties == "efron":
-        denominator = risk_sum[g] - rank.to(hz.dtype) / d[g] * tie_sum[g]
-    else:
-        denominator = risk_sum[g]
-    loglik = (log_hz[events_idx] - shift) - torch.log(denominator)
+        # log(R - (l/d) T) = log R + log1p(-(l/d) T/R); T <= R and l/d < 1 keep the argument > 0.
+        ratio = torch.exp(log_tie_sum[g] - log_risk_sum[g])
+        log_denominator = log_denominator + torch.log1p(-rank.to(log_hz.dtype) / d[g] * ratio)
+    loglik = log_hz[events_idx] - log_denominator
     total = -loglik.sum()
     return total / len(events_idx) if reduction == "mean" else total
 
