@@ -84,9 +84,9 @@ def write_results(path: Path, table: pd.DataFrame, protocol: Protocol, planned: 
              "", "| imaging effect | seeds | LR test p < 0.01 | p < 0.05 | median p | median HR/SD | "
              "median CV C-index | DPI vs true imaging LP (median r) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for effect, part in table.groupby("imaging_effect", sort=False):
+        r = f"{part.dpi_vs_true_imaging_lp_r.median():.2f}" if effect > 0 else "n/a"
         lines.append(f"| {effect:g} | {len(part)} | {(part.lr_p < 0.01).mean():.0%} | {(part.lr_p < 0.05).mean():.0%} | "
-                     f"{part.lr_p.median():.3g} | {part.hr_per_sd.median():.2f} | {part.cv_cindex.median():.3f} | "
-                     f"{part.dpi_vs_true_imaging_lp_r.median():.2f} |")
+                     f"{part.lr_p.median():.3g} | {part.hr_per_sd.median():.2f} | {part.cv_cindex.median():.3f} | {r} |")
     null = table[table.imaging_effect == 0.0]
     if len(null):
         lines += ["", f"False-positive rate at 0.05 with imaging effect 0: {(null.lr_p < 0.05).mean():.0%} "
