@@ -62,6 +62,12 @@ def software_version() -> str:
         return "glioma-survival-study (not installed)"
 
 
+# The manifest (every patient's record) is rewritten at most this often during a conversion: once
+# per patient would rewrite megabytes a thousand times. A kill loses at most this much bookkeeping,
+# never data (the rerun redoes patients whose record is not "ok").
+MANIFEST_FLUSH_S = float(os.environ.get("GLIOMA_CONVERT_MANIFEST_FLUSH_S", "2.0"))
+
+
 @dataclass(frozen=True)
 class PatientTask:
     """Everything a worker needs to convert one patient (plain data: picklable)."""
@@ -276,7 +282,7 @@ def convert(
             else:
                 summary.excluded[task.patient_id] = record["reason"]
             bar.update()
-            if time.monotonic() - last_flush > 2.0:
+            if time.monotonic() - last_flush > MANIFEST_FLUSH_S:
                 write_json_atomic(out / MANIFEST, manifest)
                 last_flush = time.monotonic()
     finally:

@@ -165,11 +165,14 @@ def test_conversion_killed_midway_resumes_to_the_same_store(small_export, tmp_pa
     command = [sys.executable, "-m", "datasets.convert", "--images", str(small_export / "images"),
                "--clinical", str(small_export / "clinical.csv"), "--out", str(out), "--shape", "32x32x24",
                "--spacing", "2", "--workers", "1", "--no-progress"]
+    # A patient takes about 0.1 s here, less than the manifest's usual flush interval: flush after
+    # every patient and poll often, so that the kill lands mid-conversion on any machine.
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True,
+                               env={**os.environ, "GLIOMA_CONVERT_MANIFEST_FLUSH_S": "0"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while _count_ok(out) < 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = _count_ok(out)
