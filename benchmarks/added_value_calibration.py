@@ -27,9 +27,8 @@ import torch
 from analysis.added_value import added_value
 from benchmarks._machine import describe
 from datasets import Cohort
-from datasets.convert import convert
 from datasets.preprocess import PreprocessConfig
-from datasets.synthetic import SyntheticConfig, generate
+from datasets.synthetic import SyntheticConfig, build_store
 from trainables.config import TrainConfig
 from trainables.cross_validation import CohortArrays, CrossValidation
 
@@ -37,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class Protocol:
+class TrainingBudget:
     """CPU-sized training that learns the synthetic imaging signal (CV C-index about 0.67 at n = 600).
 
     With 120-240 patients the network memorises its ~140 training volumes and the out-of-fold DPI
-    hardly correlates with the true imaging predictor (r 0.0-0.2); 600 patients give r about 0.5.
+    hardly correlates with the true imaging predictor (r at most about 0.2); 600 patients give r about 0.5.
     """
 
     n: int = 600
@@ -54,33 +53,30 @@ class Protocol:
                            epochs=self.epochs, warmup_epochs=1, cox_memory=0, augmentation=0.5, seed=seed)
 
 
-def one_seed(seed: int, effect: float, work: Path, protocol: Protocol = Protocol()) -> dict:
+def one_seed(seed: int, effect: float, work: Path, budget: TrainingBudget = TrainingBudget()) -> dict:
     """Generate, convert, cross-validate and test one known-answer cohort; returns one result row."""
-    export = work / f"export-{effect:g}-{seed}"
-    generate(export, SyntheticConfig(n=protocol.n, voxel_size=6.0, imaging_effect=effect, seed=1000 + seed), workers=2)
-    store = work / f"store-{effect:g}-{seed}.zarr"
-    convert(export / "images", export / "clinical.csv", store, PreprocessConfig(shape=(32, 32, 24), spacing=4.0),
-            workers=2, progress=False)
+    store = build_store(work, SyntheticConfig(n=budget.n, voxel_size=6.0, imaging_effect=effect, seed=1000 + seed),
+                        PreprocessConfig(shape=(32, 32, 24), spacing=4.0), workers=2)
     cohort = Cohort(store)
-    cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(protocol.folds, seed),
-                         protocol.train_config(seed), work / f"cv-{effect:g}-{seed}")
+    cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(budget.folds, seed),
+                         budget.train_config(seed), work / "cv")
     while not cv.finished:
         cv.step()
     oof = cv.predictions().set_index("patient_id").loc[cohort.patient_ids]
     # Per-fold standardisation, as the report does.
     dpi = oof.groupby("fold")["risk"].transform(lambda r: (r - r.mean()) / (r.std(ddof=0) or 1.0))
     result = added_value(cohort.clinical.assign(dpi=dpi.to_numpy()), n_resamples=200)
-    truth = pd.read_csv(export / "truth.csv").set_index("patient_id").loc[cohort.patient_ids]
+    truth = pd.read_csv(work / "export" / "truth.csv").set_index("patient_id").loc[cohort.patient_ids]
     correlation = float(np.corrcoef(dpi, truth["lp_imaging"])[0, 1]) if effect > 0 else float("nan")
     cv_cindex = float(np.mean([t.result().best_cindex for t in cv.trainers]))
     return {"imaging_effect": effect, "seed": seed, "cv_cindex": cv_cindex, "lr_p": result.lr_p,
             "hr_per_sd": result.hr_per_sd, "dpi_vs_true_imaging_lp_r": correlation}
 
 
-def write_results(path: Path, table: pd.DataFrame, protocol: Protocol, planned: int, seconds: float) -> str:
+def write_results(path: Path, table: pd.DataFrame, budget: TrainingBudget, planned: int, seconds: float) -> str:
     lines = ["# Added prognostic value on known-answer cohorts", "", describe(),
-             f"- {protocol.n} patients per cohort; {protocol.folds}-fold CV, {protocol.backbone} width 0.25, "
-             f"{protocol.epochs} epochs; {len(table)} of {planned} seeds done in {seconds:.0f} s",
+             f"- {budget.n} patients per cohort; {budget.folds}-fold CV, {budget.backbone} width 0.25, "
+             f"{budget.epochs} epochs; {len(table)} of {planned} seeds done in {seconds:.0f} s",
              "", "| imaging effect | seeds | LR test p < 0.01 | p < 0.05 | median p | median HR/SD | "
              "median CV C-index | DPI vs true imaging LP (median r) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for effect, part in table.groupby("imaging_effect", sort=False):
@@ -101,21 +97,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=20, help="seeds with imaging effect 0")
     parser.add_argument("--positive-seeds", type=int, default=3, help="seeds with imaging effect 1 (run first)")
-    parser.add_argument("--n", type=int, default=Protocol.n, help="patients per cohort")
-    parser.add_argument("--epochs", type=int, default=Protocol.epochs, help="training epochs per fold")
+    parser.add_argument("--n", type=int, default=TrainingBudget.n, help="patients per cohort")
+    parser.add_argument("--epochs", type=int, default=TrainingBudget.epochs, help="training epochs per fold")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "added_value_calibration.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    protocol = Protocol(n=args.n, epochs=args.epochs)
+    budget = TrainingBudget(n=args.n, epochs=args.epochs)
     planned = args.seeds + args.positive_seeds
     start = time.perf_counter()
-    rows = []
+    rows, text = [], "no seeds to run"
     for effect, seeds in ((1.0, args.positive_seeds), (0.0, args.seeds)):
         for seed in range(seeds):
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(one_seed(seed, effect, Path(tmp), protocol))
+                rows.append(one_seed(seed, effect, Path(tmp), budget))
             print(rows[-1], flush=True)
-            text = write_results(args.out, pd.DataFrame(rows), protocol, planned, time.perf_counter() - start)
+            text = write_results(args.out, pd.DataFrame(rows), budget, planned, time.perf_counter() - start)
     print(text)
     return 0
 

@@ -297,6 +297,19 @@ def generate(out: str | Path, config: SyntheticConfig, workers: int = 1) -> Path
     return out / "clinical.csv"
 
 
+
+def build_store(root: str | Path, config: SyntheticConfig, preprocess, name: str = "cohort.zarr",
+                workers: int = 1) -> Path:
+    """Generate the site export under `root/export` and convert it with the real converter to the
+    store `root/name` (`preprocess`: a `PreprocessConfig`); returns the store path. The export's
+    `truth.csv` stays beside it for known-answer checks."""
+    from datasets.convert import convert  # the converter does not need the generator: import on use
+
+    export = generate(Path(root) / "export", config, workers=workers).parent
+    out = Path(root).expanduser().absolute() / name
+    convert(export / "images", export / "clinical.csv", out, preprocess, workers=workers, progress=False)
+    return out
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -9,7 +9,7 @@ import pytest
 
 from datasets.convert import convert
 from datasets.preprocess import PreprocessConfig
-from datasets.synthetic import SyntheticConfig, generate
+from datasets.synthetic import SyntheticConfig, build_store, generate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -46,22 +46,11 @@ def export_copy(small_export, tmp_path) -> Path:
     return out
 
 
-def synthetic_store(root: Path, name: str, synthetic: SyntheticConfig, preprocess: PreprocessConfig,
-                    workers: int = 1) -> Path:
-    """A synthetic site export under `root` converted to the store `root/name`."""
-    generate(root / "export", synthetic)
-    out = root / name
-    convert(root / "export" / "images", root / "export" / "clinical.csv", out, preprocess, workers=workers,
-            progress=False)
-    return out
-
-
 @pytest.fixture(scope="session")
 def learnable_store(tmp_path_factory) -> Path:
     """150 synthetic patients (imaging effect 1) at 32x32x24: enough to learn the imaging signal."""
-    return synthetic_store(tmp_path_factory.mktemp("learnable"), "learnable.zarr",
-                           SyntheticConfig(n=150, voxel_size=6.0, seed=0), PreprocessConfig(shape=(32, 32, 24), spacing=4.0),
-                           workers=2)
+    return build_store(tmp_path_factory.mktemp("learnable"), SyntheticConfig(n=150, voxel_size=6.0, seed=0),
+                       PreprocessConfig(shape=(32, 32, 24), spacing=4.0), name="learnable.zarr", workers=2)
 
 
 @pytest.fixture

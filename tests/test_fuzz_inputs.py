@@ -24,8 +24,7 @@ from datasets import CohortStore, verify_store
 from datasets.clinical import STORED_COLUMNS, read_clinical
 from datasets.errors import ClinicalTableError, StoreError
 from datasets.preprocess import PreprocessConfig
-from datasets.synthetic import SyntheticConfig
-from tests.conftest import synthetic_store
+from datasets.synthetic import SyntheticConfig, build_store
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
@@ -122,8 +121,8 @@ def test_malformed_clinical_tables_end_in_the_projects_error_or_a_recorded_exclu
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory) -> Path:
-    out = synthetic_store(tmp_path_factory.mktemp("fuzzstore"), "tiny.zarr", SyntheticConfig(n=3, voxel_size=8.0, seed=5),
-                          PreprocessConfig(shape=(16, 16, 12), spacing=8.0))
+    out = build_store(tmp_path_factory.mktemp("fuzzstore"), SyntheticConfig(n=3, voxel_size=8.0, seed=5),
+                      PreprocessConfig(shape=(16, 16, 12), spacing=8.0), name="tiny.zarr")
     assert verify_store(out) == []
     return out
 

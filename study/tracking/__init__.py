@@ -324,7 +324,7 @@ class MlflowTrialCallback(tune.Callback):
         # just before its worker died (Tune reports at least once): log each epoch once.
         if epoch > self._logged_epoch.get(key, 0):
             self.tracker.log_metrics(key, per_epoch, step=epoch)
-            self._logged_epoch[key] = max(epoch, self._logged_epoch.get(key, 0))
+            self._logged_epoch[key] = epoch
         if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
