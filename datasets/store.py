@@ -356,6 +356,25 @@ def _check_attributes(path: Path, attrs: dict) -> None:
                              "re-create the store with python -m datasets.convert)")
 
 
+def truncated_chunks(path: str | Path) -> list[str]:
+    """Chunk files shorter or longer than their blosc frame header says (bytes 12-15: the frame's
+    compressed size). LZ4 can decode a frame missing its last bytes without an error, so an
+    interrupted copy may read back cleanly; the header cannot be fooled."""
+    root = Path(path)
+    problems = []
+    blosc_arrays = [meta.parent for meta in sorted(root.glob("**/zarr.json"))
+                    if any(c.get("name") == "blosc" for c in json.loads(meta.read_text()).get("codecs", []))]
+    for chunk in (c for array in blosc_arrays for c in sorted((array / "c").rglob("*")) if c.is_file()):
+        size = chunk.stat().st_size
+        with open(chunk, "rb") as handle:
+            header = handle.read(16)
+        framed = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
+        if framed != size:
+            problems.append(f"chunk {chunk.relative_to(root)} is {size} bytes, its blosc frame says {framed}: "
+                            "truncated or altered (copy the store again)")
+    return problems
+
+
 def verify_store(path: str | Path) -> list[str]:
     """Re-read every array and every patient marked done, and check them against the manifest.
 
@@ -400,4 +419,6 @@ def verify_store(path: str | Path) -> list[str]:
             problems.append(f"patient {pid}: image has NaN/inf values")
         elif not mask.any():
             problems.append(f"patient {pid}: empty mask")
-    return problems
+    # Frames that still decode to the recorded data but are cut short: checked last, as a chunk
+    # that cannot be read at all is already named above.
+    return problems or truncated_chunks(store.path)
