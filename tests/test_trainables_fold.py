@@ -161,12 +161,39 @@ def test_batch_augmentation_flips_left_right_only_and_identity_affine_is_exact()
 def test_in_memory_batches_equal_the_store(small_store):
     import torch
 
-    from trainables.batches import InMemoryBatches
+    from trainables.batches import InMemoryBatches, VolumeCache
 
     data = _fold_data(small_store, k=2)
-    batches = InMemoryBatches(data.volumes, data.volume_rows, torch.device("cpu"))
+    data.volumes.flags.writeable = False  # as the node's shared copy from Ray's object store
+    cache = VolumeCache(data.volumes, "cpu")
+    assert not cache.on_device  # the CPU reads the host array in place
+    batches = InMemoryBatches(cache, data.volume_rows)
     positions = data.train[:3]
     expected = np.stack([data.store.image(int(s)) for s in data.slots[positions]]).astype(np.float32)
-    assert np.array_equal(batches.images(positions).numpy(), expected)
+    first = batches.images(positions)
+    assert first.dtype == torch.float32 and np.array_equal(first.numpy(), expected)
+    batches.images(data.train[3:6])
+    assert np.array_equal(first.numpy(), expected), "a later gather overwrote an earlier batch"
+    rows = np.arange(len(data.slots))[::-1].copy()  # a cohort that is a reordered subset of the cache
+    reordered = InMemoryBatches(cache, rows)
+    assert np.array_equal(reordered.images(np.array([0, 1])).numpy(), data.volumes[rows[:2]].astype(np.float32))
     order = InMemoryBatches.order(10, 4, torch.Generator().manual_seed(0), drop_last=True)
     assert [len(o) for o in order] == [4, 4] and len(set(np.concatenate(order))) == 8
+
+
+def test_volume_cache_rejects_an_unknown_placement():
+    from trainables.batches import VolumeCache
+
+    with pytest.raises(ValueError, match="placement must be one of"):
+        VolumeCache(np.zeros((2, 1, 2, 2, 2), np.float16), "cpu", "gpu")
+    with pytest.raises(InputError, match="volume_placement must be one of"):
+        TrainConfig(volume_placement="gpu")
+
+
+def test_folds_on_one_device_share_one_volume_cache(small_store, tmp_path):
+    from trainables.cross_validation import CohortArrays, CrossValidation
+
+    cohort = Cohort(small_store, CohortSpec())
+    cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(3, seed=0),
+                         TrainConfig(epochs=1, **TINY), tmp_path)
+    assert len({id(t.memory.cache) for t in cv.trainers}) == 1

@@ -8,6 +8,7 @@ from typing import Any
 
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES
+from trainables.batches import PLACEMENTS
 from trainables.heads import HEADS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -49,6 +50,10 @@ class TrainConfig:
         DataLoader worker processes (0: in the training process).
     device
         ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    volume_placement
+        Where a GPU reads in-memory volumes from: ``auto`` (uploaded once when they take at most
+        a quarter of the free GPU memory, else the host), ``device`` or ``host`` (see
+        `trainables.batches.VolumeCache`).
     """
 
     backbone: str = "seresnext50"
@@ -74,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    volume_placement: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -89,6 +95,8 @@ class TrainConfig:
             (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.volume_placement in PLACEMENTS,
+             f"volume_placement must be one of {list(PLACEMENTS)}, got {self.volume_placement!r}"),
             (0 <= self.selection_fraction < 0.5, f"selection_fraction must be in [0, 0.5), got {self.selection_fraction}"),
             (len(self.eval_times) >= 2 and list(self.eval_times) == sorted(self.eval_times),
              f"eval_times must be at least two increasing times, got {self.eval_times}"),

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from analysis.metrics import (  # noqa: E402
     SurvivalDataError,
@@ -32,8 +33,9 @@ from analysis.metrics import (  # noqa: E402
     uno_c,
 )
 from datasets.cohort import Cohort  # noqa: E402
+from trainables.batches import VolumeCache  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
-from trainables.fold import FoldData, FoldTrainer  # noqa: E402
+from trainables.fold import FoldData, FoldTrainer, resolve_device  # noqa: E402
 
 OOF_FILE = "oof_predictions.csv"
 CURVE_FILE = "learning_curve.png"
@@ -66,13 +68,20 @@ class CrossValidation:
         self.cohort = cohort
         k = int(folds.max()) + 1
         self.devices = list(devices) if devices else [None]
+        # One copy of the volumes per device, read by all of its folds (on a GPU: uploaded once).
+        caches = {}
+        if data.volumes is not None:
+            for device in set(self.devices):
+                where = torch.device(device) if device else resolve_device(config.device)
+                caches[device] = VolumeCache(data.volumes, where, config.volume_placement)
         self.trainers = []
         for fold in range(k):
             fold_data = FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event,
                                  cohort.label, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold,
                                  data.volumes, data.volume_rows)
+            device = self.devices[fold % len(self.devices)]
             self.trainers.append(FoldTrainer(fold_data, config, self.directory / f"fold{fold}.pt",
-                                             device=self.devices[fold % len(self.devices)]))
+                                             device=device, volume_cache=caches.get(device)))
 
     @property
     def epoch(self) -> int:

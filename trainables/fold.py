@@ -31,7 +31,7 @@ from datasets.errors import StudyError
 from datasets.store import CohortStore
 from datasets.torch_data import CohortDataset, training_augmentation
 from trainables.backbones import build_backbone
-from trainables.batches import BatchAugmentation, InMemoryBatches
+from trainables.batches import BatchAugmentation, InMemoryBatches, VolumeCache
 from trainables.config import TrainConfig
 from trainables.heads import build_head
 
@@ -140,7 +140,7 @@ class FoldTrainer:
     """Trains one fold epoch by epoch; see the module docstring."""
 
     def __init__(self, data: FoldData, config: TrainConfig, checkpoint: Path | None = None,
-                 device: str | None = None):
+                 device: str | None = None, volume_cache: VolumeCache | None = None):
         self.data, self.config = data, config
         self.checkpoint = Path(checkpoint) if checkpoint else None
         # `device` (e.g. "cuda:3") overrides config.device: a multi-GPU trial places its folds.
@@ -162,7 +162,10 @@ class FoldTrainer:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.fit, self.select = self._selection_split()
-        self.memory = InMemoryBatches(data.volumes, data.volume_rows, self.device) if data.volumes is not None else None
+        if data.volumes is not None and volume_cache is None:
+            volume_cache = VolumeCache(data.volumes, self.device, config.volume_placement)
+        # `volume_cache` (data.volumes on this device) is passed in when several folds share it.
+        self.memory = InMemoryBatches(volume_cache, data.volume_rows) if data.volumes is not None else None
         self.augment = BatchAugmentation(config.augmentation)
         self.epoch = 0
         self.history: list[dict] = []
