@@ -17,6 +17,7 @@ python -c "from study.demo import demo_store; demo_store(workers=6)" > "$out/dem
 demo_build=$!
 timeout 220 python -m benchmarks.compute --device cuda --batch 64 --steps 5 --warmup 2 \
     --modes fp32 bf16 bf16_cl bf16_cl_compile --budget-s 180 --out "$out/gpu_compute.md" || true
-timeout 100 python -m benchmarks.loader --n 12 --workers 8 --device cuda --out "$out/gpu_loader.md" || true
+timeout 100 python -m benchmarks.loader --n 12 --workers 8 --device cuda --train-width 1.0 --train-batch 16 \
+    --train-steps 8 --out "$out/gpu_loader.md" || true
 wait "$demo_build" || true
 timeout 150 python -m benchmarks.gpu_study --gpus-per-trial 0.25 --trials 4 --timeout 140 --out "$out/gpu_study.md"
