@@ -310,6 +310,7 @@ def build_store(root: str | Path, config: SyntheticConfig, preprocess, name: str
     convert(export / "images", export / "clinical.csv", out, preprocess, workers=workers, progress=False)
     return out
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -197,3 +197,22 @@ def test_folds_on_one_device_share_one_volume_cache(small_store, tmp_path):
     cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(3, seed=0),
                          TrainConfig(epochs=1, **TINY), tmp_path)
     assert len({id(t.memory.cache) for t in cv.trainers}) == 1
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh runs it)")
+@pytest.mark.parametrize("placement", ["auto", "device", "host"])
+def test_volume_cache_on_a_gpu_gives_the_host_values(small_store, placement):
+    import torch
+
+    from trainables.batches import VolumeCache
+
+    cohort = Cohort(small_store, CohortSpec())
+    volumes = cohort.store.images(cohort.slots)
+    cache = VolumeCache(volumes, "cuda", placement)
+    assert cache.on_device == (placement != "host")  # a small cohort always fits
+    rows = np.array([3, 0, 3, 1])
+    first = cache.gather(rows)
+    second = cache.gather(rows[::-1].copy())  # on the host path: the staging buffer is reused
+    assert first.device.type == "cuda" and first.dtype == torch.float32
+    assert np.array_equal(first.cpu().numpy(), volumes[rows].astype(np.float32))
+    assert np.array_equal(second.cpu().numpy(), volumes[rows[::-1]].astype(np.float32))
