@@ -6,6 +6,7 @@ import os
 import platform
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 
 def describe() -> str:
@@ -35,6 +36,13 @@ def describe() -> str:
             pass
     lines.append("- packages: " + ", ".join(packages))
     return "\n".join(lines)
+
+
+def write_result(path: Path, lines: list[str]) -> None:
+    """Write a benchmark's results file (creating its folder) and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def markdown_table(frame, floatfmt: str = ".2f") -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.metrics import harrell_c
-from benchmarks._machine import describe
+from benchmarks._machine import describe, write_result
 from datasets import Cohort, CohortSpec
 from search_spaces import TASKS
 from study.demo import DEMO_VERSION, cache_root, demo_store
@@ -102,8 +102,7 @@ def main(argv=None) -> int:
     lines += ["", "The oracle uses the true linear predictor (clinical + imaging) of the synthetic hazard model; the",
               "demo budget (4 epochs, 3 folds, width 0.25 networks, 2 configurations per cell) is sized to finish on",
               "a 2-core CPU, not to approach it.", ""]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks._machine import describe
+from benchmarks._machine import describe, write_result
 from datasets import CohortStore
 from datasets.convert import convert
 from datasets.preprocess import PreprocessConfig, preprocess_patient
@@ -177,9 +177,7 @@ def main(argv=None) -> int:
               f"training path (placement auto), {unfed:.1f} volumes/s on one batch made once (no loader): "
               f"the device computes **{fed / unfed:.0%} of training time** and waits for the loader in the rest.",
               "", f"Command: `{' '.join(['python -m benchmarks.loader', *(sys.argv[1:] if argv is None else argv)])}`", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.metrics import bootstrap_ci, brier_score, harrell_c
-from benchmarks._machine import describe
+from benchmarks._machine import describe, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     lines += ["", f"Ratio at n={small}: scikit-survival / ours = {rows[-2][1] / rows[-1][1]:.0f}x; "
               f"at n={args.n}: lifelines / ours = {rows[3][1] / rows[0][1]:.1f}x.", "",
               "Command: `python -m benchmarks.metrics_scale`", ""]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from benchmarks._machine import describe, markdown_table
+from benchmarks._machine import describe, markdown_table, write_result
 from search_spaces import SPACES
 from study.demo import demo_store
 
@@ -123,8 +123,7 @@ def main(argv=None) -> int:
               + f"; in the full protocol "
               f"(grace {full.grace_epochs} of {full.epochs} epochs, reduction factor {full.reduction_factor}) a "
               f"configuration stopped at the first rung costs {full.grace_epochs / full.epochs:.0%} of a full one.", ""]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines)
     return 0
 
 

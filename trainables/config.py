@@ -39,7 +39,9 @@ class TrainConfig:
     augmentation
         Strength of the random training transforms (0: none).
     cox_memory
-        Risk-set memory of the Cox head [samples].
+        Risk-set memory of the Cox head [samples of earlier batches]; 0: each batch's own risk
+        sets. Off by default: 256 gave no better validation C-index and, at lr 1e-3, a log-hazard
+        scale that kept growing (`benchmarks/results/cox_memory.md`).
     intervals, horizon_days
         Discrete times of the logistic-hazard head [days].
     eval_times
@@ -72,7 +74,7 @@ class TrainConfig:
     patience: int = 0
     selection_fraction: float = 0.15
     augmentation: float = 1.0
-    cox_memory: int = 256
+    cox_memory: int = 0
     intervals: int = 19
     horizon_days: float = 1825.0
     eval_times: tuple[float, ...] = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
