@@ -93,7 +93,7 @@ def _training_rates(cache: VolumeCache, args) -> tuple[float, float]:
         images = augment(cache.gather(rows[step]), generator)
         return images.contiguous(memory_format=torch.channels_last_3d) if cuda else images
 
-    def train(step: int, images: torch.Tensor) -> None:
+    def train(images: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(images).float().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -102,13 +102,13 @@ def _training_rates(cache: VolumeCache, args) -> tuple[float, float]:
 
     fixed = batch(0)
     rates = []
-    for feed in (lambda step: batch(step), lambda step: fixed):
-        train(0, feed(0))  # warm-up (cuDNN autotuning, allocator)
+    for feed in (batch, lambda step: fixed):
+        train(feed(0))  # warm-up (cuDNN autotuning, allocator)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for step in range(1, args.train_steps + 1):
-            train(step, feed(step))
+            train(feed(step))
         if cuda:
             torch.cuda.synchronize()
         rates.append(args.train_steps * args.train_batch / (time.perf_counter() - start))
