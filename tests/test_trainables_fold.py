@@ -190,6 +190,18 @@ def test_volume_cache_rejects_an_unknown_placement():
         TrainConfig(volume_placement="gpu")
 
 
+def test_volumes_go_to_the_gpu_only_within_the_trials_share_of_its_memory():
+    from trainables.batches import fits_on_device
+
+    gib = 2**30
+    assert fits_on_device(10 * gib, free=79 * gib, total=80 * gib)  # the reference cohort on an idle H100
+    assert not fits_on_device(10 * gib, free=30 * gib, total=80 * gib)  # most of it taken by others
+    # Four trials on one GPU start together and each sees it empty: each may take a quarter of its quarter.
+    assert not fits_on_device(10 * gib, free=80 * gib, total=80 * gib, gpu_fraction=0.25)
+    assert fits_on_device(5 * gib, free=80 * gib, total=80 * gib, gpu_fraction=0.25)
+    assert fits_on_device(10 * gib, free=80 * gib, total=80 * gib, gpu_fraction=2.0)  # two whole GPUs: each is whole
+
+
 def test_folds_on_one_device_share_one_volume_cache(small_store, tmp_path):
     from trainables.cross_validation import CohortArrays, CrossValidation
 

@@ -72,16 +72,22 @@ class BatchAugmentation:
 
 
 PLACEMENTS = ("auto", "device", "host")
-DEVICE_SHARE = 0.25  # "auto" uploads the volumes when they take at most this share of free GPU memory
+DEVICE_SHARE = 0.25  # "auto" uploads the volumes when they take at most this share of the trial's GPU memory
 _UPLOAD_CHUNK_BYTES = 256 << 20
+
+
+def fits_on_device(nbytes: int, free: int, total: int, gpu_fraction: float = 1.0) -> bool:
+    """Whether "auto" uploads `nbytes` of volumes: at most `DEVICE_SHARE` of this trial's part of the
+    GPU (trials sharing a GPU start at once and each sees it empty) and of what is free now."""
+    return nbytes <= DEVICE_SHARE * min(free, total * min(1.0, gpu_fraction))
 
 
 class VolumeCache:
     """The cohort's float16 volumes as one device reads them; shared by every fold trained there.
 
     On a GPU with ``placement`` "auto" the whole array is uploaded once when it fits in
-    `DEVICE_SHARE` of the free device memory (1,100 patients at 4 x 120 x 120 x 78 take 10 GB;
-    an H100 has 80): a batch is then one ``index_select`` on the device and the host does no work
+    `DEVICE_SHARE` of the trial's share of device memory (1,100 patients at 4 x 120 x 120 x 78
+    take 10 GB; an H100 has 80; see `fits_on_device`): a batch is then one ``index_select`` on the device and the host does no work
     per batch, so the loader cannot starve the GPU. Otherwise ("host", or too large) each batch is
     gathered on the host into a reused pinned buffer and copied over. On the CPU the host array
     is read in place.
@@ -94,9 +100,12 @@ class VolumeCache:
         The training device.
     placement
         ``auto`` | ``device`` (upload, whatever the size) | ``host``.
+    gpu_fraction
+        Share of the GPU this trial holds (Ray's fractional GPUs: 0.25 when four trials share one).
     """
 
-    def __init__(self, volumes: np.ndarray, device: torch.device | str, placement: str = "auto"):
+    def __init__(self, volumes: np.ndarray, device: torch.device | str, placement: str = "auto",
+                 gpu_fraction: float = 1.0):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         self.volumes, self.device = volumes, torch.device(device)
@@ -104,7 +113,7 @@ class VolumeCache:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self._host = torch.from_numpy(volumes)
         upload = self.device.type == "cuda" and (placement == "device" or (
-            placement == "auto" and volumes.nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(self.device)[0]))
+            placement == "auto" and fits_on_device(volumes.nbytes, *torch.cuda.mem_get_info(self.device), gpu_fraction)))
         self.resident = self._upload() if upload else None
         self._staging: torch.Tensor | None = None
 

@@ -58,11 +58,13 @@ class CrossValidation:
     parallel rather than DDP inside a fold: folds never communicate, so D GPUs give D times the
     throughput with no gradient all-reduce, no change to the effective batch size (which would
     change the recipe being searched) and nothing to configure; the cost is idle GPUs when D
-    does not divide K (choose 1, 2, 5 or 10 GPUs per trial for 10 folds).
+    does not divide K (choose 1, 2, 5 or 10 GPUs per trial for 10 folds). `gpu_fraction` is the
+    share of a GPU the trial holds (below 1 when trials share one); it bounds how much GPU memory
+    the volumes may take (`trainables.batches.VolumeCache`).
     """
 
     def __init__(self, data: CohortArrays, folds: np.ndarray, config: TrainConfig, directory: Path,
-                 devices: Sequence[str] | None = None):
+                 devices: Sequence[str] | None = None, gpu_fraction: float = 1.0):
         cohort = data.cohort
         self.config, self.directory = config, Path(directory)
         self.cohort = cohort
@@ -73,7 +75,7 @@ class CrossValidation:
         if data.volumes is not None:
             for device in set(self.devices):
                 where = torch.device(device) if device else resolve_device(config.device)
-                caches[device] = VolumeCache(data.volumes, where, config.volume_placement)
+                caches[device] = VolumeCache(data.volumes, where, config.volume_placement, gpu_fraction)
         self.trainers = []
         for fold in range(k):
             fold_data = FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event,

@@ -95,7 +95,10 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         # Ray exposes the trial's GPUs (CUDA_VISIBLE_DEVICES); with several, folds run in parallel on them.
         gpus = torch.cuda.device_count() if train_config.device != "cpu" else 0
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else None
-        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices)
+        # A fractional GPU (several trials on one) bounds how much of it the volumes may take.
+        gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices,
+                             gpu_fraction=gpu_fraction)
         train_seconds = 0.0  # time in training and validation since this (re)start, for the overhead split
         while not cv.finished:
             try:
