@@ -63,40 +63,48 @@ def train_rate(name: str, mode: str, shape, batch: int, steps: int, warmup: int,
     """Volumes per second and the batch size actually used (halved on out-of-memory)."""
     while batch >= 1:
         try:
-            model = build_backbone(name, shape[0], 1, width, depth).to(device)
-            channels_last = "_cl" in mode
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last_3d)
-            step_model = torch.compile(model) if "compile" in mode else model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            x = torch.randn(batch, *shape, device=device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            time_ = torch.rand(batch, device=device) * 1000
-            event = (torch.rand(batch, device=device) < 0.7).float()
-            use_bf16 = mode.startswith("bf16")
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    out = step_model(x)
-                loss = cox_nll(out.float(), event, time_)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            for _ in range(warmup):
-                step()
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            _sync(device)
-            return batch * steps / (time.perf_counter() - start), batch
+            return _measure(name, mode, shape, batch, steps, warmup, device, width, depth), batch
         except torch.OutOfMemoryError:
-            del model
+            pass
+        # The failed attempt's model, optimizer state and batch died with its frame at the end of
+        # the except block; hand their memory back before trying half the batch.
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-            batch //= 2
+        batch //= 2
     raise RuntimeError(f"{name} does not fit even with batch 1")
+
+
+def _measure(name: str, mode: str, shape, batch: int, steps: int, warmup: int, device: torch.device,
+             width: float, depth: float) -> float:
+    model = build_backbone(name, shape[0], 1, width, depth).to(device)
+    channels_last = "_cl" in mode
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    step_model = torch.compile(model) if "compile" in mode else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, *shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    time_ = torch.rand(batch, device=device) * 1000
+    event = (torch.rand(batch, device=device) < 0.7).float()
+    use_bf16 = mode.startswith("bf16")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = step_model(x)
+        loss = cox_nll(out.float(), event, time_)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
