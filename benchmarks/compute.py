@@ -59,11 +59,13 @@ def _sync(device: torch.device) -> None:
 
 
 def train_rate(name: str, mode: str, shape, batch: int, steps: int, warmup: int, device: torch.device,
-               width: float, depth: float) -> tuple[float, int]:
-    """Volumes per second and the batch size actually used (halved on out-of-memory)."""
+               width: float, depth: float) -> tuple[float, int, bool]:
+    """Volumes per second, the batch size actually used (halved on out-of-memory) and whether every
+    loss stayed finite (a precision mode whose kernels give NaN is fast but useless)."""
     while batch >= 1:
         try:
-            return _measure(name, mode, shape, batch, steps, warmup, device, width, depth), batch
+            rate, finite = _measure(name, mode, shape, batch, steps, warmup, device, width, depth)
+            return rate, batch, finite
         except torch.OutOfMemoryError:
             pass
         # The failed attempt's model, optimizer state and batch died with its frame at the end of
@@ -75,7 +77,7 @@ def train_rate(name: str, mode: str, shape, batch: int, steps: int, warmup: int,
 
 
 def _measure(name: str, mode: str, shape, batch: int, steps: int, warmup: int, device: torch.device,
-             width: float, depth: float) -> float:
+             width: float, depth: float) -> tuple[float, bool]:
     model = build_backbone(name, shape[0], 1, width, depth).to(device)
     channels_last = "_cl" in mode
     if channels_last:
@@ -96,15 +98,15 @@ def _measure(name: str, mode: str, shape, batch: int, steps: int, warmup: int, d
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return loss.detach()
 
-    for _ in range(warmup):
-        step()
+    losses = [step() for _ in range(warmup)]
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    losses += [step() for _ in range(steps)]
     _sync(device)
-    return batch * steps / (time.perf_counter() - start)
+    rate = batch * steps / (time.perf_counter() - start)
+    return rate, bool(torch.isfinite(torch.stack(losses)).all())
 
 
 def main(argv=None) -> int:
@@ -130,22 +132,30 @@ def main(argv=None) -> int:
              f"- measured matrix-product peak: {peak / 1e12:.2f} TFLOP/s "
              f"({'bf16' if device.type == 'cuda' else 'fp32'})",
              f"- width {args.width}, depth {args.depth}, {args.steps} timed steps after {args.warmup} warm-up", "",
-             "| backbone | fwd GFLOP/volume | mode | batch | volumes/s | train TFLOP/s | of peak |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "| backbone | fwd GFLOP/volume | mode | batch | volumes/s | train TFLOP/s | of peak | losses finite |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
     print("\n".join(lines), flush=True)
     for name in args.backbones:
         flops = forward_flops(name, args.shape, args.width, args.depth)
         for mode in args.modes:
             if time.perf_counter() - started > args.budget_s:
-                lines.append(f"| {name} | | {mode} | | skipped: time budget | | |")
+                lines.append(f"| {name} | | {mode} | | skipped: time budget | | | |")
                 print(lines[-1], flush=True)
                 continue
-            rate, batch = train_rate(name, mode, args.shape, args.batch, args.steps, args.warmup, device,
+            if device.type == "cpu" and mode.startswith("bf16") and "_cl" in mode:
+                # ResNet50-CBAM's second bf16 channels-last backward never returned with 2 threads (PyTorch 2.13).
+                lines.append(f"| {name} | | {mode} | | skipped: bf16 channels-last hangs on the CPU | | | |")
+                print(lines[-1], flush=True)
+                continue
+            rate, batch, finite = train_rate(name, mode, args.shape, args.batch, args.steps, args.warmup, device,
                                      args.width, args.depth)
             achieved = 3 * flops * rate
             lines.append(f"| {name} | {flops / 1e9:.0f} | {mode} | {batch} | {rate:.2f} | {achieved / 1e12:.3f} | "
-                         f"{achieved / peak:.1%} |")
+                         f"{achieved / peak:.1%} | {'yes' if finite else '**no (NaN/inf)**'} |")
             print(lines[-1], flush=True)
+    if device.type == "cpu" and any(m.startswith("bf16") for m in args.modes):
+        lines += ["", "The peak is float32's, so bf16 rows can exceed 100%. `TrainConfig.precision` keeps float32 on "
+                  "CPUs: see `benchmarks/results/precision.md` for bf16 losses that became NaN in training."]
     lines += ["", f"Command: `python -m benchmarks.compute --device {args.device} --batch {args.batch} "
               f"--steps {args.steps} --modes {' '.join(args.modes)}`", ""]
     if args.out:

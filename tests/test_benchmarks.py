@@ -14,13 +14,13 @@ def test_compute_halves_the_batch_until_it_fits(monkeypatch):
         tried.append(batch)
         if batch > 16:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return 10.0 * batch
+        return 10.0 * batch, True
 
     monkeypatch.setattr(compute, "_measure", measure)
-    rate, batch = compute.train_rate("seresnext50", "bf16", (4, 8, 8, 8), 64, 1, 0, torch.device("cpu"), 1.0, 1.0)
-    assert tried == [64, 32, 16] and batch == 16 and rate == 160.0
+    rate, batch, finite = compute.train_rate("seresnext50", "bf16", (4, 8, 8, 8), 64, 1, 0, torch.device("cpu"), 1.0, 1.0)
+    assert tried == [64, 32, 16] and batch == 16 and rate == 160.0 and finite
 
 
 def test_compute_measures_a_real_training_step_on_the_cpu():
-    rate, batch = compute.train_rate("seresnext50", "fp32", (2, 16, 16, 12), 2, 1, 0, torch.device("cpu"), 0.25, 0.2)
-    assert batch == 2 and rate > 0
+    rate, batch, finite = compute.train_rate("seresnext50", "fp32", (2, 16, 16, 12), 2, 1, 0, torch.device("cpu"), 0.25, 0.2)
+    assert batch == 2 and rate > 0 and finite

@@ -52,6 +52,10 @@ class TrainConfig:
         DataLoader worker processes (0: in the training process).
     device
         ``auto`` (CUDA if available), ``cpu`` or ``cuda``.
+    precision
+        Autocast of the network: ``auto`` (bfloat16 on a GPU, float32 on a CPU; see
+        `trainables.fold.resolve_precision`), ``bf16`` or ``fp32``. Weights and optimizer state
+        stay float32.
     volume_placement
         Where a GPU reads in-memory volumes from: ``auto`` (uploaded once when they take at most
         a quarter of the free GPU memory, else the host), ``device`` or ``host`` (see
@@ -81,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
+    precision: str = "auto"
     volume_placement: str = "auto"
 
     def __post_init__(self) -> None:
@@ -97,6 +102,7 @@ class TrainConfig:
             (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
             (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto, bf16 or fp32, got {self.precision!r}"),
             (self.volume_placement in PLACEMENTS,
              f"volume_placement must be one of {list(PLACEMENTS)}, got {self.volume_placement!r}"),
             (0 <= self.selection_fraction < 0.5, f"selection_fraction must be in [0, 0.5), got {self.selection_fraction}"),

@@ -118,6 +118,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of training and prediction; ``auto``: bfloat16 on a GPU, float32 on a CPU.
+
+    Not bf16 on CPUs, even those with bf16 instructions where it doubled the training throughput:
+    in PyTorch 2.13 DenseNet-121's bf16 backward there gave non-finite weight gradients in its
+    first step (`benchmarks/results/precision.md`)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def _schedule(config: TrainConfig):
     warmup, total = config.warmup_epochs, config.epochs
 
@@ -247,7 +258,8 @@ class FoldTrainer:
 
     # -- training -----------------------------------------------------------------------------
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        dtype = resolve_precision(self.config.precision, self.device)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
