@@ -181,13 +181,26 @@ def test_in_memory_batches_equal_the_store(small_store):
     assert [len(o) for o in order] == [4, 4] and len(set(np.concatenate(order))) == 8
 
 
-def test_volume_cache_rejects_an_unknown_placement():
+def test_unknown_placement_or_precision_is_refused():
     from trainables.batches import VolumeCache
 
     with pytest.raises(ValueError, match="placement must be one of"):
         VolumeCache(np.zeros((2, 1, 2, 2, 2), np.float16), "cpu", "gpu")
     with pytest.raises(InputError, match="volume_placement must be one of"):
         TrainConfig(volume_placement="gpu")
+    with pytest.raises(InputError, match="precision must be auto, bf16 or fp32"):
+        TrainConfig(precision="fp16")
+
+
+def test_auto_precision_is_bf16_on_a_gpu_and_float32_on_a_cpu():
+    import torch
+
+    from trainables.fold import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_precision("fp32", torch.device("cuda")) == torch.float32
 
 
 def test_volumes_go_to_the_gpu_only_within_the_trials_share_of_its_memory():
