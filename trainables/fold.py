@@ -122,8 +122,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of training and prediction; ``auto``: bfloat16 on a GPU, float32 on a CPU.
 
     Not bf16 on CPUs, even those with bf16 instructions where it doubled the training throughput:
-    in PyTorch 2.13 DenseNet-121's bf16 backward there gave non-finite weight gradients in its
-    first step (`benchmarks/results/precision.md`)."""
+    with PyTorch 2.13's CPU kernels the DenseNet-121 and ResNet50-CBAM losses became NaN within a
+    few epochs (non-finite bf16 weight gradients; `benchmarks/results/precision.md`)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
