@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check: run at once whenever a GPU machine is lent (under 8 minutes).
+# The prepared GPU check: run at once whenever a GPU machine is lent (typically under 8 minutes;
+# the timeouts below cap it at 9 plus the install).
 # Installs the project if needed, runs the GPU-only tests, then measures training throughput per backbone at the
 # reference shape for fp32 / bf16 / bf16 + channels-last / + torch.compile, and prints tables;
-# then runs a short demo study with 4 trials packed at 0.25 GPU each and reports GPU utilisation.
-# Results land in ${OUT:-benchmarks/results}/gpu_compute.md and gpu_study.md.
+# then the loader on the GPU (volumes on the device vs pinned host copies, and the share of training
+# time the GPU computes), then a short demo study with 4 trials packed at 0.25 GPU each.
+# Results land in ${OUT:-benchmarks/results}/gpu_compute.md, gpu_loader.md and gpu_study.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
