@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._demo_fold import demo_fold
 from benchmarks._machine import describe, write_result
-from datasets import Cohort, CohortSpec
-from study.demo import demo_store
 from trainables import FoldData, FoldTrainer, TrainConfig
 
 
@@ -43,10 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cox_memory.md")
     args = parser.parse_args(argv)
-    cohort = Cohort(demo_store(progress=False), CohortSpec())
-    folds = cohort.folds(5, seed=0)
-    data = FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, cohort.label,
-                    np.flatnonzero(folds != 0), np.flatnonzero(folds == 0), 0, cohort.store.images(cohort.slots))
+    data = demo_fold()
     lines = ["# Cox head: risk-set memory vs none", "", describe(),
              f"- demo cohort, fold 0 of 5 ({len(data.train)} training patients), SE-ResNeXt50 width 0.25, batch 16, "
              f"{args.epochs} epochs, weight decay 1e-4, augmentation 0.5", "",

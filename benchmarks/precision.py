@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._demo_fold import demo_fold
 from benchmarks._machine import describe, write_result
-from datasets import Cohort, CohortSpec
-from study.demo import demo_store
-from trainables import FoldData, FoldTrainer, TrainConfig
+from trainables import FoldTrainer, TrainConfig
 from trainables.backbones import BACKBONES
 from trainables.fold import TrainingDivergedError
 
@@ -43,10 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "precision.md")
     args = parser.parse_args(argv)
-    cohort = Cohort(demo_store(progress=False), CohortSpec())
-    folds = cohort.folds(5, seed=0)
-    data = FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, cohort.label,
-                    np.flatnonzero(folds != 0), np.flatnonzero(folds == 0), 0, cohort.store.images(cohort.slots))
+    data = demo_fold()
     lines = ["# bfloat16 autocast vs float32 training", "", describe(),
              f"- CPU bfloat16 instructions: {cpu_bf16_flags()}",
              f"- demo cohort, fold 0 of 5 ({len(data.train)} training patients), width 0.25, depth 0.34, batch 16, "

@@ -297,7 +297,6 @@ def generate(out: str | Path, config: SyntheticConfig, workers: int = 1) -> Path
     return out / "clinical.csv"
 
 
-
 def build_store(root: str | Path, config: SyntheticConfig, preprocess, name: str = "cohort.zarr",
                 workers: int = 1) -> Path:
     """Generate the site export under `root/export` and convert it with the real converter to the
