@@ -16,6 +16,9 @@ pathology      histology label (see `PATHOLOGY_LABELS`)     glioblastoma flag de
 glioblastoma   1 = glioblastoma                             0/1, NaN if unknown
 idh            1 = mutant, 0 = wildtype                     0/1, NaN if empty
 mgmt           1 = methylated, 0 = unmethylated             0/1, NaN if empty
+kps            Karnofsky performance status, 0-100          float, NaN if empty
+resection      extent of resection: gross total /           2 / 1 / 0, NaN if empty
+               subtotal (partial) / biopsy
 =============  ==========================================  ==================================
 
 Policy: a table-level fault (unreadable file, a required column absent, duplicate patient ids)
@@ -37,10 +40,12 @@ import pandas as pd
 from datasets.errors import ClinicalTableError, InputError
 
 REQUIRED = ("patient_id", "time", "event")
-OPTIONAL = ("age", "sex", "grade", "pathology", "glioblastoma", "idh", "mgmt")
+OPTIONAL = ("age", "sex", "grade", "pathology", "glioblastoma", "idh", "mgmt", "kps", "resection")
 CANONICAL = REQUIRED + OPTIONAL
 # Numeric covariates kept in the store (pathology is folded into the glioblastoma flag).
-STORED_COLUMNS = ("time", "event", "age", "sex", "grade", "glioblastoma", "idh", "mgmt")
+STORED_COLUMNS = ("time", "event", "age", "sex", "grade", "glioblastoma", "idh", "mgmt", "kps", "resection")
+# The stored clinical covariates (every stored column but the outcome), e.g. of the added-value models.
+COVARIATES = STORED_COLUMNS[2:]
 
 # Column names recognised without a --column mapping (lower case).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -54,6 +59,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "glioblastoma": ("glioblastoma", "gbm", "is_gbm"),
     "idh": ("idh", "idh_status", "idh1", "idh_mutation"),
     "mgmt": ("mgmt", "mgmt_status", "mgmt_methylation"),
+    "kps": ("kps", "karnofsky", "karnofsky_performance_status", "kps_score"),
+    "resection": ("resection", "extent_of_resection", "eor", "surgery_extent", "resection_extent"),
 }
 
 PATHOLOGY_LABELS: dict[str, int] = {
@@ -67,6 +74,9 @@ _SEX = {"f": 0, "female": 0, "w": 0, "woman": 0, "m": 1, "male": 1, "man": 1}
 _IDH = {"mutant": 1, "mutated": 1, "mut": 1, "1": 1, "wildtype": 0, "wild-type": 0, "wt": 0, "0": 0}
 _MGMT = {"methylated": 1, "meth": 1, "1": 1, "unmethylated": 0, "unmeth": 0, "0": 0}
 _GRADE = {"2": 2, "ii": 2, "3": 3, "iii": 3, "4": 4, "iv": 4}
+_RESECTION = {"gross total": 2, "gross total resection": 2, "gtr": 2, "complete": 2, "total": 2, "2": 2,
+              "subtotal": 1, "subtotal resection": 1, "str": 1, "partial": 1, "partial resection": 1, "1": 1,
+              "biopsy": 0, "bx": 0, "biopsy only": 0, "0": 0}
 
 
 @dataclass
@@ -185,6 +195,10 @@ def _validate_row(raw: Mapping[str, str]) -> dict[str, float]:
     row["grade"] = _grade(raw.get("grade", ""))
     row["idh"] = _category(raw.get("idh", ""), _IDH, "idh")
     row["mgmt"] = _category(raw.get("mgmt", ""), _MGMT, "mgmt")
+    row["kps"] = _number(raw.get("kps", ""), "kps")
+    if not math.isnan(row["kps"]) and not 0 <= row["kps"] <= 100:
+        raise ValueError(f"kps {raw['kps']!r} is outside 0-100")
+    row["resection"] = _category(raw.get("resection", ""), _RESECTION, "resection")
     gbm = _category(raw.get("glioblastoma", ""), {"0": 0, "1": 1, "yes": 1, "no": 0}, "glioblastoma")
     pathology = raw.get("pathology", "")
     if not _blank(pathology):

@@ -9,14 +9,17 @@ parsed, never evaluated as Python. A patient whose column is unknown (NaN) fails
 
 Endpoints
 ---------
-``os``: overall survival (time in days, event). ``1yr``: death within 365 days. A patient
-censored before day 365 has an unknown 1-year status and is left out of the 1-year cohort
-(the usual complete-case choice; the reference study did the same); a patient followed beyond
-365 days is a 1-year survivor whatever happened later.
+``os``: overall survival (time in days, event). ``1yr``: survival administratively censored at
+day 365, with every patient of the filter kept (as the reference study did): time = min(T, 365),
+event = death on or before day 365. A death after day 365 becomes a survivor censored at 365;
+a patient censored before day 365 stays, censored at their last follow-up, so the heads and the
+metrics handle them as censored (never dropped, never counted as survivors). The 1-year cohort
+of a filter therefore holds the same patients as its OS cohort.
 
 Folds
 -----
-Patient-level, stratified by event and glioblastoma flag, seeded. They depend only on the
+Patient-level, stratified by the endpoint's event (the 1-year event for ``1yr``) and the
+glioblastoma flag, seeded. They depend only on the
 patient ids, the strata and the seed, so every backbone and every trial of a task sees the same
 folds, and a rebuilt store gives the same folds.
 """
@@ -35,6 +38,16 @@ from datasets.store import CohortStore
 
 ENDPOINTS = ("os", "1yr")
 ONE_YEAR_DAYS = 365.0
+# Administrative censoring of each endpoint [days] (None: follow-up as recorded).
+HORIZONS: dict[str, float | None] = {"os": None, "1yr": ONE_YEAR_DAYS}
+
+
+def truncate(time: np.ndarray, event: np.ndarray, horizon: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Survival administratively censored at `horizon` days: (min(T, horizon), death by horizon)."""
+    time, event = np.asarray(time, dtype=float), np.asarray(event).astype(int)
+    if horizon is None:
+        return time, event
+    return np.minimum(time, horizon), ((event == 1) & (time <= horizon)).astype(int)
 _COMPARE = {ast.Eq: np.equal, ast.NotEq: np.not_equal, ast.Lt: np.less, ast.LtE: np.less_equal,
             ast.Gt: np.greater, ast.GtE: np.greater_equal}
 
@@ -108,10 +121,14 @@ def stratified_folds(patient_ids: list[str], strata: np.ndarray, k: int, seed: i
 
 @dataclass(frozen=True)
 class CohortSpec:
-    """Which patients and which outcome: a task's data definition."""
+    """Which patients and which outcome: a task's data definition.
+
+    `exclude`: patient ids left out whatever the filter says (the outer test fold of nested CV).
+    """
 
     filter: str = "all"
     endpoint: str = "os"
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -130,9 +147,9 @@ class Cohort:
     patient_ids
         list of n ids.
     time, event
-        float [n] days and int [n] 0/1 (overall survival).
-    label
-        float [n]: the 1-year death indicator for ``1yr`` cohorts, else equal to `event`.
+        float [n] days and int [n] 0/1 of the endpoint (for ``1yr``: censored at day 365).
+    horizon
+        The endpoint's administrative censoring time [days], None for ``os``.
     clinical
         DataFrame [n x clinical columns], index = patient id.
     """
@@ -143,18 +160,14 @@ class Cohort:
         usable = self.store.usable()
         table = self.store.clinical().iloc[usable]
         keep = evaluate_filter(spec.filter, table)
-        if spec.endpoint == "1yr":
-            known = (table["time"].to_numpy() > ONE_YEAR_DAYS) | (table["event"].to_numpy() == 1)
-            keep &= known
+        if spec.exclude:
+            keep &= ~table.index.isin(spec.exclude)
         self.slots = usable[keep]
         self.clinical = table[keep]
         self.patient_ids = list(self.clinical.index)
-        self.time = self.clinical["time"].to_numpy(dtype=float)
-        self.event = self.clinical["event"].to_numpy(dtype=float).astype(int)
-        if spec.endpoint == "1yr":
-            self.label = ((self.event == 1) & (self.time <= ONE_YEAR_DAYS)).astype(float)
-        else:
-            self.label = self.event.astype(float)
+        self.horizon = HORIZONS[spec.endpoint]
+        self.time, self.event = truncate(self.clinical["time"].to_numpy(dtype=float),
+                                         self.clinical["event"].to_numpy(dtype=float), self.horizon)
         if len(self.slots) == 0:
             raise InputError(f"cohort store {self.store.path}: no patient left after filter {spec.filter!r} "
                              f"and endpoint {spec.endpoint!r} ({len(usable)} usable patients in the store)")
@@ -170,12 +183,12 @@ class Cohort:
         """Fold number per patient; raises if a validation fold would have no event."""
         folds = stratified_folds(self.patient_ids, self.strata(), k, seed)
         for fold in range(k):
-            if self.label[folds == fold].sum() == 0:
+            if self.event[folds == fold].sum() == 0:
                 raise InputError(f"cohort {self.spec.filter!r}/{self.spec.endpoint}: fold {fold} of {k} has no "
-                                 f"event ({int(self.label.sum())} events among {len(self)} patients); use fewer folds")
+                                 f"event ({int(self.event.sum())} events among {len(self)} patients); use fewer folds")
         return folds
 
     def describe(self) -> dict:
-        return {"patients": len(self), "events": int(self.label.sum()),
+        return {"patients": len(self), "events": int(self.event.sum()),
                 "censored_fraction": float(1 - self.event.mean()), "filter": self.spec.filter,
                 "endpoint": self.spec.endpoint}

@@ -45,10 +45,12 @@ def test_cohort_filters_and_one_year_endpoint(small_store):
     assert 0 < len(gbm) < len(everyone) == 12
     assert (gbm.clinical["glioblastoma"] == 1).all()
     one_year = Cohort(small_store, CohortSpec("all", "1yr"))
-    censored_early = (everyone.event == 0) & (everyone.time <= 365)
-    assert len(one_year) == len(everyone) - censored_early.sum()
-    expected = (one_year.event == 1) & (one_year.time <= 365)
-    np.testing.assert_array_equal(one_year.label, expected.astype(float))
+    # Administrative censoring at day 365 with every patient kept (as the reference study did).
+    assert one_year.patient_ids == everyone.patient_ids and one_year.horizon == 365 and everyone.horizon is None
+    np.testing.assert_array_equal(one_year.time, np.minimum(everyone.time, 365))
+    np.testing.assert_array_equal(one_year.event, ((everyone.event == 1) & (everyone.time <= 365)).astype(int))
+    gbm_one_year = Cohort(small_store, CohortSpec("glioblastoma", "1yr"))
+    assert gbm_one_year.patient_ids == gbm.patient_ids
     with pytest.raises(InputError, match="no patient left after filter 'age > 200'"):
         Cohort(small_store, CohortSpec("age > 200"))
 
@@ -74,7 +76,7 @@ def test_fold_without_event_is_refused(small_store):
     with pytest.raises(InputError, match="cannot make 20 folds from 12 patients"):
         cohort.folds(20)
     few = Cohort(small_store, CohortSpec("event == 1 and time < 300"))
-    few.label = np.zeros(len(few))
+    few.event = np.zeros(len(few), dtype=int)
     with pytest.raises(InputError, match="has no event"):
         few.folds(2)
 

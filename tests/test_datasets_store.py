@@ -190,3 +190,17 @@ def test_conversion_killed_midway_resumes_to_the_same_store(small_export, tmp_pa
     assert len(store.usable()) == 12
     for slot in range(12):
         np.testing.assert_array_equal(store.image(slot), ref.image(slot))
+
+
+def test_performance_status_and_extent_of_resection_are_read_under_their_usual_names(tmp_path):
+    from datasets.clinical import read_clinical
+
+    table = tmp_path / "clinical.csv"
+    table.write_text("patient_id,OS_days,status,Karnofsky,Extent_of_Resection\n"
+                     "A,100,1,80,Gross total\nB,200,0,,biopsy\nC,300,1,70,STR\nD,400,0,120,GTR\nE,500,1,90,lobectomy\n")
+    result = read_clinical(table, {"time": "OS_days"})
+    assert result.rows.loc["A", ["kps", "resection"]].tolist() == [80.0, 2.0]
+    assert np.isnan(result.rows.loc["B", "kps"]) and result.rows.loc["B", "resection"] == 0
+    assert result.rows.loc["C", "resection"] == 1
+    assert "kps '120' is outside 0-100" in result.excluded["D"]
+    assert "resection 'lobectomy' is not one of" in result.excluded["E"]

@@ -103,18 +103,18 @@ def test_cox_invariants(batch, ties, random):
 
 
 def test_cox_memory_enlarges_risk_sets_without_scale_drift():
-    time, event, label = torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 0, 1, 0]), torch.zeros(4)
+    time, event = torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 0, 1, 0])
     head = build_head("cox", cox_memory=8)
-    head.loss(torch.randn(6, 1), torch.arange(1.0, 7.0), torch.ones(6), torch.zeros(6))  # fills the memory
+    head.loss(torch.randn(6, 1), torch.arange(1.0, 7.0), torch.ones(6))  # fills the memory
     bank = head._bank
     assert bank[0].shape[0] == 6
     out = torch.randn(4, 1)
-    with_memory = head.loss(out, time, event, label)
+    with_memory = head.loss(out, time, event)
     head._bank = bank
-    shifted = head.loss(out + 100.0, time, event, label)
+    shifted = head.loss(out + 100.0, time, event)
     assert shifted.item() == pytest.approx(with_memory.item(), abs=1e-5), "raising the batch does not pay"
     assert head._bank[0].shape[0] == 8, "memory keeps the most recent samples only"
-    plain = build_head("cox").loss(out, time, event, label)
+    plain = build_head("cox").loss(out, time, event)
     assert with_memory.item() > plain.item(), "memory entries join the risk sets"
 
 
@@ -122,7 +122,7 @@ def test_logistic_hazard_head_discretises_like_pycox_and_gives_curves():
     head = build_head("logistic_hazard", intervals=19, horizon_days=1825)
     assert head.out_features == 20 and head.cuts[1] == pytest.approx(1825 / 19)
     outputs = torch.zeros(3, 20, requires_grad=True)
-    loss = head.loss(outputs, torch.tensor([10.0, 400, 3000]), torch.tensor([1.0, 0, 0]), torch.zeros(3))
+    loss = head.loss(outputs, torch.tensor([10.0, 400, 3000]), torch.tensor([1.0, 0, 0]))
     loss.backward()
     assert torch.isfinite(loss)
     curves = head.survival(np.zeros((3, 20)), np.array([0.0, 365, 730, 5000]))

@@ -3,7 +3,8 @@
 - `cox_nll`: negative Cox partial log-likelihood with Efron or Breslow ties;
 - `logistic_hazard_nll`: discrete-time logistic-hazard (nnet-survival) likelihood, pycox's
   implementation;
-- `binary_nll`: 1-year death as a binary outcome (binary cross-entropy on logits).
+- `binary_nll`: 1-year death as a binary outcome (binary cross-entropy on logits, optionally
+  weighted, e.g. by inverse probability of censoring).
 """
 
 from __future__ import annotations
@@ -91,6 +92,25 @@ def logistic_hazard_nll(phi: torch.Tensor, interval: torch.Tensor, event: torch.
     return nll_logistic_hazard(phi, interval.long(), event.float())
 
 
-def binary_nll(logit: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of death within one year (label 1) from logits, mean over samples."""
-    return F.binary_cross_entropy_with_logits(logit.reshape(-1), label.reshape(-1).to(logit.dtype))
+def binary_nll(logit: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy of death within one year (label 1) from logits.
+
+    Parameters
+    ----------
+    logit, label : float [n]
+    weight : float [n] >= 0, optional
+        Per-sample weights (IPCW); the loss is their weighted mean, exactly 0 (with a gradient)
+        when every weight is 0. None: the plain mean.
+    """
+    logit = logit.reshape(-1)
+    label = label.reshape(-1).to(logit.dtype)
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logit, label)
+    weight = weight.reshape(-1).to(logit.dtype)
+    if weight.shape != logit.shape:
+        raise ValueError(f"Input 'weight' has {weight.shape[0]} values but 'logit' has {logit.shape[0]}.")
+    if (weight < 0).any():
+        raise ValueError("Input 'weight' must be non-negative.")
+    total = weight.sum()
+    losses = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+    return (losses * weight).sum() / total if total > 0 else logit.sum() * 0.0

@@ -1,0 +1,83 @@
+"""The numbers a study reports, named once, each with what it means.
+
+Trainables produce them, `study` logs them (MLflow, results table) and `analysis` reads them
+back; every module imports the names from here. Definitions (which patients, which horizon,
+which censoring distribution) are the README's "Metrics" section, one line each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricName:
+    """A metric's name (as logged) and its one-line meaning."""
+
+    name: str
+    meaning: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# -- per epoch of a trial (step = epoch) ----------------------------------------------------
+EPOCH_CINDEX = MetricName(
+    "epoch_val_cindex_mean",
+    "mean over the folds of this epoch's validation C-index (a fold that stopped early counts with "
+    "its selected epoch, see folds_stopped); what ASHA prunes on and Optuna's intermediate value; "
+    "not the pooled out-of-fold C-index")
+FOLDS_STOPPED = MetricName("folds_stopped", "folds that stopped early and report their selected epoch")
+TRAIN_LOSS = MetricName("train_loss", "mean training loss over the folds")
+FOLD_EPOCHS = MetricName("fold_epochs", "fold-epochs trained so far (the unit of compute)")
+
+# -- final, once per finished trial -----------------------------------------------------------
+OOF_CINDEX = MetricName(
+    "oof_cindex",
+    "Harrell's C of the pooled out-of-fold DPI (every patient predicted by the fold model that did not "
+    "train on it; DPI comparable across folds) on the task's endpoint")
+OOF_CINDEX_LOW = MetricName("oof_cindex_low", "lower end of the 95% patient-bootstrap CI of oof_cindex")
+OOF_CINDEX_HIGH = MetricName("oof_cindex_high", "upper end of the 95% patient-bootstrap CI of oof_cindex")
+FOLD_CINDEX_MEAN = MetricName("fold_cindex_mean", "mean of the K per-fold validation C-indices")
+FOLD_CINDEX_SD = MetricName("fold_cindex_sd", "standard deviation of the K per-fold validation C-indices")
+FOLDS_COLLAPSED = MetricName(
+    "folds_collapsed",
+    "folds whose validation C-index is within 0.02 of 0.5 (or whose DPI is constant) while the other "
+    "folds' median is at least 0.55: a fold that learned nothing")
+BRIER_365 = MetricName(
+    "brier_365", "IPCW Brier score of surv_365 at day 365 (censoring: reverse Kaplan-Meier of the pooled patients)")
+IBS = MetricName("ibs", "integrated Brier score over the evaluation times inside the follow-up")
+UNO_C = MetricName("uno_c", "Uno's IPCW C-index truncated at the 90th percentile of times")
+AUC_365 = MetricName("auc_365", "cumulative/dynamic IPCW AUC at day 365")
+
+# -- per cell, on the study run ---------------------------------------------------------------
+BBC_CINDEX = MetricName(
+    "bbc_cindex",
+    "bootstrap bias-corrected C-index of the cell's selected configuration (BBC-CV, Tsamardinos et al. 2018): "
+    "select on each bootstrap sample of the pooled out-of-fold predictions, score on its out-of-bag patients")
+BBC_CINDEX_LOW = MetricName("bbc_cindex_low", "lower end of the 95% interval of bbc_cindex")
+BBC_CINDEX_HIGH = MetricName("bbc_cindex_high", "upper end of the 95% interval of bbc_cindex")
+REFERENCE_CINDEX = MetricName("reference_oof_cindex", "oof_cindex of the reference recipe (first trial of the cell)")
+
+NESTED_CINDEX = MetricName(
+    "nested_cindex",
+    "nested CV: Harrell's C of the outer test folds' DPI, each predicted by the fold ensemble of the configuration "
+    "its own inner search selected without seeing it")
+NESTED_CINDEX_LOW = MetricName("nested_cindex_low", "lower end of the 95% patient-bootstrap CI of nested_cindex")
+NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% patient-bootstrap CI of nested_cindex")
+
+EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS)
+FINAL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, FOLDS_COLLAPSED,
+                 BRIER_365, IBS, UNO_C, AUC_365)
+CELL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, BBC_CINDEX, BBC_CINDEX_LOW, BBC_CINDEX_HIGH,
+                REFERENCE_CINDEX, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, BRIER_365, IBS)
+
+
+def fold_cindex(fold: int) -> str:
+    """Name of fold `fold`'s validation C-index at an epoch."""
+    return f"fold{fold}_val_cindex"
+
+
+def cell_metric(cell: str, metric: MetricName) -> str:
+    """Name of a cell's metric on the study run (MLflow's columns and charts compare cells by it)."""
+    return f"{cell}.{metric.name}"
