@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from datasets import Cohort, CohortSpec
 from study.demo import demo_store
 from trainables import FoldData
@@ -12,6 +10,4 @@ from trainables import FoldData
 def demo_fold(k: int = 5, fold: int = 0) -> FoldData:
     cohort = Cohort(demo_store(progress=False), CohortSpec())
     folds = cohort.folds(k, seed=0)
-    return FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event, cohort.label,
-                    np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold,
-                    cohort.store.images(cohort.slots))
+    return FoldData.from_cohort(cohort, folds, fold, cohort.store.images(cohort.slots))

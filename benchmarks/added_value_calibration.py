@@ -62,13 +62,13 @@ def one_seed(seed: int, effect: float, work: Path, budget: TrainingBudget = Trai
                          budget.train_config(seed), work / "cv")
     while not cv.finished:
         cv.step()
-    oof = cv.predictions().set_index("patient_id").loc[cohort.patient_ids]
-    # Per-fold standardisation, as the report does.
-    dpi = oof.groupby("fold")["risk"].transform(lambda r: (r - r.mean()) / (r.std(ddof=0) or 1.0))
-    result = added_value(cohort.clinical.assign(dpi=dpi.to_numpy()), n_resamples=200)
+    results = cv.results()
+    oof = pd.concat([r.predictions for r in results]).set_index("patient_id").loc[cohort.patient_ids]
+    dpi = oof["risk"]  # comparable across folds (trainables.heads), as in the report
+    result, _, _ = added_value(cohort.clinical.assign(dpi=dpi.to_numpy()), n_resamples=200)
     truth = pd.read_csv(work / "export" / "truth.csv").set_index("patient_id").loc[cohort.patient_ids]
     correlation = float(np.corrcoef(dpi, truth["lp_imaging"])[0, 1]) if effect > 0 else float("nan")
-    cv_cindex = float(np.mean([t.result().best_cindex for t in cv.trainers]))
+    cv_cindex = float(np.mean([r.best_cindex for r in results]))
     return {"imaging_effect": effect, "seed": seed, "cv_cindex": cv_cindex, "lr_p": result.lr_p,
             "hr_per_sd": result.hr_per_sd, "dpi_vs_true_imaging_lp_r": correlation}
 

@@ -17,11 +17,20 @@ from datasets.store import CohortStore
 
 
 def training_augmentation(strength: float = 1.0, seed: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """MONAI random transforms for training (flip, small affine, intensity scale and noise).
+    """MONAI random transforms for training (flip, small affine, per-sequence intensity scale and
+    shift, noise); the same distributions as `trainables.batches.BatchAugmentation`, which says
+    why every sequence's intensity is jittered.
 
     `strength` scales every range; 0 gives the identity.
     """
-    from monai.transforms import Compose, RandAffine, RandFlip, RandGaussianNoise, RandScaleIntensity
+    from monai.transforms import (
+        Compose,
+        RandAffine,
+        RandFlip,
+        RandGaussianNoise,
+        RandScaleIntensity,
+        RandShiftIntensity,
+    )
 
     if strength <= 0:
         return lambda image: image
@@ -29,7 +38,8 @@ def training_augmentation(strength: float = 1.0, seed: int | None = None) -> Cal
         RandFlip(prob=0.5, spatial_axis=0),  # left-right: hemisphere is not the prognostic signal
         RandAffine(prob=0.5 * min(1.0, strength), rotate_range=[0.12 * strength] * 3,
                    scale_range=[0.08 * strength] * 3, padding_mode="zeros"),
-        RandScaleIntensity(factors=0.1 * strength, prob=0.5),
+        RandScaleIntensity(factors=0.25 * strength, prob=1.0, channel_wise=True),
+        RandShiftIntensity(offsets=0.25 * strength, prob=1.0, channel_wise=True),
         RandGaussianNoise(prob=0.3, std=0.05 * strength),
     ])
     if seed is not None:
@@ -38,7 +48,7 @@ def training_augmentation(strength: float = 1.0, seed: int | None = None) -> Cal
 
 
 class CohortDataset(Dataset):
-    """Items ``{"image": float32 [C, X, Y, Z], "time": days, "event": 0/1, "label", "index"}``.
+    """Items ``{"image": float32 [C, X, Y, Z], "time": days, "event": 0/1, "index"}``.
 
     Parameters
     ----------
@@ -46,7 +56,7 @@ class CohortDataset(Dataset):
         The cohort store (read lazily per process).
     slots
         Store slots of the patients, in item order.
-    time, event, label
+    time, event
         Per-item outcome arrays (same length as `slots`).
     transform
         Applied to the image tensor (training augmentation); None for evaluation.
@@ -55,17 +65,16 @@ class CohortDataset(Dataset):
     """
 
     def __init__(self, store: CohortStore, slots: Sequence[int], time: np.ndarray, event: np.ndarray,
-                 label: np.ndarray | None = None, transform: Callable | None = None,
+                 transform: Callable | None = None,
                  volumes: np.ndarray | None = None):
         self.store = store
         self.slots = np.asarray(slots, dtype=int)
         self.time = np.asarray(time, dtype=np.float32)
         self.event = np.asarray(event, dtype=np.float32)
-        self.label = self.event if label is None else np.asarray(label, dtype=np.float32)
         self.transform = transform
         self.volumes = volumes
-        if not len(self.slots) == len(self.time) == len(self.event) == len(self.label):
-            raise ValueError("slots, time, event and label must have the same length")
+        if not len(self.slots) == len(self.time) == len(self.event):
+            raise ValueError("slots, time and event must have the same length")
         if volumes is not None and len(volumes) != len(self.slots):
             raise ValueError(f"volumes has {len(volumes)} items for {len(self.slots)} slots")
 
@@ -78,4 +87,4 @@ class CohortDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "time": torch.tensor(self.time[item]), "event": torch.tensor(self.event[item]),
-                "label": torch.tensor(self.label[item]), "index": item}
+                "index": item}

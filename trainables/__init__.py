@@ -1,13 +1,26 @@
-"""Training: backbones, survival heads and losses, and the fold trainer."""
+"""Training: backbones, survival heads and losses, the fold trainer and the fold models it leaves.
 
-from trainables.backbones import BACKBONES, build_backbone
-from trainables.config import TrainConfig
-from trainables.fold import CheckpointError, FoldData, FoldResult, FoldTrainer, TrainingDivergedError, train_fold
-from trainables.heads import HEADS, build_head
-from trainables.losses import binary_nll, cox_nll, logistic_hazard_nll
+Names are imported on first use, so that importing one light module of the package (or a
+command's ``--help``) does not load torch and MONAI.
+"""
 
-__all__ = [
-    "BACKBONES", "HEADS", "CheckpointError", "FoldData", "FoldResult", "FoldTrainer", "TrainConfig",
-    "TrainingDivergedError", "binary_nll", "build_backbone", "build_head", "cox_nll", "logistic_hazard_nll",
-    "train_fold",
-]
+import importlib
+
+_LAZY = {
+    "BACKBONES": "trainables.backbones", "build_backbone": "trainables.backbones",
+    "TrainConfig": "trainables.config",
+    "CheckpointError": "trainables.fold", "FoldData": "trainables.fold", "FoldResult": "trainables.fold",
+    "FoldTrainer": "trainables.fold", "TrainingDivergedError": "trainables.fold", "train_fold": "trainables.fold",
+    "FoldModel": "trainables.fold_model",
+    "HEADS": "trainables.heads", "build_head": "trainables.heads",
+    "binary_nll": "trainables.losses", "cox_nll": "trainables.losses", "logistic_hazard_nll": "trainables.losses",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainables' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -9,7 +9,7 @@ from typing import Any
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES
 from trainables.batches import PLACEMENTS
-from trainables.heads import HEADS
+from trainables.heads import CUT_SPACINGS, HEADS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -31,19 +31,21 @@ class TrainConfig:
     grad_clip
         Maximum gradient norm (0: no clipping).
     patience
-        Early stopping after this many epochs without a better selection C-index (0: off).
+        Early stopping after this many epochs without a better selection C-index (0: off; needs
+        a selection split).
     selection_fraction
-        Fraction of each training fold held out (stratified by event) to choose the best epoch
-        and to stop early, so the out-of-fold predictions are never chosen by their own outcomes
-        (0: no hold-out, the last epoch is used).
+        0 (default): the out-of-fold predictions come from the last epoch. Above 0: that
+        fraction of each training fold is held out (stratified by event) to choose the best
+        epoch and to stop early; see `trainables.fold` for why the last epoch is the default.
     augmentation
         Strength of the random training transforms (0: none).
     cox_memory
         Risk-set memory of the Cox head [samples of earlier batches]; 0: each batch's own risk
         sets. Off by default: 256 gave no better validation C-index and, at lr 1e-3, a log-hazard
         scale that kept growing (`benchmarks/results/cox_memory.md`).
-    intervals, horizon_days
-        Discrete times of the logistic-hazard head [days].
+    intervals, horizon_days, cut_spacing
+        Discrete times of the logistic-hazard head: `intervals` intervals, ``uniform`` up to
+        `horizon_days` [days] or ``exponential`` (the reference study's; `trainables.heads`).
     eval_times
         Times of the survival curves written out and integrated for the IBS [days].
     seed
@@ -76,11 +78,12 @@ class TrainConfig:
     warmup_epochs: int = 5
     grad_clip: float = 1.0
     patience: int = 0
-    selection_fraction: float = 0.15
+    selection_fraction: float = 0.0
     augmentation: float = 1.0
     cox_memory: int = 0
     intervals: int = 19
     horizon_days: float = 1825.0
+    cut_spacing: str = "uniform"
     eval_times: tuple[float, ...] = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
     seed: int = 0
     num_workers: int = 0
@@ -106,6 +109,9 @@ class TrainConfig:
             (self.volume_placement in PLACEMENTS,
              f"volume_placement must be one of {list(PLACEMENTS)}, got {self.volume_placement!r}"),
             (0 <= self.selection_fraction < 0.5, f"selection_fraction must be in [0, 0.5), got {self.selection_fraction}"),
+            (not self.patience or self.selection_fraction > 0,
+             f"patience {self.patience} needs a selection split to stop on (selection_fraction > 0)"),
+            (self.cut_spacing in CUT_SPACINGS, f"cut_spacing must be one of {list(CUT_SPACINGS)}, got {self.cut_spacing!r}"),
             (len(self.eval_times) >= 2 and list(self.eval_times) == sorted(self.eval_times),
              f"eval_times must be at least two increasing times, got {self.eval_times}"),
         ]

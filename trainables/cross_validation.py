@@ -1,10 +1,12 @@
 """K-fold cross-validation of one configuration: folds in lock-step, pooled out-of-fold metrics.
 
 Pure training code (no Ray): `CrossValidation.step()` advances every unfinished fold by one
-epoch and returns the cross-fold mean validation C-index, so the caller (the Ray trainable) can
-report it after every epoch and ASHA prunes configurations by their CV mean, not by a lucky
-fold. Lock-step rather than fold after fold because a per-fold report would let the scheduler
-judge a configuration on fold 0 alone.
+epoch and returns the cross-fold mean of that epoch's validation C-index
+(`analysis.metric_names.EPOCH_CINDEX`), so the caller (the Ray trainable) can report it after
+every epoch and ASHA prunes configurations by their CV mean, not by a lucky fold. Lock-step
+rather than fold after fold because a per-fold report would let the scheduler judge a
+configuration on fold 0 alone. `cv_metrics` computes the final metrics from the pooled
+out-of-fold predictions; the names and meanings are in `analysis.metric_names`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from analysis import metric_names as names  # noqa: E402
 from analysis.metrics import (  # noqa: E402
     SurvivalDataError,
     bootstrap_ci,
@@ -35,10 +38,11 @@ from analysis.metrics import (  # noqa: E402
 from datasets.cohort import Cohort  # noqa: E402
 from trainables.batches import VolumeCache  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
-from trainables.fold import FoldData, FoldTrainer, resolve_device  # noqa: E402
+from trainables.fold import FoldData, FoldResult, FoldTrainer, resolve_device  # noqa: E402
 
 OOF_FILE = "oof_predictions.csv"
 CURVE_FILE = "learning_curve.png"
+
 
 
 @dataclass
@@ -78,9 +82,7 @@ class CrossValidation:
                 caches[device] = VolumeCache(data.volumes, where, config.volume_placement, gpu_fraction)
         self.trainers = []
         for fold in range(k):
-            fold_data = FoldData(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event,
-                                 cohort.label, np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold,
-                                 data.volumes, data.volume_rows)
+            fold_data = FoldData.from_cohort(cohort, folds, fold, data.volumes, data.volume_rows)
             device = self.devices[fold % len(self.devices)]
             self.trainers.append(FoldTrainer(fold_data, config, self.directory / f"fold{fold}.pt",
                                              device=device, volume_cache=caches.get(device)))
@@ -115,16 +117,23 @@ class CrossValidation:
             with ThreadPoolExecutor(len(lanes)) as pool:
                 for done in [pool.submit(run, lane) for lane in lanes]:
                     done.result()  # re-raises a fold's error (e.g. divergence) here
-        per_fold = [t.history[-1]["val_cindex"] for t in self.trainers]
-        metrics = {"epoch": self.epoch, "fold_epochs": self.fold_epochs,
-                   "cv_cindex": float(np.nanmean(per_fold)) if np.isfinite(per_fold).any() else float("nan"),
-                   "train_loss": float(np.nanmean([t.history[-1]["train_loss"] for t in self.trainers]))}
-        metrics.update({f"fold{k}_cindex": c for k, c in enumerate(per_fold)})
+        # A fold that stopped early counts with the epoch it selected (the one its predictions
+        # come from), not with a stale last value; folds_stopped says how many did.
+        per_fold = [t.best_cindex if t.stopped_early else t.history[-1]["val_cindex"] for t in self.trainers]
+        metrics = {"epoch": self.epoch, names.FOLD_EPOCHS.name: self.fold_epochs,
+                   names.EPOCH_CINDEX.name: float(np.nanmean(per_fold)) if np.isfinite(per_fold).any() else float("nan"),
+                   names.FOLDS_STOPPED.name: sum(t.stopped_early for t in self.trainers),
+                   names.TRAIN_LOSS.name: float(np.nanmean([t.history[-1]["train_loss"] for t in self.trainers]))}
+        metrics.update({names.fold_cindex(k): c for k, c in enumerate(per_fold)})
         return metrics
 
+    def results(self) -> list[FoldResult]:
+        """Every fold's result: out-of-fold predictions and fold model of its selected epoch."""
+        return [t.result() for t in self.trainers]
+
     def predictions(self) -> pd.DataFrame:
-        """Out-of-fold predictions of every fold's best epoch, one row per patient."""
-        return pd.concat([t.result().predictions for t in self.trainers], ignore_index=True)
+        """Out-of-fold predictions of every fold's selected epoch, one row per patient."""
+        return pd.concat([r.predictions for r in self.results()], ignore_index=True)
 
     def write_learning_curve(self, path: Path) -> None:
         fig, (ax_loss, ax_c) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -142,35 +151,60 @@ class CrossValidation:
         plt.close(fig)
 
 
-def cv_metrics(oof: pd.DataFrame, eval_times, seed: int = 0, n_resamples: int = 1000) -> dict:
+def alive_past_horizon(time: np.ndarray, event: np.ndarray, horizon: float | None) -> np.ndarray:
+    """Times for metrics at the horizon of an administratively censored endpoint.
+
+    Survivors of a 1-year endpoint are censored *at* day 365, which means alive after it; IPCW
+    metrics at t count a control only when its time exceeds t, so they are moved just past the
+    horizon (the censoring distribution below the horizon is unchanged)."""
+    if horizon is None:
+        return time
+    return np.where((event == 0) & (time >= horizon), np.nextafter(horizon, np.inf), time)
+
+
+def collapsed_folds(fold_cindex: dict[int, float], fold_risk_sd: dict[int, float]) -> list[int]:
+    """Folds that learned nothing while the others did (`analysis.metric_names.FOLDS_COLLAPSED`)."""
+    out = []
+    for fold, c in fold_cindex.items():
+        others = [v for f, v in fold_cindex.items() if f != fold and np.isfinite(v)]
+        if others and np.median(others) >= 0.55 and (abs(c - 0.5) <= 0.02 or fold_risk_sd.get(fold, 1.0) < 1e-6):
+            out.append(fold)
+    return out
+
+
+def cv_metrics(oof: pd.DataFrame, eval_times, horizon: float | None = None, seed: int = 0,
+               n_resamples: int = 1000) -> dict:
     """Cross-validation metrics from out-of-fold predictions (recomputable from the CSV).
 
-    ``cindex`` with ``cindex_low``/``cindex_high``: Harrell's C over all out-of-fold predictions
-    with a percentile bootstrap 95% CI; ``cindex_fold_mean``/``_sd``: per-fold C-indices;
-    ``brier_365``: IPCW Brier score at 365 days; ``ibs``: integrated over `eval_times` inside the
-    follow-up; ``uno_c``: truncated at the 90th percentile of times; ``auc_365``.
+    `horizon`: the endpoint's administrative censoring [days] (365 for 1-year tasks, None for
+    OS). Names and meanings: `analysis.metric_names`; definitions: the README's "Metrics".
     """
     time, event, risk = oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float)
     out: dict[str, float] = {}
     estimate = bootstrap_ci(harrell_c, time, event, risk, n_resamples=n_resamples, seed=seed)
-    out.update(cindex=estimate.value, cindex_low=estimate.low, cindex_high=estimate.high)
-    per_fold = []
-    for _, part in oof.groupby("fold"):
+    out.update({names.OOF_CINDEX.name: estimate.value, names.OOF_CINDEX_LOW.name: estimate.low,
+                names.OOF_CINDEX_HIGH.name: estimate.high})
+    per_fold, risk_sd = {}, {}
+    for fold, part in oof.groupby("fold"):
+        risk_sd[int(fold)] = float(part["risk"].std(ddof=0))
         try:
-            per_fold.append(harrell_c(part["time"], part["event"], part["risk"]))
+            per_fold[int(fold)] = harrell_c(part["time"], part["event"], part["risk"])
         except SurvivalDataError:
             pass
-    out["cindex_fold_mean"] = float(np.mean(per_fold)) if per_fold else math.nan
-    out["cindex_fold_sd"] = float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else math.nan
-    out["brier_365"] = float(brier_score(time, event, oof["surv_365"].to_numpy(float), 365.0)[0])
-    times = [t for t in eval_times if t < time.max()]
+    values = list(per_fold.values())
+    out[names.FOLD_CINDEX_MEAN.name] = float(np.mean(values)) if values else math.nan
+    out[names.FOLD_CINDEX_SD.name] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    out[names.FOLDS_COLLAPSED.name] = len(collapsed_folds(per_fold, risk_sd))
+    at = alive_past_horizon(time, event, horizon)
+    out[names.BRIER_365.name] = float(brier_score(at, event, oof["surv_365"].to_numpy(float), 365.0)[0])
+    times = [t for t in eval_times if t < at.max()]
     if len(times) >= 2:
         columns = [f"surv_t{int(t)}" for t in times]
-        out["ibs"] = integrated_brier_score(time, event, oof[columns].to_numpy(float), times)
+        out[names.IBS.name] = integrated_brier_score(at, event, oof[columns].to_numpy(float), times)
     else:
-        out["ibs"] = math.nan
-    for name, fn in (("uno_c", lambda: uno_c(time, event, risk, tau=float(np.quantile(time, 0.9)))),
-                     ("auc_365", lambda: float(cumulative_dynamic_auc(time, event, risk, [365.0])[0]))):
+        out[names.IBS.name] = math.nan
+    for name, fn in ((names.UNO_C.name, lambda: uno_c(time, event, risk, tau=float(np.quantile(time, 0.9)))),
+                     (names.AUC_365.name, lambda: float(cumulative_dynamic_auc(at, event, risk, [365.0])[0]))):
         try:
             out[name] = float(fn())
         except SurvivalDataError:

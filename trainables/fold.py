@@ -3,15 +3,23 @@
 `FoldTrainer` advances one epoch per `step()` so a trial can run its folds in lock-step and
 report the cross-fold mean after every epoch.
 
-The best epoch (whose weights give the out-of-fold predictions) and early stopping are decided on
-a *selection* split held out from the training fold, never on the validation fold itself:
-choosing the epoch with the best validation C-index and then reporting that fold's predictions
-leaks the validation outcomes into the predictions (on cohorts whose images carry no
-information this made the DPI look prognostic in a third of the seeds). Every epoch ends with an atomic checkpoint
-(model, optimizer, scheduler, best weights, history); a trainer built on an existing checkpoint
-continues from it. Randomness (shuffling, augmentation, dropout) is re-seeded from
-(seed, fold, epoch) at each epoch, so an interrupted and resumed fold reproduces the
-uninterrupted one exactly on CPU.
+Which epoch's weights give the out-of-fold predictions: by default the *last* epoch of a fixed
+budget (`selection_fraction` 0), the learning rate having decayed to zero on its cosine
+schedule. The alternative, choosing the epoch with the best C-index on a *selection* split held
+out from the training fold (`selection_fraction` > 0, which also allows early stopping by
+`patience`), never looks at the validation fold, but at the sizes users run it chooses by noise:
+on the demo cohort the selection split holds 15 patients, its C swung between 0.44 and 0.60 from
+epoch to epoch and it picked epochs 0 and 1 of 8, whose outputs were almost constant
+(`benchmarks/results/learning.md` compares both). The number of epochs is then part of the
+configuration the search chooses, and it is chosen on the folds' pooled out-of-fold C-index like
+every other hyperparameter. Choosing the epoch with the best *validation* C-index instead would
+leak the validation outcomes into the predictions (on cohorts whose images carry no information
+this made the DPI look prognostic in a third of the seeds).
+
+Every epoch ends with an atomic checkpoint (model, optimizer, scheduler, selected weights,
+history); a trainer built on an existing checkpoint continues from it. Randomness (shuffling,
+augmentation, dropout) is re-seeded from (seed, fold, epoch) at each epoch, so an interrupted
+and resumed fold reproduces the uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ from datasets.torch_data import CohortDataset, training_augmentation
 from trainables.backbones import build_backbone
 from trainables.batches import BatchAugmentation, InMemoryBatches, VolumeCache
 from trainables.config import TrainConfig
+from trainables.fold_model import FoldModel
 from trainables.heads import build_head
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # Parameters that must match for a checkpoint to be resumed.
-_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "dropout")
+_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "cut_spacing", "dropout")
 
 
 class TrainingDivergedError(StudyError):
@@ -56,8 +65,9 @@ class FoldData:
     ----------
     store
         Cohort store the volumes come from.
-    patient_ids, slots, time, event, label
-        Per-patient arrays of the whole task cohort (length n).
+    patient_ids, slots, time, event
+        Per-patient arrays of the whole task cohort (length n): ids, store slots, the endpoint's
+        time [days] and event (0/1).
     train, val
         Positions (into the arrays above) of this fold's training and validation patients.
     fold
@@ -72,12 +82,18 @@ class FoldData:
     slots: np.ndarray
     time: np.ndarray
     event: np.ndarray
-    label: np.ndarray
     train: np.ndarray
     val: np.ndarray
     fold: int = 0
     volumes: np.ndarray | None = None
     volume_rows: np.ndarray | None = None
+
+    @classmethod
+    def from_cohort(cls, cohort, folds: np.ndarray, fold: int, volumes: np.ndarray | None = None,
+                    volume_rows: np.ndarray | None = None) -> FoldData:
+        """Fold `fold` of a `datasets.Cohort` given its fold assignment (int [n])."""
+        return cls(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event,
+                   np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold, volumes, volume_rows)
 
     def dataset(self, positions: np.ndarray, transform=None) -> CohortDataset:
         volumes = None
@@ -85,7 +101,7 @@ class FoldData:
             rows = positions if self.volume_rows is None else self.volume_rows[positions]
             volumes = _Rows(self.volumes, rows)
         return CohortDataset(self.store, self.slots[positions], self.time[positions], self.event[positions],
-                             self.label[positions], transform=transform, volumes=volumes)
+                             transform=transform, volumes=volumes)
 
 
 class _Rows:
@@ -103,11 +119,14 @@ class _Rows:
 
 @dataclass
 class FoldResult:
+    """A finished fold: its history, the selected epoch, its out-of-fold predictions and model."""
+
     fold: int
     history: list[dict]
     best_epoch: int
     best_cindex: float
     predictions: pd.DataFrame = field(repr=False)
+    model: FoldModel | None = field(default=None, repr=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +176,7 @@ class FoldTrainer:
         # `device` (e.g. "cuda:3") overrides config.device: a multi-GPU trial places its folds.
         self.device = torch.device(device) if device else resolve_device(config.device)
         self.head = build_head(config.head, cox_memory=config.cox_memory, intervals=config.intervals,
-                               horizon_days=config.horizon_days)
+                               horizon_days=config.horizon_days, cut_spacing=config.cut_spacing)
         torch.manual_seed(self._seed(-1))
         self.model = build_backbone(config.backbone, len(data.store.sequences), self.head.out_features,
                                     config.width, config.depth, config.dropout).to(self.device)
@@ -173,6 +192,7 @@ class FoldTrainer:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.fit, self.select = self._selection_split()
+        self.head.prepare(data.time[self.fit], data.event[self.fit])
         if data.volumes is not None and volume_cache is None:
             volume_cache = VolumeCache(data.volumes, self.device, config.volume_placement)
         # `volume_cache` (data.volumes on this device) is passed in when several folds share it.
@@ -226,7 +246,8 @@ class FoldTrainer:
             "best_cindex": self.best_cindex,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
-            "best_model": self.best_state,
+            # Without a selection split the selected weights are the current ones: not stored twice.
+            "best_model": self.best_state if len(self.select) else None,
             "best_val_outputs": None if self.best_val_outputs is None else torch.from_numpy(self.best_val_outputs),
             "stopped_early": self.stopped_early,
         }
@@ -251,7 +272,8 @@ class FoldTrainer:
         self.best_cindex = float(state["best_cindex"])
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
-        self.best_state = state["best_model"]
+        self.best_state = state["best_model"] if state["best_model"] is not None else {
+            k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         outputs = state["best_val_outputs"]
         self.best_val_outputs = None if outputs is None else outputs.cpu().numpy()
         self.stopped_early = bool(state["stopped_early"])
@@ -268,7 +290,7 @@ class FoldTrainer:
         return images
 
     def _training_batches(self, seed: int):
-        """(images on the device, time, event, label) of one shuffled, augmented epoch."""
+        """(images on the device, time, event) of one shuffled, augmented epoch."""
         config = self.config
         generator = torch.Generator().manual_seed(seed)
         batch = min(config.batch_size, len(self.fit))
@@ -279,15 +301,14 @@ class FoldTrainer:
                 positions = self.fit[order]
                 images = self.augment(self.memory.images(positions), augment_generator)
                 yield (self._to_device(images), *(torch.as_tensor(a[positions], dtype=torch.float32, device=self.device)
-                                                  for a in (self.data.time, self.data.event, self.data.label)))
+                                                  for a in (self.data.time, self.data.event)))
             return
         dataset = self.data.dataset(self.fit, training_augmentation(config.augmentation, seed=seed))
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator, drop_last=drop_last,
                             num_workers=config.num_workers, persistent_workers=False,
                             pin_memory=self.device.type == "cuda")
         for items in loader:
-            yield (self._to_device(items["image"]), items["time"].to(self.device), items["event"].to(self.device),
-                   items["label"].to(self.device))
+            yield self._to_device(items["image"]), items["time"].to(self.device), items["event"].to(self.device)
 
     def _train_epoch(self) -> float:
         config, seed = self.config, self._seed(self.epoch)
@@ -295,10 +316,10 @@ class FoldTrainer:
         self.model.train()
         self.head.reset()
         losses = []
-        for images, time, event, label in self._training_batches(seed):
+        for images, time, event in self._training_batches(seed):
             with self._autocast():
                 outputs = self.model(images)
-            loss = self.head.loss(outputs.float(), time, event, label)
+            loss = self.head.loss(outputs.float(), time, event)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"fold {self.data.fold}, epoch {self.epoch}: the loss became {loss.item()} "
@@ -331,7 +352,7 @@ class FoldTrainer:
 
     def _cindex(self, outputs: np.ndarray, positions: np.ndarray) -> float:
         try:
-            return harrell_c(self.data.time[positions], self.data.event[positions], self.head.risk(outputs))
+            return harrell_c(self.data.time[positions], self.data.event[positions], self.head.score(outputs))
         except SurvivalDataError:
             return float("nan")
 
@@ -365,7 +386,7 @@ class FoldTrainer:
         return record
 
     def result(self) -> FoldResult:
-        """Out-of-fold predictions of the best epoch's weights (call when `finished`)."""
+        """Out-of-fold predictions and the fold model of the selected epoch (call when `finished`)."""
         if self.best_state is None:
             raise StudyError(f"fold {self.data.fold}: no epoch was trained")
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -373,7 +394,10 @@ class FoldTrainer:
         train_outputs = self.predict(self.fit)
         self.model.load_state_dict(current)
         data = self.data
+        # The head's baseline (and so the DPI's zero point) comes from this fold's training patients only.
         self.head.fit(train_outputs, data.time[self.fit], data.event[self.fit])
+        model = FoldModel.from_training(data.fold, self.config, len(data.store.sequences),
+                                        {k: v.cpu() for k, v in self.best_state.items()}, self.head)
         outputs = self.best_val_outputs
         val = data.val
         frame = pd.DataFrame({
@@ -387,7 +411,7 @@ class FoldTrainer:
         curves = self.head.survival(outputs, np.asarray(self.config.eval_times))
         for k, t in enumerate(self.config.eval_times):
             frame[f"surv_t{int(t)}"] = curves[:, k]
-        return FoldResult(data.fold, list(self.history), self.best_epoch, self.best_cindex, frame)
+        return FoldResult(data.fold, list(self.history), self.best_epoch, self.best_cindex, frame, model)
 
 
 def train_fold(data: FoldData, config: TrainConfig, checkpoint: Path | None = None) -> FoldResult:

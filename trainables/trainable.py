@@ -1,10 +1,12 @@
 """The Ray Tune trainable: one trial = one configuration evaluated by K-fold CV on one task.
 
 The only Ray calls below `study` live here: `tune.report` (with checkpoints), `tune.get_checkpoint`
-and `ray.get` of the shared volumes. The trial reports after every epoch the mean validation
-C-index across folds (``cv_cindex``, what ASHA prunes on), the per-fold values and the fold-epochs
-spent; the last report carries ``final: True``, the pooled out-of-fold metrics with their 95% CI,
-and a checkpoint holding ``oof_predictions.csv`` and ``learning_curve.png``. A restarted trial
+and `ray.get` of the shared volumes. The trial's configuration is its task (``task``) plus the
+training parameters of `TrainConfig`. It reports after every epoch the mean of the folds'
+validation C-index at that epoch (`analysis.metric_names.EPOCH_CINDEX`, what ASHA prunes on),
+the per-fold values and the fold-epochs spent; the last report carries ``final: True``, the
+pooled out-of-fold metrics with their 95% CI (`FINAL_METRICS`), and a checkpoint holding
+``oof_predictions.csv`` and ``learning_curve.png``. A restarted trial
 resumes every fold from the last reported checkpoint. A trial whose loss diverges (NaN/inf)
 reports ``failed`` with the reason and ends, so Tune does not retry it.
 """
@@ -19,13 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
+from analysis import metric_names as names
 from datasets.cohort import Cohort, CohortSpec
 from datasets.remote import stage_store
 from trainables.config import TrainConfig
 from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
 from trainables.fold import TrainingDivergedError
+from trainables.fold_model import model_file
+
+
+# Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
+EXPERIMENT = "trials"
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,10 @@ class TrialSetup:
     store
         Absolute path or URI of the cohort store (Tune runs trials in other directories; a
         remote store is staged once per node).
-    filter, endpoint
-        The task's cohort.
+    tasks
+        (name, filter, endpoint) of every task a trial may be given.
+    exclude
+        Patient ids no trial may see (the outer test fold of nested CV).
     folds, fold_seed
         K and the seed of the folds: identical for every trial of a task.
     cpus
@@ -54,15 +65,21 @@ class TrialSetup:
     """
 
     store: str
-    filter: str
-    endpoint: str
+    tasks: tuple[tuple[str, str, str], ...]
     folds: int
+    exclude: tuple[str, ...] = ()
     fold_seed: int = 0
     cpus: int = 1
     checkpoint_every: int = 1
     bootstrap: int = 1000
     volumes: Any = None
     volume_slots: tuple[int, ...] | None = None
+
+    def cohort_spec(self, task: str) -> CohortSpec:
+        for name, filter_, endpoint in self.tasks:
+            if name == task:
+                return CohortSpec(filter_, endpoint, self.exclude)
+        raise KeyError(f"task {task!r} is not one of this study's {[t[0] for t in self.tasks]}")
 
 
 def _shared_volumes(setup: TrialSetup, cohort: Cohort) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -83,8 +100,9 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
 
     torch.set_num_threads(max(1, setup.cpus))
     node = ray.get_runtime_context().get_node_id()  # tracked: which node ran (or re-ran) the trial
-    train_config = TrainConfig.from_dict(config)
-    cohort = Cohort(stage_store(setup.store), CohortSpec(setup.filter, setup.endpoint))
+    task = config["task"]
+    train_config = TrainConfig.from_dict({k: v for k, v in config.items() if k != "task"})
+    cohort = Cohort(stage_store(setup.store), setup.cohort_spec(task))
     folds = cohort.folds(setup.folds, setup.fold_seed)
     volumes, rows = _shared_volumes(setup, cohort)
     workdir = Path(tempfile.mkdtemp(prefix="cv-trial-"))
@@ -109,15 +127,22 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
             except TrainingDivergedError as exc:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).
-                tune.report({"epoch": cv.epoch, "fold_epochs": cv.fold_epochs, "cv_cindex": float("nan"),
-                             "failed": str(exc)})
+                tune.report({"epoch": cv.epoch, names.FOLD_EPOCHS.name: cv.fold_epochs,
+                             names.EPOCH_CINDEX.name: float("nan"), "failed": str(exc)})
                 return
             if cv.finished:
-                oof = cv.predictions()
+                results = cv.results()
+                oof = pd.concat([r.predictions for r in results], ignore_index=True)
                 oof.to_csv(workdir / OOF_FILE, index=False)
                 cv.write_learning_curve(workdir / CURVE_FILE)
-                metrics.update(cv_metrics(oof, train_config.eval_times, seed=setup.fold_seed,
-                                          n_resamples=setup.bootstrap))
+                # The final checkpoint keeps what analysis needs (fold models, predictions), not the
+                # trainers' optimizer states: a finished trial is never resumed.
+                for result in results:
+                    result.model.save(workdir / model_file(result.fold))
+                for trainer in cv.trainers:
+                    trainer.checkpoint.unlink(missing_ok=True)
+                metrics.update(cv_metrics(oof, train_config.eval_times, horizon=cohort.horizon,
+                                          seed=setup.fold_seed, n_resamples=setup.bootstrap))
                 metrics["final"] = True
             if cv.finished or cv.epoch % setup.checkpoint_every == 0:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
