@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from analysis import metric_names as names
 from benchmarks._machine import describe, markdown_table, write_result
 from search_spaces import SPACES
 from study.demo import demo_store
@@ -68,12 +69,13 @@ def run(mode: str, seed: int, args, work: Path) -> dict:
     runs = [r for r in client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=1000)
             if r.data.tags.get("study_role") == "trial"]
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    best = max(finished, key=lambda r: r.data.metrics["cindex"])
+    best = max(finished, key=lambda r: r.data.metrics[names.OOF_CINDEX.name])
     return {"seed": seed, "mode": "ASHA" if mode == "asha" else "no pruning", "configurations": len(runs),
             "pruned": sum(r.info.status == "KILLED" for r in runs),
             "fold_epochs": int(sum(r.data.metrics.get("fold_epochs", 0) for r in runs)),
-            "best_cindex": best.data.metrics["cindex"], "ci_low": best.data.metrics["cindex_low"],
-            "ci_high": best.data.metrics["cindex_high"], "wall_s": wall}
+            "best_cindex": best.data.metrics[names.OOF_CINDEX.name],
+            "ci_low": best.data.metrics[names.OOF_CINDEX_LOW.name],
+            "ci_high": best.data.metrics[names.OOF_CINDEX_HIGH.name], "wall_s": wall}
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """Named search spaces: distributions plus a fixed protocol; `SPACES` is the registry."""
 
 from search_spaces import literature_priors, smoke, wide
-from search_spaces._space import BACKBONES, TASKS, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform
+from search_spaces._space import BACKBONES, TASKS, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform, cell_name
 
 BUILTIN_SPACES = frozenset(s.name for s in (literature_priors.SPACE, wide.SPACE, smoke.SPACE))
 # Built-in spaces, plus a user's space file once `study.config.resolve` has read it.
@@ -16,4 +16,4 @@ def get_space(name: str) -> SearchSpace:
 
 
 __all__ = ["BACKBONES", "BUILTIN_SPACES", "SPACES", "TASKS", "Choice", "LogUniform", "Protocol", "SearchSpace", "Task", "Uniform",
-           "get_space"]
+           "cell_name", "get_space"]

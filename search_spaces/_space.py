@@ -92,6 +92,11 @@ TASKS: dict[str, Task] = {
 }
 
 
+def cell_name(backbone: str, task: str) -> str:
+    """The name of a backbone x task cell (an independent search; folders, MLflow keys, files)."""
+    return f"{backbone}__{task}"
+
+
 @dataclass(frozen=True)
 class Protocol:
     """What is fixed during a search (per budget).

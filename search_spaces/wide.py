@@ -18,9 +18,10 @@ SPACE = SearchSpace(
                "optimizer": "adamw"},
     protocols={
         "full": Protocol(folds=10, epochs=200, num_samples=40, grace_epochs=10, reduction_factor=3,
-                         fixed={"warmup_epochs": 5, "patience": 40}, checkpoint_every=5),
-        "demo": Protocol(folds=3, epochs=4, num_samples=3, grace_epochs=1, reduction_factor=2, width=0.25,
-                         depth=0.2, fixed={"warmup_epochs": 1, "cox_memory": 0},
-                         distributions={"batch_size": Choice((8, 16))}, reference={"batch_size": 16}),
+                         fixed={"warmup_epochs": 5, "patience": 40, "selection_fraction": 0.15}, checkpoint_every=5),
+        "demo": Protocol(folds=3, epochs=20, num_samples=3, grace_epochs=5, reduction_factor=2, width=0.25,
+                         depth=0.2, fixed={"warmup_epochs": 1},
+                         distributions={"batch_size": Choice((8, 16))}, reference={"batch_size": 16, "lr": 1e-3},
+                         checkpoint_every=5),
     },
 )

@@ -37,6 +37,10 @@ class StudyConfig:
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
     pruning
         ASHA stops poor configurations early (False: every configuration runs all its epochs).
+    outer_folds, outer_fold
+        Nested cross-validation: with `outer_folds` K >= 2 the whole study runs K times, each time
+        without one outer fold's patients (`outer_fold`), which then test the configuration that
+        search selected (`study.nested`). 0: no outer loop.
     address
         Ray cluster address (None: a local Ray instance).
     tracking_uri, storage_path, name
@@ -66,6 +70,8 @@ class StudyConfig:
     space_file: str | None = None
     share_volumes: bool = True
     pruning: bool = True
+    outer_folds: int = 0
+    outer_fold: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -132,6 +138,9 @@ def resolve(args) -> StudyConfig:
     for path in [args.data, *args.external]:
         if path is not None and not is_remote(path) and not Path(path).exists():
             raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
+    outer_folds = args.outer_folds
+    if outer_folds == 1 or outer_folds < 0:
+        raise InputError(f"--outer-folds must be 0 (no nested CV) or at least 2, got {outer_folds}")
     storage = args.storage_path
     if "://" not in storage:
         storage = str(Path(storage).expanduser().absolute())
@@ -146,4 +155,4 @@ def resolve(args) -> StudyConfig:
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
-        share_volumes=args.share_volumes, pruning=args.pruning)
+        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds)

@@ -1,15 +1,38 @@
-"""The study's results table, like the reference study's: per backbone x task the best
-configuration's CV C-index [95% CI] and Brier score at 365 days."""
+"""The study's results table: per backbone x task cell, what its selected configuration predicts.
+
+Rows (`ROWS`), one column per cell:
+
+- the BBC-CV C-index [95% CI] of the selected configuration (the headline: the selection among
+  the cell's configurations is paid for, `analysis.selection`);
+- the selected configuration's own pooled out-of-fold C-index [95% CI] (the naive best,
+  optimistic by construction) and the reference recipe's;
+- the mean +- SD of the selected configuration's per-fold C-indices and the folds that learned
+  nothing;
+- its Brier score at 365 days and integrated Brier score;
+- on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true imaging and total
+  linear predictors on the same patients: what there was to learn.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from study.tracking import FINAL_METRICS
+from analysis import metric_names as names
+from analysis.metrics import Estimate, SurvivalDataError
+from analysis.selection import bbc_cv
+from search_spaces import cell_name
+from trainables.cross_validation import OOF_FILE
+
+ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
+        "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS",
+        "oracle C-index (true imaging / total predictor)", "selected configuration",
+        "trials (finished/pruned/failed)")
 
 
 @dataclass
@@ -20,31 +43,93 @@ class CellResult:
     pruned: int = 0
     failed: int = 0
     fold_epochs: int = 0
-    best: dict = field(default_factory=dict)  # final metrics of the best finished trial
+    best: dict = field(default_factory=dict)  # final metrics of the selected (best finished) trial
     best_config: dict = field(default_factory=dict)
     best_trial: str = ""
+    reference: dict = field(default_factory=dict)  # final metrics of the reference recipe's trial
+    bbc: Estimate | None = None
+    oracle: dict = field(default_factory=dict)  # "imaging", "total": oracle C-index (synthetic cohorts)
+    best_checkpoint: object = field(default=None, repr=False)  # Tune checkpoint of the selected trial
+
+    @property
+    def cell(self) -> str:
+        return cell_name(self.backbone, self.task)
+
+    def metrics(self) -> dict[str, float]:
+        """The cell's numbers as metrics of the study run (`analysis.metric_names.CELL_METRICS`)."""
+        values = dict(self.best)
+        if self.bbc is not None:
+            values.update({names.BBC_CINDEX.name: self.bbc.value, names.BBC_CINDEX_LOW.name: self.bbc.low,
+                           names.BBC_CINDEX_HIGH.name: self.bbc.high})
+        if self.reference:
+            values[names.REFERENCE_CINDEX.name] = self.reference.get(names.OOF_CINDEX.name)
+        return {names.cell_metric(self.cell, m): values[m.name] for m in names.CELL_METRICS
+                if isinstance(values.get(m.name), (int, float)) and math.isfinite(values[m.name])}
 
 
-def summarise(backbone: str, task: str, grid, searched: list[str]) -> CellResult:
-    """Best finished trial of a cell (by pooled out-of-fold C-index) and trial counts."""
-    cell = CellResult(backbone, task)
-    best_value = -math.inf
+@dataclass
+class StudyOutcome:
+    """What `study.run.run_study` returns: the results table and the cells behind it."""
+
+    table: pd.DataFrame | None
+    cells: list[CellResult]
+    store: object
+
+
+def _oof(result) -> pd.DataFrame | None:
+    if result.checkpoint is None:
+        return None
+    with result.checkpoint.as_directory() as directory:
+        path = Path(directory) / OOF_FILE
+        return pd.read_csv(path) if path.exists() else None
+
+
+def _is_reference(config: dict, reference: dict) -> bool:
+    return all(config.get(k) == v for k, v in reference.items())
+
+
+def summarise(grid, searched: list[str], reference: dict, bootstrap: int = 1000, seed: int = 0) -> list[CellResult]:
+    """Per cell: the selected trial (best pooled out-of-fold C-index), trial counts, the reference
+    recipe's metrics and the BBC-CV estimate over all of the cell's finished configurations."""
+    cells: dict[str, CellResult] = {}
+    finished = defaultdict(list)
     for result in grid:
+        config = result.config or {}
+        if "backbone" not in config or "task" not in config:
+            continue
+        cell = cells.setdefault(cell_name(config["backbone"], config["task"]),
+                                CellResult(config["backbone"], config["task"]))
         metrics = result.metrics or {}
-        cell.fold_epochs += int(metrics.get("fold_epochs", 0) or 0)
+        cell.fold_epochs += int(metrics.get(names.FOLD_EPOCHS.name, 0) or 0)
         if result.error is not None or metrics.get("failed"):
             cell.failed += 1
-        elif metrics.get("final"):
-            cell.finished += 1
-            value = metrics.get("cindex", -math.inf)
-            if value > best_value:
-                best_value = value
-                cell.best = {k: metrics.get(k) for k in FINAL_METRICS}
-                cell.best_config = {k: result.config.get(k) for k in searched}
-                cell.best_trial = metrics.get("trial_id", "")
-        else:
+            continue
+        if not metrics.get("final"):
             cell.pruned += 1
-    return cell
+            continue
+        cell.finished += 1
+        final = {m.name: metrics.get(m.name) for m in names.FINAL_METRICS}
+        finished[cell.cell].append(result)
+        if _is_reference(config, reference):
+            cell.reference = final
+        if final[names.OOF_CINDEX.name] > cell.best.get(names.OOF_CINDEX.name, -math.inf):
+            cell.best, cell.best_trial, cell.best_checkpoint = final, metrics.get("trial_id", ""), result.checkpoint
+            cell.best_config = {k: config.get(k) for k in searched}
+    for key, results in finished.items():
+        frames = [f for f in map(_oof, results) if f is not None]
+        if not frames:
+            continue
+        aligned = frames[0][["patient_id", "time", "event"]]
+        risks = np.stack([f.set_index("patient_id").loc[aligned["patient_id"], "risk"].to_numpy(float) for f in frames])
+        try:
+            cells[key].bbc = bbc_cv(aligned["time"], aligned["event"], risks, n_bootstrap=bootstrap, seed=seed)
+        except SurvivalDataError:
+            pass
+    return list(cells.values())
+
+
+def _ci(value, low, high) -> str:
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _fmt_config(config: dict) -> str:
@@ -52,21 +137,36 @@ def _fmt_config(config: dict) -> str:
 
 
 def results_table(cells: list[CellResult]) -> pd.DataFrame:
-    """Rows: C-index [95% CI], Brier score (365 d), IBS, trials; columns: backbone / task."""
+    """Rows: `ROWS`; columns: backbone / task."""
     columns = {}
     for cell in cells:
-        best = cell.best
+        best, column = cell.best, dict.fromkeys(ROWS, "")
         if best:
-            cindex = f"{best['cindex']:.3f} [{best['cindex_low']:.4f}, {best['cindex_high']:.4f}]"
-            brier, ibs = f"{best['brier_365']:.3f}", f"{best['ibs']:.3f}"
+            column[ROWS[1]] = _ci(best[names.OOF_CINDEX.name], best[names.OOF_CINDEX_LOW.name],
+                                  best[names.OOF_CINDEX_HIGH.name])
+            column[ROWS[3]] = (f"{best[names.FOLD_CINDEX_MEAN.name]:.3f} +- {best[names.FOLD_CINDEX_SD.name]:.3f}"
+                               if best.get(names.FOLD_CINDEX_SD.name) is not None else "")
+            collapsed = int(best.get(names.FOLDS_COLLAPSED.name) or 0)
+            column[ROWS[4]] = f"{collapsed} (flagged)" if collapsed else "0"
+            column[ROWS[5]] = f"{best[names.BRIER_365.name]:.3f}"
+            column[ROWS[6]] = f"{best[names.IBS.name]:.3f}"
+            column[ROWS[8]] = _fmt_config(cell.best_config)
         else:
-            cindex = brier = ibs = "no finished trial"
-        columns[f"{cell.backbone} / {cell.task}"] = {
-            "C-index [95% CI]": cindex, "Brier score (365 d)": brier, "IBS": ibs,
-            "best config": _fmt_config(cell.best_config) if best else "",
-            "trials (finished/pruned/failed)": f"{cell.finished}/{cell.pruned}/{cell.failed}",
-        }
-    return pd.DataFrame(columns)
+            column[ROWS[1]] = "no finished trial"
+        if cell.bbc is not None:
+            column[ROWS[0]] = _ci(cell.bbc.value, cell.bbc.low, cell.bbc.high)
+        if cell.reference:
+            column[ROWS[2]] = f"{cell.reference[names.OOF_CINDEX.name]:.3f}"
+        else:
+            column[ROWS[2]] = "pruned or failed"
+        if cell.oracle:
+            column[ROWS[7]] = f"{cell.oracle['imaging']:.3f} / {cell.oracle['total']:.3f}"
+        column[ROWS[9]] = f"{cell.finished}/{cell.pruned}/{cell.failed}"
+        columns[f"{cell.backbone} / {cell.task}"] = column
+    table = pd.DataFrame(columns)
+    if not any(cell.oracle for cell in cells):
+        table = table.drop(index=ROWS[7])
+    return table
 
 
 def write_tables(table: pd.DataFrame, directory: Path) -> dict[str, Path]:

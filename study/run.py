@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,12 +23,8 @@ import numpy as np
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
 from datasets.remote import check_writable, stage_store
-
-
-class TrackingIncomplete(StudyError):
-    """The study ran, but some tracking records are still waiting in the journal (exit code 3)."""
 from datasets.store import CohortStore
-from search_spaces import SPACES, TASKS
+from search_spaces import SPACES, TASKS, cell_name
 from study.config import StudyConfig, resolve
 from study.preflight import check_free_space
 
@@ -48,6 +45,10 @@ CATCH_UP_S = float(os.environ.get("STUDY_TRACKING_CATCH_UP_S", "300"))
 
 PACKAGES = ("torch", "monai", "ray", "optuna", "mlflow", "zarr", "numpy", "pandas", "lifelines", "pycox")
 SHARE_FRACTION = 0.25  # share volumes through the object store when they fit in this much RAM
+
+
+class TrackingIncomplete(StudyError):
+    """The study ran, but some tracking records are still waiting in the journal (exit code 3)."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", choices=("demo", "full"), default=None,
                         help="protocol size (default: demo without --data, full with it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, samplers and training")
+    parser.add_argument("--outer-folds", type=int, default=0, metavar="K",
+                        help="nested cross-validation: run the whole search K times, each without one outer fold, "
+                             "and test each selected configuration on the fold it never saw (K x the cost of a study; "
+                             "0: off)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved study and exit")
     return parser
 
@@ -97,12 +102,29 @@ def list_spaces() -> str:
     return "\n".join(f"{name:<{width}}  {space.summary}" for name, space in sorted(SPACES.items()))
 
 
+OUTER_SEED = 7919  # outer folds are drawn independently of the inner ones
+
+
+def outer_assignment(store: CohortStore, k: int, seed: int) -> dict[str, int]:
+    """Nested CV: each usable patient's outer fold (stratified by death and glioblastoma flag)."""
+    cohort = Cohort(store, CohortSpec())
+    return dict(zip(cohort.patient_ids, cohort.folds(k, seed + OUTER_SEED).tolist()))
+
+
+def excluded_patients(config: StudyConfig, store: CohortStore) -> tuple[str, ...]:
+    """The patients a study must not see: its outer test fold under nested CV, else none."""
+    if config.outer_fold is None:
+        return ()
+    assignment = outer_assignment(store, config.outer_folds, config.seed)
+    return tuple(sorted(p for p, fold in assignment.items() if fold == config.outer_fold))
+
+
 def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Cohort, np.ndarray]]:
     """Each task's cohort and folds; raises before any training if one is unusable."""
-    out = {}
+    out, exclude = {}, excluded_patients(config, store)
     for task in config.tasks:
         spec = TASKS[task]
-        cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint))
+        cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint, exclude))
         out[task] = (cohort, cohort.folds(config.protocol.folds, config.seed))
     return out
 
@@ -134,11 +156,11 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
     lines.append("  volumes: " + ("one in-memory copy per node, shared by its trials" if config.share_volumes
                                   else "each trial reads its own copy"))
     for task, (cohort, folds) in cohorts.items():
-        events = [int(cohort.label[folds == k].sum()) for k in range(protocol.folds)]
+        events = [int(cohort.event[folds == k].sum()) for k in range(protocol.folds)]
         sizes = [int((folds == k).sum()) for k in range(protocol.folds)]
         head = fixed_parameters(config, config.backbones[0], task)["head"]
         lines.append(f"  task {task} ({TASKS[task].filter}, {TASKS[task].endpoint}, {head} head): "
-                     f"{len(cohort)} patients, {int(cohort.label.sum())} events; fold sizes {sizes}, events {events}")
+                     f"{len(cohort)} patients, {int(cohort.event.sum())} events; fold sizes {sizes}, events {events}")
     return "\n".join(lines)
 
 
@@ -204,30 +226,56 @@ def write_timings(timings: dict, directory: Path) -> None:
     (directory / "timings.json").write_text(json.dumps(timings, indent=1))
 
 
-def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
-    import ray
-
-    from study.results import results_table, summarise, write_tables
-    from study.tracking import StudyTracker
-    from study.tuning import experiment_dir, run_cell
-    from trainables.trainable import TrialSetup
-
-    import logging
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    started = time.perf_counter()
-    store_path = config.data
-    if store_path is None:
+def open_data(config: StudyConfig) -> tuple[StudyConfig, CohortStore]:
+    """The development store (the demo cohort, built once, without --data), staged locally."""
+    if config.data is None:
         from study.demo import DEMO_PATIENTS, cache_root, demo_store
 
         print(f"No --data: using the built-in demo cohort ({DEMO_PATIENTS} synthetic patients with a known hazard "
               f"model, 32 x 32 x 24 voxels), cached under {cache_root()}; budget {config.budget}.", flush=True)
-        store_path = demo_store(workers=min(2, os.cpu_count() or 1))
-        config = StudyConfig(**{**config.__dict__, "data": store_path})
-    store = CohortStore(stage_store(store_path))
+        config = replace(config, data=demo_store(workers=min(2, os.cpu_count() or 1)))
+    return config, CohortStore(stage_store(config.data))
+
+
+def start_tracking(config: StudyConfig, store: CohortStore, journal: Path):
+    """The study's MLflow experiment and parent run (resumed if it exists)."""
+    from study.tracking import StudyTracker
+
+    tracker = StudyTracker(config.tracking_uri, config.name, journal)
+    try:
+        tracker.check()
+    except Exception as exc:
+        raise StudyError(f"MLflow tracking store {config.tracking_uri} cannot be reached ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
+    return tracker
+
+
+def start_ray(config: StudyConfig) -> None:
+    """Join the cluster (--address, or RAY_ADDRESS as set by `ray job submit` and KubeRay), else a
+    fresh local instance (never one that `ray start` left behind in /tmp/ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = config.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level="ERROR")
+
+
+def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
+    import logging
+
+    import optuna
+    import ray
+
+    from analysis.oracle import oracle_cindices
+    from study.results import StudyOutcome, results_table, summarise, write_tables
+    from study.tuning import experiment_dir, run_trials
+    from trainables.trainable import TrialSetup
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    started = time.perf_counter()
+    config, store = open_data(config)
     cohorts = task_cohorts(config, store)
     check_external(config, store)
     print(describe(config, store, cohorts), flush=True)
@@ -240,26 +288,16 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
     needed = check_free_space(config, len(store.sequences))
     check_writable(config.storage_path)
     print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
+    results_dir = local_experiments or Path.cwd() / f"{config.name}-results"
     if local_experiments is not None:
         local_experiments.mkdir(parents=True, exist_ok=True)
     # The journal must be local to the driver: it is written on every record.
     journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
                else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
-    tracker = StudyTracker(config.tracking_uri, config.name, journal)
-    try:
-        tracker.check()
-    except Exception as exc:
-        raise StudyError(f"MLflow tracking store {config.tracking_uri} cannot be reached ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300]}); start it or pass --tracking-uri") from exc
-
-    if not ray.is_initialized():
-        # "local": a fresh instance, never one found in /tmp/ray that `ray start` left behind.
-        ray.init(address=config.address or "local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="ERROR")
+    tracker = start_tracking(config, store, journal)
+    start_ray(config)
     volumes = ray.put(volumes_array) if volumes_array is not None else None
     del volumes_array  # the object store holds the one copy of this node
-    if volumes is None:
-        volume_slots = None
     record = manifest(config, store)
     tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
             "git_revision": record["git_revision"],
@@ -270,37 +308,40 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
 
-    cells = []
-    status = "FAILED"
+    setup = TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
+                       folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
+                       cpus=config.cpus_per_trial,
+                       checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
+                       volume_slots=volume_slots if volumes is not None else None)
+    print(f"Training {len(config.cells()) * config.num_samples} trials ({len(config.cells())} cells, each its own "
+          f"search), at most {config.max_concurrent} at once:", flush=True)
+    cells, table, files, status = [], None, {}, "FAILED"
     timings = {"data_s": data_seconds, "startup_s": time.perf_counter() - started - data_seconds, "tune_s": 0.0,
                "trial_train_s": 0.0, "trial_reports": 0}
     try:
-        for index, (backbone, task) in enumerate(config.cells()):
-            spec = TASKS[task]
-            setup = TrialSetup(store=str(store_path), filter=spec.filter, endpoint=spec.endpoint,
-                               folds=config.protocol.folds, fold_seed=config.seed, cpus=config.cpus_per_trial,
-                               checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
-                               volume_slots=volume_slots)
-            print(f"[{index + 1}/{len(config.cells())}] {backbone} on {task}: {config.num_samples} configurations",
-                  flush=True)
-            cell_started = time.perf_counter()
-            grid = run_cell(config, backbone, task, setup, tracker, index)
-            timings["tune_s"] += time.perf_counter() - cell_started
-            for result in grid:
-                timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
-                timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
-            cells.append(summarise(backbone, task, grid, list(config.search_space.distributions_for(config.budget))))
+        tune_started = time.perf_counter()
+        grid = run_trials(config, setup, tracker)
+        timings["tune_s"] = time.perf_counter() - tune_started
+        for result in grid:
+            timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
+            timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
+        cells = order_cells(config, summarise(grid, list(config.search_space.distributions_for(config.budget)),
+                                              config.search_space.reference_for(config.budget), seed=config.seed))
+        oracles = oracle_cindices(store, {task: cohort for task, (cohort, _) in cohorts.items()})
+        for cell in cells:
+            cell.oracle = oracles.get(cell.task, {})
+            tracker.log_metrics(None, cell.metrics())
         status = "FINISHED"
     finally:
-        table = results_table(cells) if cells else None
-        files = {}
-        if table is not None:
-            files = write_tables(table, local_experiments or Path.cwd() / f"{config.name}-results")
+        if cells:
+            table = results_table(cells)
+            files = write_tables(table, results_dir)
         tracker.finish_parent(status if status == "FINISHED" else "KILLED", files)
         delivered = tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
         timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
-        write_timings(timings, local_experiments or Path.cwd() / f"{config.name}-results")
-    print(f"\nResults of study {config.name} (best configuration per cell, pooled out-of-fold predictions):")
+        write_timings(timings, results_dir)
+    print(f"\nResults of study {config.name} (per cell, the configuration with the best pooled out-of-fold C-index; "
+          "headline: its BBC-CV C-index, which pays for choosing it among the cell's configurations):")
     print(table.T.to_string() if table is not None else "no cells finished")
     print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; {timings['wall_s']:.0f} s in all: "
           f"data {timings['data_s']:.0f} s, start-up {timings['startup_s']:.0f} s, trials {timings['tune_s']:.0f} s "
@@ -315,7 +356,13 @@ def run_study(config: StudyConfig) -> "pd.DataFrame":  # noqa: F821
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
             f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}. Start the server again and "
             f"run the same command with --resume: it delivers them (no trial is rerun).")
-    return table
+    return StudyOutcome(table, cells, store)
+
+
+def order_cells(config: StudyConfig, cells: list) -> list:
+    """Cells in the study's order (task-major), whatever order their trials finished in."""
+    rank = {cell_name(b, t): i for i, (b, t) in enumerate(config.cells())}
+    return sorted(cells, key=lambda c: rank.get(c.cell, len(rank)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,15 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve(args)
         if args.dry_run:
-            store_path = config.data
-            if store_path is None:
-                from study.demo import demo_store
-
-                store_path = demo_store(workers=min(2, os.cpu_count() or 1))
-            store = CohortStore(stage_store(store_path))
+            config, store = open_data(config)
             print(describe(config, store, task_cohorts(config, store)))
             return 0
-        run_study(config)
+        if config.outer_folds:
+            from study.nested import run_nested
+
+            run_nested(config)
+        else:
+            run_study(config)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrackingIncomplete) else 2

@@ -1,27 +1,50 @@
-"""Ray Tune wiring: one Tuner per backbone x task cell, OptunaSearch (TPE) + ASHA.
+"""Ray Tune wiring: one Tuner for the whole study, in which every backbone x task cell is its own
+search (its own Optuna TPE study and its own ASHA brackets).
 
-One Optuna study per cell rather than one joint study with the backbone as a categorical: every
-backbone then gets exactly the same number of configurations on every task (a fair comparison
-table), TPE models each backbone's own response to the learning rate, and the reference recipe is
-evaluated first in every cell (`points_to_evaluate`, which works with a Tune search space; Ray
-ignores it with define-by-run spaces, ray#35319).
+Per-cell searches (ARCHITECTURE decision 10): every backbone gets exactly the same number of
+configurations on every task (a fair comparison table), TPE models each backbone's own response
+to the learning rate, the reference recipe is evaluated first in every cell, and ASHA never
+compares trials of different tasks. `CellSearch` multiplexes the cells' Optuna searches and
+`CellSchedule` their ASHA schedulers inside one Tuner.
+
+One Tuner rather than one per cell: the cells' trials then run at once, so the cluster's GPUs (or
+the demo's CPUs) are not left idle at the end of every cell while its last trial finishes. On a
+local Ray instance (a workstation, the demo) trial actors are also reused (``reuse_actors``): a
+fresh actor imports torch and all of MONAI (about 5 s on 2 cores), once per worker instead of
+once per trial. Not on a cluster: there Tune then kept a finished trial's actor waiting for the
+next trial, which ran on the same node after a long wait instead of on an idle one (seen with
+two 1-CPU nodes: 141 s instead of 12 s, both trials on one node). Cells take turns (round
+robin), so each cell's trials are spread over the study and its TPE learns from finished trials.
+
+What Optuna learns from (`CellOptunaSearch`): a finished trial is COMPLETE with its pooled
+out-of-fold C-index (the number the cell is ranked by); a trial that ASHA stopped is PRUNED,
+carrying the per-epoch values it reported as intermediate values (Ray's OptunaSearch would tell
+Optuna it COMPLETED with its early value, so TPE would model truncated curves as final results);
+a diverged trial is FAIL.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import pickle
+import tempfile
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search_spaces import TASKS, Choice, LogUniform, SearchSpace, Uniform
+from analysis import metric_names as names
+from search_spaces import TASKS, Choice, LogUniform, Uniform, cell_name
 from study.config import StudyConfig
 from study.tracking import MlflowTrialCallback, StudyTracker
-from trainables.trainable import TrialSetup, cv_trainable
+from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
-METRIC, MODE = "cv_cindex", "max"
+METRIC, MODE = names.EPOCH_CINDEX.name, "max"
 
 
 def tune_domain(distribution):
@@ -51,47 +74,217 @@ def fixed_parameters(config: StudyConfig, backbone: str, task: str) -> dict:
     return fixed
 
 
-def param_space(config: StudyConfig, backbone: str, task: str) -> dict:
-    space: SearchSpace = config.search_space
-    return {**fixed_parameters(config, backbone, task),
-            **{k: tune_domain(d) for k, d in space.distributions_for(config.budget).items()}}
+def trial_cell(trial_config: dict) -> str:
+    """The cell of a trial, from its configuration."""
+    return cell_name(trial_config["backbone"], trial_config["task"])
 
 
-def cell_name(backbone: str, task: str) -> str:
-    return f"{backbone}__{task}"
+class CellOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch with the completion policy of the module docstring."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if math.isfinite(result.get(self.metric, math.nan)):  # a diverged trial reports NaN
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        result = result or {}
+        value = result.get(names.OOF_CINDEX.name)
+        if error or result.get("failed") or (result.get("final") and not _finite(value)):
+            state, value = TrialState.FAIL, None
+        elif result.get("final"):
+            state = TrialState.COMPLETE
+        else:
+            state, value = TrialState.PRUNED, None
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        self._completed_trials.add(trial_id)
+
+    def study(self) -> optuna.Study:
+        return self._ot_study
 
 
-def run_cell(config: StudyConfig, backbone: str, task: str, setup: TrialSetup, tracker: StudyTracker,
-             cell_index: int) -> tune.ResultGrid:
-    """Run (or resume) the search of one cell; returns Tune's results."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class CellSearch(Searcher):
+    """One `CellOptunaSearch` per cell, asked in turn until each has suggested `num_samples`.
+
+    A suggested configuration is the cell's fixed parameters, its task and the searched values.
+    At most `max_concurrent` trials run at once (the searcher limits this itself rather than
+    through Tune's ConcurrencyLimiter, so that it also controls how its state is saved).
+    """
+
+    def __init__(self, cells: dict[str, dict], spaces: dict[str, dict], references: dict[str, dict],
+                 num_samples: int, seed: int = 0, max_concurrent: int = 0):
+        super().__init__(metric=METRIC, mode=MODE)
+        self._fixed = cells
+        self._searches = {
+            cell: CellOptunaSearch(space=spaces[cell], metric=METRIC, mode=MODE, points_to_evaluate=[references[cell]],
+                                   sampler=optuna.samplers.TPESampler(seed=seed * 1000 + index))
+            for index, cell in enumerate(cells)}
+        self._num_samples = num_samples
+        self._suggested = {cell: 0 for cell in cells}
+        self._trial_cells: dict[str, str] = {}
+        self._turn = 0
+        self._max_concurrent = max_concurrent
+        self._live: set[str] = set()
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # configured per cell at construction
+
+    def suggest(self, trial_id: str):
+        if self._max_concurrent and len(self._live) >= self._max_concurrent:
+            return None  # asked again when a trial ends
+        order = list(self._fixed)
+        for step in range(len(order)):
+            cell = order[(self._turn + step) % len(order)]
+            if self._suggested[cell] >= self._num_samples:
+                continue
+            suggestion = self._searches[cell].suggest(trial_id)
+            if not isinstance(suggestion, dict):
+                continue
+            self._turn = (self._turn + step + 1) % len(order)
+            self._suggested[cell] += 1
+            self._trial_cells[trial_id] = cell
+            self._live.add(trial_id)
+            return {**self._fixed[cell], **suggestion}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._trial_cells:
+            self._searches[self._trial_cells[trial_id]].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._live.discard(trial_id)
+        if trial_id in self._trial_cells:
+            self._searches[self._trial_cells[trial_id]].on_trial_complete(trial_id, result, error)
+
+    def studies(self) -> dict[str, optuna.Study]:
+        """Each cell's Optuna study (COMPLETE / PRUNED / FAIL trials as described above)."""
+        return {cell: search.study() for cell, search in self._searches.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self.__dict__.copy(), out)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        # The temporary file is written beside, not inside, the folder Tune uploads in the
+        # background: one that appears and is renamed during an upload fails the copy ("Failed to
+        # open local file ... searcher-state").
+        final = os.path.join(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str))
+        handle, tmp = tempfile.mkstemp(prefix=".searcher-state-", dir=os.path.dirname(os.path.abspath(checkpoint_dir)))
+        os.close(handle)
+        self.save(tmp)
+        os.replace(tmp, final)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as source:  # Tune's experiment folder: a trust boundary
+            self.__dict__.update(pickle.load(source))
+
+
+class CellSchedule(FIFOScheduler):
+    """A scheduler per cell (ASHA), made on the cell's first trial; trials run first come, first served."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+        self._cells: dict[str, ASHAScheduler] = {}
+        self._metric, self._mode = METRIC, MODE
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def _scheduler(self, trial):
+        cell = trial_cell(trial.config)
+        if cell not in self._cells:
+            scheduler = self._make()
+            scheduler.set_search_properties(self._metric, self._mode)
+            self._cells[cell] = scheduler
+        return self._cells[cell]
+
+    def on_trial_add(self, tune_controller, trial):
+        self._scheduler(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return self._scheduler(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._scheduler(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._scheduler(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{cell}: {s.debug_string()}" for cell, s in self._cells.items())
+
+
+class DropStoppedCheckpoints(tune.Callback):
+    """A trial that ASHA stopped never resumes: its last checkpoint (every fold's weights and
+    optimiser state, the bulk of a study's storage) is deleted when it ends. Finished trials keep
+    theirs (their fold models), failed ones too (for the post-mortem)."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if last.get("final") or last.get("failed") or trial.checkpoint is None:
+            return
+        try:
+            trial.checkpoint.filesystem.delete_dir(trial.checkpoint.path)
+        except OSError:  # already gone, or storage that refuses: only space is lost
+            pass
+
+
+def cell_search(config: StudyConfig) -> CellSearch:
+    fixed, spaces, references = {}, {}, {}
+    distributions = config.search_space.distributions_for(config.budget)
+    for backbone, task in config.cells():
+        cell = cell_name(backbone, task)
+        fixed[cell] = {"task": task, **fixed_parameters(config, backbone, task)}
+        spaces[cell] = {k: tune_domain(d) for k, d in distributions.items()}
+        references[cell] = config.search_space.reference_for(config.budget)
+    return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent)
+
+
+def cell_schedule(config: StudyConfig) -> CellSchedule | None:
+    """ASHA per cell, or None (Tune's FIFO: every configuration to the end) without pruning."""
+    if not config.pruning:
+        return None
     protocol = config.protocol
+    return CellSchedule(lambda: ASHAScheduler(time_attr="training_iteration", max_t=protocol.epochs,
+                                              grace_period=protocol.grace_epochs,
+                                              reduction_factor=protocol.reduction_factor))
+
+
+def run_trials(config: StudyConfig, setup: TrialSetup, tracker: StudyTracker) -> tune.ResultGrid:
+    """Run (or resume) every cell's search in one Tuner; returns Tune's results of all trials."""
     experiment_root = f"{config.storage_path.rstrip('/')}/{config.name}"
-    name = cell_name(backbone, task)
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(cv_trainable, setup=setup), resources)
-    path = f"{experiment_root}/{name}"
+    path = f"{experiment_root}/{EXPERIMENT}"
     if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        return tuner.fit()
-    searcher = OptunaSearch(
-        metric=METRIC, mode=MODE, points_to_evaluate=[config.search_space.reference_for(config.budget)],
-        sampler=optuna.samplers.TPESampler(seed=config.seed * 1000 + cell_index))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=protocol.epochs,
-                              grace_period=protocol.grace_epochs, reduction_factor=protocol.reduction_factor
-                              ) if config.pruning else None  # None: Tune's FIFO, every configuration to the end
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
         trainable,
-        param_space=param_space(config, backbone, task),
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=config.num_samples, max_concurrent_trials=config.max_concurrent),
+        param_space={},  # every configuration comes whole from CellSearch
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=cell_search(config),
+                                    scheduler=cell_schedule(config),
+                                    num_samples=len(config.cells()) * config.num_samples,
+                                    reuse_actors=local_ray(config)),
         run_config=tune.RunConfig(
-            name=name, storage_path=experiment_root,
-            callbacks=[MlflowTrialCallback(tracker, backbone, task, protocol.epochs)],
+            name=EXPERIMENT, storage_path=experiment_root,
+            callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=0),
     )
     return tuner.fit()
+
+
+def local_ray(config: StudyConfig) -> bool:
+    """Whether the study runs on a private local Ray instance (no --address, no RAY_ADDRESS)."""
+    return config.address is None and not os.environ.get("RAY_ADDRESS")
 
 
 def experiment_dir(config: StudyConfig) -> Path | None:

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from analysis import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import free_port, running_study, wait_for
 from tests.test_faults import EPOCHS, assert_resumed_not_restarted, reported_epochs, study_command, trial_runs
@@ -119,20 +120,24 @@ def cluster(tmp_path_factory):
 def test_study_on_a_two_node_cluster_uses_both_nodes(cluster, server, small_store, tmp_path):
     nodes = cluster.node_ids()
     assert set(nodes) == {"node_a", "node_b"}
-    command = [sys.executable, "-m", "study.run", "--address", cluster.address, "--space", "smoke", "--data",
+    # No --address: the cluster is handed over in RAY_ADDRESS, as `ray job submit` and KubeRay do.
+    command = [sys.executable, "-m", "study.run", "--space", "smoke", "--data",
                str(small_store), "--tasks", "os_all", "--backbones", "seresnext50", "--num-samples", "2",
                "--max-concurrent", "2", "--tracking-uri", server.uri, "--storage-path", str(tmp_path / "shared"),
                "--name", "two_nodes"]
-    run = subprocess.run(command, cwd=PROJECT_ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=PROJECT_ROOT, env={**cluster.env, "RAY_ADDRESS": cluster.address},
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     runs = trial_runs(server.uri, "two_nodes")
     assert len(runs) == 2 and "FINISHED" in {r.info.status for r in runs} <= {"FINISHED", "KILLED"}  # ASHA may prune one
     assert {r.data.tags["node_id"] for r in runs} == set(nodes.values()), "one trial on each node"
-    assert all("cv_cindex" in r.data.metrics for r in runs), "results reached the server"
-    assert all({"cindex", "brier_365"} <= set(r.data.metrics) for r in runs if r.info.status == "FINISHED")
-    storage = tmp_path / "shared" / "two_nodes" / "seresnext50__os_all"
+    assert all(names.EPOCH_CINDEX.name in r.data.metrics for r in runs), "results reached the server"
+    final = {names.OOF_CINDEX.name, names.BRIER_365.name}
+    assert all(final <= set(r.data.metrics) for r in runs if r.info.status == "FINISHED")
+    storage = tmp_path / "shared" / "two_nodes" / "trials"
     assert list(storage.glob("experiment_state-*.json"))
-    assert len(list(storage.glob("cv_trainable_*/checkpoint_*/fold1.pt"))) == 2, "both trials checkpointed"
+    finished = sum(r.info.status == "FINISHED" for r in runs)
+    assert len(list(storage.glob("cv_trainable_*/checkpoint_*/fold1_model.pt"))) == finished, "fold models kept"
 
 
 def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, small_store, tmp_path):
@@ -155,6 +160,6 @@ def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, 
     assert moved[0].data.tags["node_id"] == nodes["node_a"], "rescheduled on the remaining node"
     client = MlflowClient(server.uri)
     for run in runs:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex"))
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, names.EPOCH_CINDEX.name))
         assert steps == list(range(1, EPOCHS + 1)), "every epoch logged once"
         assert_resumed_not_restarted(reported_epochs(tmp_path / "rr" / "node_loss", run.data.tags["trial_id"]))

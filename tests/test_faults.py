@@ -15,6 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from analysis import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import running_study, wait_for
 
@@ -115,13 +116,13 @@ def test_worker_killed_mid_fold_resumes_from_its_checkpoint(small_store, tmp_pat
     for run, calm in zip(runs, undisturbed):
         assert run.info.status == calm.info.status == "FINISHED"
         assert run.data.params == calm.data.params, "the same configurations as an undisturbed study"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, names.EPOCH_CINDEX.name)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), "every epoch logged once"
         assert_resumed_not_restarted(reported_epochs(tmp_path / "rr" / "kill", run.data.tags["trial_id"]))
         assert run.data.metrics["fold_epochs"] == 2 * EPOCHS
         # Resuming from a checkpoint restores weights, optimiser, scheduler and RNG states: the
         # result equals the undisturbed run's.
-        for metric in ("cindex", "brier_365", "cv_cindex"):
+        for metric in (names.OOF_CINDEX.name, names.BRIER_365.name, names.EPOCH_CINDEX.name):
             assert run.data.metrics[metric] == pytest.approx(calm.data.metrics[metric], abs=1e-6), metric
 
 
@@ -133,9 +134,9 @@ def assert_everything_tracked(uri: str, name: str, trials: int) -> None:
     assert len(runs) == trials and len({r.data.tags["trial_key"] for r in runs}) == trials
     for run in runs:
         assert run.info.status == "FINISHED"
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "cv_cindex")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, names.EPOCH_CINDEX.name)]
         assert sorted(steps) == list(range(1, EPOCHS + 1))
-        assert {"cindex", "brier_365"} <= set(run.data.metrics)
+        assert {names.OOF_CINDEX.name, names.BRIER_365.name} <= set(run.data.metrics)
         assert {"oof_predictions.csv", "learning_curve.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     parents = [r for r in client.search_runs([client.get_experiment_by_name(name).experiment_id])
                if r.data.tags.get("study_role") == "study"]

@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from analysis import metric_names as names
 from analysis.metrics import brier_score, harrell_c
+from study.results import ROWS
 from study.run import main
+from trainables.cross_validation import alive_past_horizon
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -54,8 +57,13 @@ def test_parent_and_trial_runs(smoke_study):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"study_config.json", "manifest.json", "results.csv", "results.md"} <= artifacts
     table = pd.read_csv(root / "rr" / "smoke" / "results.csv", index_col=0)
-    assert list(table.index[:2]) == ["C-index [95% CI]", "Brier score (365 d)"]
+    assert list(table.index[:3]) == list(ROWS[:3])  # BBC-CV first: the headline
+    assert "oracle C-index (true imaging / total predictor)" in table.index  # a synthetic store knows its truth
     assert len(table.columns) == 6
+    # Each cell's selected configuration, as metrics of the study run (MLflow's columns compare cells).
+    for cell in ("seresnext50__os_all", "densenet121__1yr_all"):
+        for metric in (names.BBC_CINDEX, names.OOF_CINDEX, names.FOLD_CINDEX_MEAN, names.BRIER_365):
+            assert names.cell_metric(cell, metric) in parent.data.metrics
 
 
 def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
@@ -64,16 +72,22 @@ def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
     finished = [t for t in trials if t.info.status == "FINISHED"]
     assert finished
     for run in finished:
-        assert {"cv_cindex", "cindex", "cindex_low", "cindex_high", "brier_365", "ibs", "fold0_cindex"} <= set(run.data.metrics)
+        assert {m.name for m in (*names.EPOCH_METRICS, *names.FINAL_METRICS)} | {names.fold_cindex(0)} <= set(
+            run.data.metrics)
         assert run.data.params["backbone"] == run.data.tags["backbone"]
-        history = client.get_metric_history(run.info.run_id, "cv_cindex")
+        history = client.get_metric_history(run.info.run_id, names.EPOCH_CINDEX.name)
         assert [m.step for m in history] == [1, 2]
         path = client.download_artifacts(run.info.run_id, "oof_predictions.csv")
         oof = pd.read_csv(path)
         assert list(oof.columns[:6]) == ["patient_id", "fold", "time", "event", "risk", "surv_365"]
-        assert harrell_c(oof["time"], oof["event"], oof["risk"]) == pytest.approx(run.data.metrics["cindex"], abs=1e-9)
-        assert brier_score(oof["time"], oof["event"], oof["surv_365"], 365.0)[0] == pytest.approx(
-            run.data.metrics["brier_365"], abs=1e-9)
+        assert harrell_c(oof["time"], oof["event"], oof["risk"]) == pytest.approx(
+            run.data.metrics[names.OOF_CINDEX.name], abs=1e-9)
+        horizon = 365.0 if run.data.tags["task"] == "1yr_all" else None
+        if horizon:
+            assert oof["time"].max() <= 365
+        at = alive_past_horizon(oof["time"].to_numpy(), oof["event"].to_numpy(), horizon)
+        assert brier_score(at, oof["event"], oof["surv_365"], 365.0)[0] == pytest.approx(
+            run.data.metrics[names.BRIER_365.name], abs=1e-9)
         assert "learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
@@ -96,10 +110,30 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
     pruned = [t for t in trials if t.info.status == "KILLED"]
     finished = [t for t in trials if t.info.status == "FINISHED"]
     assert pruned and finished
+    epoch = names.EPOCH_CINDEX.name
     for run in pruned:
         assert run.data.tags["pruned_at_epoch"] == "1"
         assert run.data.metrics["fold_epochs"] == 2  # 2 folds x 1 epoch, not 2 x 2
-        assert run.data.metrics["cv_cindex"] <= max(f.data.metrics["cv_cindex"] for f in finished) + 1e-9
+        assert run.data.metrics[epoch] <= max(f.data.metrics[epoch] for f in finished) + 1e-9
+    # The cell's Optuna study (saved with Tune's experiment state) holds the stopped trials as PRUNED
+    # and the finished ones as COMPLETE with their pooled out-of-fold C-index.
+    import pickle
+
+    from optuna.trial import TrialState
+
+    (state,) = (tmp_path / "rr" / "prune" / "trials").glob("searcher-state-*.pkl")
+    study = pickle.loads(state.read_bytes())["_searches"]["seresnext50__os_all"].study()
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.PRUNED) == len(pruned) and states.count(TrialState.COMPLETE) == len(finished)
+    assert sorted(t.value for t in study.trials if t.state == TrialState.COMPLETE) == sorted(
+        f.data.metrics[names.OOF_CINDEX.name] for f in finished)
+    # A stopped trial never resumes: its checkpoint (weights and optimiser states) is not kept.
+    for run in pruned:
+        (folder,) = (tmp_path / "rr" / "prune" / "trials").glob(f"cv_trainable_{run.data.tags['trial_id']}_*")
+        assert not list(folder.glob("checkpoint_*/*.pt")), folder
+    for run in finished:
+        (folder,) = (tmp_path / "rr" / "prune" / "trials").glob(f"cv_trainable_{run.data.tags['trial_id']}_*")
+        assert sorted(p.name for p in folder.glob("checkpoint_*/*.pt")) == ["fold0_model.pt", "fold1_model.pt"]
 
 
 def test_resume_after_killing_the_driver(small_store, tmp_path):
@@ -111,16 +145,16 @@ def test_resume_after_killing_the_driver(small_store, tmp_path):
     driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and driver.poll() is None:
-        if "[2/2]" in (tmp_path / "driver.log").read_text():
+        if (tmp_path / "driver.log").read_text().count("out-of-fold C-index") >= 2:
             break
         time.sleep(0.2)
     assert driver.poll() is None, (tmp_path / "driver.log").read_text()
-    time.sleep(3)  # into the second cell's first trial
+    time.sleep(3)  # into the third trial
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     _, _, before = _runs(uri, "killed")
-    first_cell = {r.info.run_id: r.info.end_time for r in before if r.data.tags["task"] == "os_all"}
-    assert len(first_cell) == 2 and all(first_cell.values())
+    first_cell = {r.info.run_id: r.info.end_time for r in before if r.info.end_time}
+    assert len(first_cell) >= 2
     assert main(command[3:]) == 0
     _, parents, after = _runs(uri, "killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -162,3 +196,28 @@ def test_same_name_with_other_settings_is_refused(smoke_study, small_store, caps
     assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--num-samples", "2",
                  "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", "smoke"]) == 2
     assert "already exists with other settings (tasks: os_all,1yr_all -> os_all)" in capsys.readouterr().err
+
+
+def test_nested_cross_validation_on_the_demo_cohort(learnable_store, tmp_path):
+    """--outer-folds 2 on the demo cohort (`learnable_store` is the demo's generator, size and
+    preprocessing): each outer study searches without its test fold, and the nested C-index comes
+    from the outer predictions of the configuration that study selected."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones", "seresnext50",
+                 "--num-samples", "2", "--outer-folds", "2", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "rr"), "--name", "nested"]) == 0
+    predictions = pd.read_csv(tmp_path / "rr" / "nested-nested" / "outer_predictions_seresnext50__os_all.csv")
+    assert predictions["patient_id"].is_unique and len(predictions) == 150 and set(predictions["fold"]) == {0, 1}
+    client = MlflowClient(uri)
+    for fold in (0, 1):
+        _, _, trials = _runs(uri, f"nested-outer{fold}")
+        finished = [t for t in trials if t.info.status == "FINISHED"]
+        seen = set(pd.read_csv(client.download_artifacts(finished[0].info.run_id, "oof_predictions.csv"))["patient_id"])
+        tested = set(predictions.loc[predictions["fold"] == fold, "patient_id"])
+        assert len(seen) + len(tested) == 150 and not seen & tested, "the outer test fold was never searched on"
+    _, parents, _ = _runs(uri, "nested")
+    metric = names.cell_metric("seresnext50__os_all", names.NESTED_CINDEX)
+    assert parents[0].data.metrics[metric] == pytest.approx(
+        harrell_c(predictions["time"], predictions["event"], predictions["risk"]), abs=1e-9)
+    table = pd.read_csv(tmp_path / "rr" / "nested-nested" / "results.csv", index_col=0)
+    assert table.loc["outer folds with a selected configuration"].iloc[0] == "2/2"

@@ -1,11 +1,13 @@
 """MLflow tracking from the driver only (the single writer; see ARCHITECTURE decision 1).
 
 One MLflow experiment per study holds a parent run (the study: tags, resolved config and
-manifest, results table) and one nested run per trial (params = its configuration; per-epoch
-``cv_cindex``/``train_loss``/per-fold C-index as step series; the final CV metrics with their CI;
-``oof_predictions.csv`` and ``learning_curve.png``). Trial status: FINISHED, KILLED (pruned by
-ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged ``failure_reason``); a trial restarted from its
-checkpoint after losing its worker keeps its run and is tagged ``restarts``.
+manifest, results table, each cell's selected configuration as ``CELL.METRIC`` metrics) and one
+nested run per trial (params = its configuration; the per-epoch metrics of
+`analysis.metric_names.EPOCH_METRICS` and each fold's validation C-index as step series; the
+final metrics of `FINAL_METRICS` with their CI; ``oof_predictions.csv`` and ``learning_curve.png``).
+Trial status: FINISHED, KILLED (pruned by ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged
+``failure_reason``); a trial restarted from its checkpoint after losing its worker keeps its run
+and is tagged ``restarts``.
 
 Runs are found again by tags (``study_role``, ``trial_key``), so a resumed study reuses its parent
 run and never duplicates a trial run. Records go through a journal on the storage path first, so
@@ -30,13 +32,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from analysis import metric_names as names
 from datasets.errors import StudyError
+from search_spaces import cell_name
 from trainables.cross_validation import CURVE_FILE, OOF_FILE
-
-# Final metrics of a finished trial (logged once, without a step).
-FINAL_METRICS = ("cindex", "cindex_low", "cindex_high", "cindex_fold_mean", "cindex_fold_sd", "brier_365", "ibs",
-                 "uno_c", "auc_365")
-EPOCH_METRICS = ("cv_cindex", "train_loss", "fold_epochs")
 
 
 def _finite(value: Any) -> bool:
@@ -298,18 +297,22 @@ def _live_tracker(tracking_uri: str, study_name: str, journal: str | None) -> St
 
 
 class MlflowTrialCallback(tune.Callback):
-    """Tune callback logging one cell's trials as nested runs of the study run (via the journal)."""
+    """Tune callback logging every trial as a nested run of the study run (via the journal)."""
 
-    def __init__(self, tracker: StudyTracker, backbone: str, task: str, max_epochs: int):
-        self.tracker, self.backbone, self.task, self.max_epochs = tracker, backbone, task, max_epochs
-        self.cell = f"{backbone}__{task}"
+    def __init__(self, tracker: StudyTracker, max_epochs: int):
+        self.tracker, self.max_epochs = tracker, max_epochs
         self._nodes: dict[str, str] = {}  # trial key -> Ray node id last reported
         self._logged_epoch: dict[str, int] = {}  # trial key -> last epoch logged
 
+    @staticmethod
+    def _cell(trial) -> str:
+        return cell_name(trial.config["backbone"], trial.config["task"])
+
     def _key(self, trial) -> str:
-        key = f"{self.cell}/{trial.trial_id}"
-        self.tracker.trial_run(key, f"{self.backbone}/{self.task}/{trial.trial_id}", trial.config,
-                               {"backbone": self.backbone, "task": self.task, "trial_id": trial.trial_id})
+        backbone, task = trial.config["backbone"], trial.config["task"]
+        key = f"{self._cell(trial)}/{trial.trial_id}"
+        self.tracker.trial_run(key, f"{backbone}/{task}/{trial.trial_id}", trial.config,
+                               {"backbone": backbone, "task": task, "trial_id": trial.trial_id})
         return key
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -318,8 +321,8 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key = self._key(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        per_epoch = {k: result.get(k) for k in EPOCH_METRICS}
-        per_epoch.update({k: v for k, v in result.items() if k.startswith("fold") and k.endswith("_cindex")})
+        per_epoch = {m.name: result.get(m.name) for m in names.EPOCH_METRICS}
+        per_epoch.update({k: v for k, v in result.items() if k.startswith("fold") and k.endswith("_val_cindex")})
         # A trial restarted from its checkpoint may repeat the epoch whose result reached the driver
         # just before its worker died (Tune reports at least once): log each epoch once.
         if epoch > self._logged_epoch.get(key, 0):
@@ -329,7 +332,7 @@ class MlflowTrialCallback(tune.Callback):
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
         if result.get("final"):
-            self.tracker.log_metrics(key, {k: result.get(k) for k in FINAL_METRICS})
+            self.tracker.log_metrics(key, {m.name: result.get(m.name) for m in names.FINAL_METRICS})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = self._key(trial)
@@ -338,7 +341,7 @@ class MlflowTrialCallback(tune.Callback):
         if last.get("failed"):
             tracker.set_tags(key, {"failure_reason": str(last["failed"])[-4000:]})
             tracker.terminate(key, "FAILED")
-            print(f"  {self.cell}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
+            print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
         elif last.get("final"):
             checkpoint = trial.checkpoint
             if checkpoint is not None:
@@ -347,14 +350,17 @@ class MlflowTrialCallback(tune.Callback):
                         if (Path(directory) / name).exists():
                             tracker.log_artifact(key, Path(directory) / name)
             tracker.terminate(key, "FINISHED")
-            print(f"  {self.cell}: trial {trial.trial_id} finished, CV C-index {last.get('cindex', float('nan')):.3f} "
-                  f"[{last.get('cindex_low', float('nan')):.3f}, {last.get('cindex_high', float('nan')):.3f}]", flush=True)
+            collapsed = int(last.get(names.FOLDS_COLLAPSED.name, 0) or 0)
+            print(f"  {self._cell(trial)}: trial {trial.trial_id} finished, out-of-fold C-index "
+                  f"{last.get(names.OOF_CINDEX.name, math.nan):.3f} [{last.get(names.OOF_CINDEX_LOW.name, math.nan):.3f}, "
+                  f"{last.get(names.OOF_CINDEX_HIGH.name, math.nan):.3f}]"
+                  + (f"; {collapsed} fold(s) learned nothing" if collapsed else ""), flush=True)
         else:
             epoch = last.get("epoch", 0)
             tracker.set_tags(key, {"pruned_at_epoch": str(epoch)})
             tracker.terminate(key, "KILLED")
-            print(f"  {self.cell}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
-                  f"(CV C-index {last.get('cv_cindex', float('nan')):.3f})", flush=True)
+            print(f"  {self._cell(trial)}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
+                  f"(mean validation C-index of the folds at that epoch {last.get(names.EPOCH_CINDEX.name, math.nan):.3f})", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # Tune restarts the trial from its last checkpoint (FailureConfig): same run, counted.
@@ -362,7 +368,7 @@ class MlflowTrialCallback(tune.Callback):
         error = trial.get_error() if hasattr(trial, "get_error") else None
         reason = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "worker lost"
         self.tracker.set_tags(key, {"restarts": str(trial.num_failures), "last_restart_reason": reason[-4000:]})
-        print(f"  {self.cell}: trial {trial.trial_id} lost its worker ({reason[:200]}); restarting from its last "
+        print(f"  {self._cell(trial)}: trial {trial.trial_id} lost its worker ({reason[:200]}); restarting from its last "
               f"checkpoint (restart {trial.num_failures})", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -371,7 +377,7 @@ class MlflowTrialCallback(tune.Callback):
         reason = str(error) if error is not None else "unknown error"
         self.tracker.set_tags(key, {"failure_reason": reason[-4000:]})
         self.tracker.terminate(key, "FAILED")
-        print(f"  {self.cell}: trial {trial.trial_id} FAILED: {reason.strip().splitlines()[-1] if reason.strip() else ''}",
+        print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {reason.strip().splitlines()[-1] if reason.strip() else ''}",
               flush=True)
 
     def on_experiment_end(self, trials, **info):

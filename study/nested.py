@@ -1,0 +1,117 @@
+"""Nested cross-validation (``python -m study.run --outer-folds K``): the honest estimate, at K
+times the cost of a study.
+
+The usable patients are split into K outer folds (stratified by death and the glioblastoma flag,
+drawn independently of the inner folds). For each outer fold the *whole* study (every cell's
+search, its inner K-fold CV and its selection) runs on the other patients as an ordinary study
+named ``NAME-outerK``; the configuration each cell selected then predicts the held-out outer fold
+with its inner fold ensemble (`analysis.ensemble`), unchanged. The outer predictions of all K
+folds, pooled (the DPI is comparable across models, `trainables.heads`), give each cell's
+nested C-index with its patient-bootstrap CI: no patient's prediction was involved in choosing
+the configuration that made it. The summary goes to ``STORAGE/NAME-nested/`` and to a study run
+in the MLflow experiment ``NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import metric_names as names
+from analysis.ensemble import load_fold_models, predict_ensemble
+from datasets.cohort import Cohort, CohortSpec
+from search_spaces import TASKS
+from study.config import StudyConfig
+from study.results import write_tables
+from study.run import open_data, outer_assignment, run_study
+from trainables.config import TrainConfig
+from trainables.cross_validation import cv_metrics
+
+
+def outer_predictions(cell, store, test_ids: list[str], folds: int) -> pd.DataFrame:
+    """The selected configuration's fold ensemble on the outer test patients of its task."""
+    spec = TASKS[cell.task]
+    everyone = Cohort(store, CohortSpec(spec.filter, spec.endpoint))
+    held_out = set(test_ids)
+    cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint,
+                                      tuple(p for p in everyone.patient_ids if p not in held_out)))
+    times = TrainConfig().eval_times
+    with cell.best_checkpoint.as_directory() as directory:
+        predicted = predict_ensemble(load_fold_models(Path(directory), folds), store.images(cohort.slots), times)
+    frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
+                          "risk": predicted["risk"], "surv_365": predicted["surv_365"]})
+    for k, t in enumerate(times):
+        frame[f"surv_t{int(t)}"] = predicted["curves"][:, k]
+    return frame
+
+
+def run_nested(config: StudyConfig) -> pd.DataFrame:
+    """Run the K outer studies, then score each cell's outer predictions; returns the nested table."""
+    config, store = open_data(config)
+    k = config.outer_folds
+    assignment = outer_assignment(store, k, config.seed)
+    predictions: dict[str, list[pd.DataFrame]] = defaultdict(list)
+    inner: dict[str, list[dict]] = defaultdict(list)
+    for fold in range(k):
+        test_ids = sorted(p for p, f in assignment.items() if f == fold)
+        print(f"\n== Nested CV, outer fold {fold + 1} of {k}: the whole search without its {len(test_ids)} patients ==",
+              flush=True)
+        outcome = run_study(replace(config, name=f"{config.name}-outer{fold}", outer_fold=fold))
+        for cell in outcome.cells:
+            if cell.best_checkpoint is None:
+                continue
+            frame = outer_predictions(cell, store, test_ids, config.protocol.folds).assign(fold=fold)
+            predictions[cell.cell].append(frame)
+            inner[cell.cell].append({"selected": cell.best.get(names.OOF_CINDEX.name, math.nan),
+                                     "bbc": cell.bbc.value if cell.bbc is not None else math.nan})
+    rows, metrics = {}, {}
+    for cell, frames in predictions.items():
+        pooled = pd.concat(frames, ignore_index=True)
+        horizon = 365.0 if TASKS[cell.split("__")[1]].endpoint == "1yr" else None
+        scores = cv_metrics(pooled, TrainConfig().eval_times, horizon=horizon, seed=config.seed)
+        selected = np.nanmean([r["selected"] for r in inner[cell]])
+        bbc = np.nanmean([r["bbc"] for r in inner[cell]])
+        rows[cell.replace("__", " / ")] = {
+            "C-index, nested CV [95% CI]": f"{scores[names.OOF_CINDEX.name]:.3f} [{scores[names.OOF_CINDEX_LOW.name]:.3f}, "
+                                           f"{scores[names.OOF_CINDEX_HIGH.name]:.3f}]",
+            "per-outer-fold C, mean +- SD": f"{scores[names.FOLD_CINDEX_MEAN.name]:.3f} +- "
+                                            f"{scores[names.FOLD_CINDEX_SD.name]:.3f}",
+            "inner selected C (mean over outer folds)": f"{selected:.3f}",
+            "inner BBC-CV C (mean over outer folds)": f"{bbc:.3f}",
+            "outer folds with a selected configuration": f"{len(frames)}/{k}",
+            "Brier score (365 d)": f"{scores[names.BRIER_365.name]:.3f}"}
+        for metric, key in ((names.NESTED_CINDEX, names.OOF_CINDEX), (names.NESTED_CINDEX_LOW, names.OOF_CINDEX_LOW),
+                            (names.NESTED_CINDEX_HIGH, names.OOF_CINDEX_HIGH)):
+            metrics[names.cell_metric(cell, metric)] = scores[key.name]
+    table = pd.DataFrame(rows)
+    directory = Path(config.storage_path) / f"{config.name}-nested" if "://" not in config.storage_path \
+        else Path.cwd() / f"{config.name}-nested"
+    files = write_tables(table, directory)
+    for cell, frames in predictions.items():
+        pd.concat(frames, ignore_index=True).to_csv(directory / f"outer_predictions_{cell}.csv", index=False)
+    _track(config, metrics, files, directory)
+    print(f"\nNested cross-validation of study {config.name} ({k} outer folds; each cell's selected configuration "
+          "tested on patients its search never saw):")
+    print(table.T.to_string())
+    print(f"\nWritten to {files['markdown']}; the {k} inner studies are the MLflow experiments {config.name}-outer0..")
+    return table
+
+
+def _track(config: StudyConfig, metrics: dict, files: dict, directory: Path) -> None:
+    """A study run in the experiment NAME carrying the nested estimates."""
+    from study.tracking import StudyTracker
+
+    tracker = StudyTracker(config.tracking_uri, config.name, directory / "tracking_journal.jsonl")
+    tracker.start({"space": config.space, "budget": config.budget, "nested_outer_folds": str(config.outer_folds)},
+                  {"space": config.space, "budget": config.budget, "outer_folds": config.outer_folds,
+                   "tasks": ",".join(config.tasks), "backbones": ",".join(config.backbones)},
+                  {"study_config.json": json.dumps(config.to_dict(), indent=1)})
+    tracker.log_metrics(None, metrics)
+    tracker.finish_parent("FINISHED", files)
+    tracker.catch_up(30.0)

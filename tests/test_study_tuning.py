@@ -1,0 +1,55 @@
+"""The per-cell searches inside one Tuner: what Optuna is told about finished, stopped and failed
+trials, round-robin cells, and the concurrency limit."""
+
+from __future__ import annotations
+
+import pickle
+
+from optuna.trial import TrialState
+from ray import tune
+
+from analysis import metric_names as names
+from study.tuning import CellSearch
+
+
+def _search(max_concurrent: int = 0) -> CellSearch:
+    cells = {f"b__{t}": {"task": t, "backbone": "b", "epochs": 4} for t in ("os_all", "1yr_all")}
+    space = {"lr": tune.loguniform(1e-4, 1e-2)}
+    return CellSearch(cells, {c: space for c in cells}, {c: {"lr": 1e-3} for c in cells}, num_samples=3,
+                      max_concurrent=max_concurrent)
+
+
+def test_stopped_trials_are_pruned_in_optuna_and_finished_ones_complete_with_their_oof_cindex():
+    search = _search()
+    configs = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
+    assert [c["task"] for c in configs.values()] == ["os_all", "1yr_all", "os_all", "1yr_all"]  # cells take turns
+    assert configs["t0"]["lr"] == 1e-3 and configs["t1"]["lr"] == 1e-3  # the reference recipe first, per cell
+    for trial in configs:
+        for epoch in (1, 2):
+            search.on_trial_result(trial, {names.EPOCH_CINDEX.name: 0.5 + 0.01 * epoch, "training_iteration": epoch})
+    search.on_trial_complete("t0", {names.EPOCH_CINDEX.name: 0.6, names.OOF_CINDEX.name: 0.58, "final": True})
+    search.on_trial_complete("t2", {names.EPOCH_CINDEX.name: 0.52})  # stopped by ASHA at epoch 2
+    search.on_trial_complete("t1", {names.EPOCH_CINDEX.name: float("nan"), "failed": "loss became nan"})
+    study = search.studies()["b__os_all"]
+    states = {t.number: (t.state, t.value) for t in study.trials}
+    assert states[0] == (TrialState.COMPLETE, 0.58)  # the number the cell is ranked by, not the epoch mean
+    assert states[1][0] == TrialState.PRUNED
+    assert study.trials[1].intermediate_values == {1: 0.51, 2: 0.52}
+    assert search.studies()["b__1yr_all"].trials[0].state == TrialState.FAIL
+
+
+def test_each_cell_gets_exactly_its_configurations_and_the_limit_holds():
+    search = _search(max_concurrent=2)
+    assert search.suggest("a") and search.suggest("b")
+    assert search.suggest("c") is None  # two running
+    search.on_trial_complete("a", {names.OOF_CINDEX.name: 0.6, "final": True})
+    assert search.suggest("c") is not None
+    for i in range(10):
+        search.on_trial_complete(f"x{i}")
+        search._live.clear()
+        search.suggest(f"x{i}")
+    assert search._suggested == {"b__os_all": 3, "b__1yr_all": 3}
+    assert search.suggest("y") == search.FINISHED
+    restored = _search()
+    restored.__dict__.update(pickle.loads(pickle.dumps(search.__dict__)))
+    assert restored.suggest("z") == search.FINISHED
