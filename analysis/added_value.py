@@ -1,10 +1,30 @@
 """Does the deep prognostic index (DPI) add prognostic value over clinical factors?
 
-Two Cox models (lifelines `CoxPHFitter`, Efron ties) on the same complete cases: clinical
-covariates alone, and clinical + DPI (standardised). Reported: the likelihood-ratio test of the
-DPI (chi-square, 1 df, p), both models' Harrell C-index with a paired bootstrap 95% CI of their
-difference, the DPI's hazard ratio per SD with its 95% CI, and 1-year calibration of the full
-model (predicted vs Kaplan-Meier observed survival by risk quintile).
+Two Cox models (lifelines `CoxPHFitter`, Efron ties) on the same patients: clinical covariates
+alone, and clinical + DPI (standardised by its development mean and SD).
+
+- **Covariates**: by default every mapped clinical column with at least two values among the
+  patients (`CLINICAL`: age, sex, WHO grade, the glioblastoma flag from the histology, IDH, MGMT,
+  and KPS and extent of resection when a site has them); a column that is constant here (the
+  glioblastoma flag in a glioblastoma-only cohort) is listed as not estimable, never dropped
+  silently. ``--clinical`` on the report chooses them.
+- **Missing values**: missing-indicator coding. A missing value is replaced by the development
+  mean of its covariate and a 0/1 column ``<covariate>_missing`` is added, so no patient is
+  dropped; the report states how many values were filled. Chosen over multiple imputation
+  because the models here *predict* (the question is the DPI's gain in discrimination, not an
+  unbiased coefficient of a covariate), and because the same fill and indicator apply unchanged
+  to an external cohort, which chained-equation imputation of the external outcomes would not
+  allow (van Smeden et al., Diagn Progn Res 2020; Sperrin et al., Stat Med 2020).
+- **Development**: likelihood-ratio test of the DPI (chi-square, 1 df); both models' Harrell
+  C-index; their difference ΔC corrected for optimism by the bootstrap (Harrell 2015, section
+  5.3): both models are refitted in every resample and evaluated on the resample and on the
+  original patients; the mean difference of the two ΔCs (the optimism) is subtracted from the
+  apparent ΔC. The 95% interval is the percentile interval of the resamples' apparent ΔC shifted
+  by the optimism, and the two-sided p-value the share of that shifted distribution on the other
+  side of 0 (doubled). `python -m benchmarks.added_value_optimism` checks it on simulated cohorts
+  with and without added value. Also the DPI's hazard ratio per SD and 1-year calibration.
+- **External cohorts**: both models are fitted on the development patients only and applied
+  unchanged (same fill values, same DPI scaling): C-indices, ΔC with its paired bootstrap CI.
 """
 
 from __future__ import annotations
@@ -16,9 +36,77 @@ import pandas as pd
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from scipy import stats
 
-from analysis.metrics import harrell_c
+from analysis.metrics import SurvivalDataError, harrell_c
+from datasets.clinical import COVARIATES as CLINICAL
 
-CLINICAL = ("age", "sex", "grade", "idh", "mgmt")
+
+@dataclass
+class Design:
+    """How clinical covariates become model columns: fill values and missing indicators
+    (learned on the development patients, applied unchanged elsewhere) and the DPI's scaling."""
+
+    covariates: list[str]
+    fill: dict[str, float]
+    indicators: list[str]
+    dpi_mean: float
+    dpi_sd: float
+    not_estimable: dict[str, str]
+
+    @classmethod
+    def learn(cls, frame: pd.DataFrame, covariates: list[str], dpi: str = "dpi") -> Design:
+        usable, skipped = [], {}
+        for column in covariates:
+            if column not in frame:
+                skipped[column] = "not in the store"
+            elif frame[column].nunique(dropna=True) < 2:
+                skipped[column] = "constant in this cohort"
+            else:
+                usable.append(column)
+        fill = {c: float(frame[c].mean()) for c in usable}
+        indicators = [c for c in usable if frame[c].isna().any()]
+        sd = float(frame[dpi].std(ddof=0)) or 1.0
+        return cls(usable, fill, indicators, float(frame[dpi].mean()), sd, skipped)
+
+    def columns(self) -> list[str]:
+        return [*self.covariates, *(f"{c}_missing" for c in self.indicators)]
+
+    def apply(self, frame: pd.DataFrame, dpi: str = "dpi") -> pd.DataFrame:
+        """time, event, the covariate columns (filled) with their indicators, and ``dpi`` scaled."""
+        out = frame[["time", "event"]].astype(float).copy()
+        for c in self.covariates:
+            out[c] = frame[c].fillna(self.fill[c]) if c in frame else self.fill[c]
+        for c in self.indicators:
+            out[f"{c}_missing"] = frame[c].isna().astype(float) if c in frame else 1.0
+        out["dpi"] = (frame[dpi] - self.dpi_mean) / self.dpi_sd
+        return out.reset_index(drop=True)
+
+    def filled(self, frame: pd.DataFrame) -> dict[str, int]:
+        """Values filled per covariate in `frame`."""
+        return {c: int(frame[c].isna().sum()) if c in frame else len(frame) for c in self.covariates
+                if c not in frame or frame[c].isna().any()}
+
+
+@dataclass
+class Models:
+    """The clinical and clinical + DPI Cox models (None: no clinical covariate, the null model)."""
+
+    clinical: CoxPHFitter | None
+    full: CoxPHFitter
+    columns: list[str]
+
+    @classmethod
+    def fit(cls, data: pd.DataFrame, columns: list[str]) -> Models:
+        clinical = CoxPHFitter().fit(data[["time", "event", *columns]], "time", "event") if columns else None
+        full = CoxPHFitter().fit(data[["time", "event", *columns, "dpi"]], "time", "event")
+        return cls(clinical, full, columns)
+
+    def cindices(self, data: pd.DataFrame) -> tuple[float, float]:
+        """(C clinical, C clinical + DPI) on `data`; the null model's C is 0.5."""
+        time, event = data["time"].to_numpy(float), data["event"].to_numpy(int)
+        full = harrell_c(time, event, self.full.predict_log_partial_hazard(data[[*self.columns, "dpi"]]).to_numpy())
+        if self.clinical is None:
+            return 0.5, full
+        return harrell_c(time, event, self.clinical.predict_log_partial_hazard(data[self.columns]).to_numpy()), full
 
 
 @dataclass
@@ -26,12 +114,17 @@ class AddedValue:
     n: int
     events: int
     covariates: list[str]
+    filled: dict[str, int]
+    not_estimable: dict[str, str]
     lr_chi2: float
     lr_p: float
     cindex_clinical: float
     cindex_full: float
-    cindex_diff_low: float
-    cindex_diff_high: float
+    delta_corrected: float
+    delta_low: float
+    delta_high: float
+    delta_p: float
+    optimism: float
     hr_per_sd: float
     hr_low: float
     hr_high: float
@@ -39,59 +132,88 @@ class AddedValue:
 
     def row(self) -> dict:
         return {"patients": self.n, "events": self.events, "clinical covariates": ", ".join(self.covariates),
+                "values filled (missing indicator)": ", ".join(f"{k} {v}" for k, v in self.filled.items()) or "none",
+                "not estimable": ", ".join(f"{k} ({v})" for k, v in self.not_estimable.items()) or "",
                 "LR chi2": round(self.lr_chi2, 2), "LR p": float(f"{self.lr_p:.3g}"),
                 "C clinical": round(self.cindex_clinical, 3), "C clinical + DPI": round(self.cindex_full, 3),
-                "C difference [95% CI]": f"{self.cindex_full - self.cindex_clinical:+.3f} "
-                                         f"[{self.cindex_diff_low:+.3f}, {self.cindex_diff_high:+.3f}]",
+                "apparent ΔC": round(self.cindex_full - self.cindex_clinical, 3),
+                "ΔC optimism-corrected [95% CI]": f"{self.delta_corrected:+.3f} [{self.delta_low:+.3f}, "
+                                                  f"{self.delta_high:+.3f}]",
+                "ΔC p": float(f"{self.delta_p:.3g}"),
                 "HR per SD of DPI [95% CI]": f"{self.hr_per_sd:.2f} [{self.hr_low:.2f}, {self.hr_high:.2f}]"}
 
 
-def usable_covariates(frame: pd.DataFrame, candidates=CLINICAL) -> list[str]:
-    """Clinical columns present with at least two values and not mostly missing."""
-    out = []
-    for column in candidates:
-        if column in frame and frame[column].notna().mean() >= 0.8 and frame[column].nunique(dropna=True) >= 2:
-            out.append(column)
-    return out
+def default_covariates(frame: pd.DataFrame, candidates=CLINICAL) -> list[str]:
+    """Every candidate clinical column with at least one known value."""
+    return [c for c in candidates if c in frame and frame[c].notna().any()]
 
 
-def added_value(frame: pd.DataFrame, dpi: str = "dpi", covariates: list[str] | None = None,
-                n_resamples: int = 1000, seed: int = 0, horizon: float = 365.0) -> AddedValue:
-    """Compare clinical vs clinical + DPI Cox models on `frame` (columns time, event, DPI, clinical).
+def added_value(frame: pd.DataFrame, covariates: list[str] | None = None, n_resamples: int = 200, seed: int = 0,
+                horizon: float = 365.0) -> tuple[AddedValue, Design, Models]:
+    """Compare clinical vs clinical + DPI on development patients (columns time, event, dpi, clinical)."""
+    covariates = default_covariates(frame) if covariates is None else list(covariates)
+    design = Design.learn(frame, covariates)
+    data = design.apply(frame)
+    columns = design.columns()
+    models = Models.fit(data, columns)
+    ll_clinical = (models.clinical.log_likelihood_ if models.clinical is not None
+                   else CoxPHFitter().fit(data[["time", "event"]], "time", "event").log_likelihood_)
+    chi2 = float(2 * (models.full.log_likelihood_ - ll_clinical))
+    c_clinical, c_full = models.cindices(data)
+    apparent = c_full - c_clinical
+    rng = np.random.default_rng(seed)
+    boot, optimism = [], []
+    for _ in range(n_resamples):
+        sample = data.iloc[rng.integers(0, len(data), len(data))].reset_index(drop=True)
+        if sample["event"].sum() < 2:
+            continue
+        try:
+            refit = Models.fit(sample, [c for c in columns if sample[c].nunique() > 1])
+            on_sample = np.subtract(*refit.cindices(sample)[::-1])  # C full - C clinical
+            on_original = np.subtract(*refit.cindices(data)[::-1])
+        except Exception:  # lifelines' convergence failures on an unlucky resample: skip it
+            continue
+        boot.append(on_sample)
+        optimism.append(on_sample - on_original)
+    if not boot:
+        raise SurvivalDataError("no bootstrap resample could refit the Cox models")
+    mean_optimism = float(np.mean(optimism))
+    shifted = np.asarray(boot) - mean_optimism
+    low, high = np.quantile(shifted, [0.025, 0.975])
+    p = min(1.0, 2 * min(float(np.mean(shifted <= 0)), float(np.mean(shifted >= 0))))
+    summary = models.full.summary.loc["dpi"]
+    surv = models.full.predict_survival_function(data[[*columns, "dpi"]], times=[horizon]).to_numpy()[0]
+    result = AddedValue(len(data), int(data["event"].sum()), design.covariates, design.filled(frame),
+                        design.not_estimable, chi2, float(stats.chi2.sf(chi2, 1)), c_clinical, c_full,
+                        apparent - mean_optimism, float(low), float(high), p, mean_optimism,
+                        float(summary["exp(coef)"]), float(summary["exp(coef) lower 95%"]),
+                        float(summary["exp(coef) upper 95%"]),
+                        calibration(data["time"].to_numpy(float), data["event"].to_numpy(int), surv, horizon))
+    return result, design, models
 
-    The DPI is standardised on `frame` so its hazard ratio is per standard deviation.
-    """
-    covariates = usable_covariates(frame) if covariates is None else covariates
-    data = frame[["time", "event", dpi, *covariates]].dropna().copy()
-    data[dpi] = (data[dpi] - data[dpi].mean()) / data[dpi].std(ddof=0)
-    clinical = CoxPHFitter().fit(data[["time", "event", *covariates]], "time", "event") if covariates else None
-    full = CoxPHFitter().fit(data, "time", "event")
-    if clinical is not None:
-        ll_clinical = clinical.log_likelihood_
-        lp_clinical = clinical.predict_log_partial_hazard(data[covariates]).to_numpy()
-    else:  # no clinical covariate: the null model
-        ll_clinical = CoxPHFitter().fit(data[["time", "event"]], "time", "event").log_likelihood_
-        lp_clinical = np.zeros(len(data))
-    lp_full = full.predict_log_partial_hazard(data).to_numpy()
-    chi2 = float(2 * (full.log_likelihood_ - ll_clinical))
-    time, event = data["time"].to_numpy(float), data["event"].to_numpy(int)
-    c_clinical = harrell_c(time, event, lp_clinical) if clinical is not None else 0.5
-    c_full = harrell_c(time, event, lp_full)
+
+def external_added_value(frame: pd.DataFrame, design: Design, models: Models, n_resamples: int = 1000,
+                         seed: int = 0) -> dict:
+    """Development models applied unchanged to an external cohort: C-indices and the paired
+    bootstrap CI of their difference."""
+    data = design.apply(frame)
+    c_clinical, c_full = models.cindices(data)
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(n_resamples):
-        idx = rng.integers(0, len(data), len(data))
-        if event[idx].sum() == 0:
+        sample = data.iloc[rng.integers(0, len(data), len(data))].reset_index(drop=True)
+        try:
+            clin, full = models.cindices(sample)
+        except SurvivalDataError:
             continue
-        base = harrell_c(time[idx], event[idx], lp_clinical[idx]) if clinical is not None else 0.5
-        diffs.append(harrell_c(time[idx], event[idx], lp_full[idx]) - base)
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    summary = full.summary.loc[dpi]
-    surv = full.predict_survival_function(data, times=[horizon]).to_numpy()[0]
-    return AddedValue(len(data), int(event.sum()), covariates, chi2, float(stats.chi2.sf(chi2, 1)), c_clinical,
-                      c_full, float(low), float(high), float(summary["exp(coef)"]),
-                      float(summary["exp(coef) lower 95%"]), float(summary["exp(coef) upper 95%"]),
-                      calibration(time, event, surv, horizon))
+        diffs.append(full - clin)
+    low, high = np.quantile(diffs, [0.025, 0.975]) if diffs else (np.nan, np.nan)
+    return {"patients": len(data), "events": int(data["event"].sum()),
+            "clinical covariates": ", ".join(design.covariates),
+            "values filled (missing indicator)": ", ".join(f"{k} {v}" for k, v in design.filled(frame).items())
+                                                 or "none",
+            "C clinical": round(c_clinical, 3), "C clinical + DPI": round(c_full, 3),
+            "ΔC [95% CI] (development models)": f"{c_full - c_clinical:+.3f} [{low:+.3f}, {high:+.3f}]"}
 
 
 def calibration(time: np.ndarray, event: np.ndarray, predicted: np.ndarray, horizon: float = 365.0,
@@ -110,7 +232,7 @@ def calibration(time: np.ndarray, event: np.ndarray, predicted: np.ndarray, hori
     return pd.DataFrame(rows)
 
 
-def added_value_row(frame: pd.DataFrame, **kwargs) -> tuple[dict, AddedValue | None]:
+def added_value_row(frame: pd.DataFrame, **kwargs) -> tuple[dict, tuple[AddedValue, Design, Models] | None]:
     """`added_value` as a table row; a cohort where the models cannot be fitted (too few patients
     or events, separation) gives a row saying why instead of stopping the report."""
     from lifelines.exceptions import ConvergenceError
@@ -119,4 +241,4 @@ def added_value_row(frame: pd.DataFrame, **kwargs) -> tuple[dict, AddedValue | N
         result = added_value(frame, **kwargs)
     except (ConvergenceError, ValueError, np.linalg.LinAlgError) as exc:
         return {"patients": int(len(frame)), "note": f"not estimable: {str(exc).splitlines()[0][:200]}"}, None
-    return result.row(), result
+    return result[0].row(), result

@@ -58,15 +58,19 @@ def calibration_plot(table: pd.DataFrame, title: str, path: Path) -> None:
 def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path: Path) -> None:
     """Optimisation history, parameter importances and parallel coordinates of one cell.
 
-    `trials`: one row per trial in start order, columns ``value`` (final pooled C-index, NaN when
-    pruned), ``cv_cindex`` (last CV mean reported) and the searched parameters.
+    `trials`: one row per trial in start order, columns ``value`` (the pooled out-of-fold C-index
+    of a finished trial, NaN otherwise), ``stopped_value`` (the folds' mean validation C-index at
+    the last epoch reported: for a trial ASHA stopped, a different, per-epoch quantity) and the
+    searched parameters.
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     order = np.arange(1, len(trials) + 1)
     finished = trials["value"].notna()
-    ax.scatter(order[finished], trials.loc[finished, "value"], label="finished (pooled OOF C)", color="tab:blue")
-    ax.scatter(order[~finished], trials.loc[~finished, "cv_cindex"], label="pruned (last CV mean)", color="tab:grey",
+    ax.scatter(order[finished], trials.loc[finished, "value"], label="finished: pooled out-of-fold C",
+               color="tab:blue")
+    ax.scatter(order[~finished], trials.loc[~finished, "stopped_value"],
+               label="stopped by ASHA: folds' mean validation C\nat that epoch (not comparable)", color="tab:grey",
                marker="x")
     best = trials["value"].fillna(-np.inf).cummax().replace(-np.inf, np.nan)
     ax.step(order, best, where="post", color="tab:red", label="best so far")
@@ -82,7 +86,7 @@ def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path
         ax.text(0.5, 0.5, "too few finished trials\nfor importances", ha="center", va="center")
         ax.set_axis_off()
     ax = axes[2]
-    score = trials["value"].fillna(trials["cv_cindex"])
+    score = trials["value"].fillna(trials["stopped_value"])
     normalised = []
     for name in params:
         column = trials[name]
@@ -100,7 +104,7 @@ def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path
         colour = cmap(0.5 if high == low else (score.iloc[i] - low) / (high - low))
         ax.plot(range(len(params)), [v[i] for v in normalised], color=colour, alpha=0.8)
     ax.set_xticks(range(len(params)), params, rotation=30, fontsize=7)
-    ax.set(title="parallel coordinates (colour: C-index)", ylabel="normalised value")
+    ax.set(title="parallel coordinates (colour: C-index as in the history)", ylabel="normalised value")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

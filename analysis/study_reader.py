@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import metric_names as names
 from datasets.errors import InputError, StudyError
 from datasets.remote import cache_root, download_folder, is_remote, list_folder
+from search_spaces import cell_name
+from trainables.trainable import EXPERIMENT
 
 
 class ReportError(StudyError):
@@ -30,7 +33,11 @@ class Trial:
 
     @property
     def cell(self) -> str:
-        return f"{self.backbone}__{self.task}"
+        return cell_name(self.backbone, self.task)
+
+    @property
+    def oof_cindex(self) -> float:
+        return self.metrics[names.OOF_CINDEX.name]
 
 
 @dataclass
@@ -40,35 +47,40 @@ class Study:
     parent_run_id: str
     config: dict
     trials: list[Trial] = field(default_factory=list)
+    study_metrics: dict = field(default_factory=dict)  # the study run's per-cell metrics
 
     def finished(self) -> list[Trial]:
-        return [t for t in self.trials if t.status == "FINISHED" and "cindex" in t.metrics]
+        return [t for t in self.trials if t.status == "FINISHED" and names.OOF_CINDEX.name in t.metrics]
 
     def best_per_cell(self) -> dict[tuple[str, str], Trial]:
         """The finished trial with the highest pooled out-of-fold C-index in each cell."""
         best: dict[tuple[str, str], Trial] = {}
         for trial in self.finished():
             key = (trial.backbone, trial.task)
-            if key not in best or trial.metrics["cindex"] > best[key].metrics["cindex"]:
+            if key not in best or trial.oof_cindex > best[key].oof_cindex:
                 best[key] = trial
         return best
+
+    def cell_metric(self, cell: str, metric: names.MetricName) -> float | None:
+        """A cell's metric logged on the study run (e.g. its BBC-CV C-index), None if absent."""
+        return self.study_metrics.get(names.cell_metric(cell, metric))
 
     def trial_dir(self, trial: Trial) -> Path:
         """The trial's folder in Tune's storage (downloaded once if the storage is remote)."""
         storage = self.config["storage_path"]
         if is_remote(storage):
-            cell_uri = f"{storage.rstrip('/')}/{self.config['name']}/{trial.cell}"
-            names = [n for n in list_folder(cell_uri) if trial.trial_id in n]
-            if not names:
-                raise ReportError(f"no folder for trial {trial.trial_id} under {cell_uri}")
-            local = cache_root().parent / "trials" / self.name / trial.cell / names[0]
+            experiment_uri = f"{storage.rstrip('/')}/{self.config['name']}/{EXPERIMENT}"
+            found = [n for n in list_folder(experiment_uri) if trial.trial_id in n]
+            if not found:
+                raise ReportError(f"no folder for trial {trial.trial_id} under {experiment_uri}")
+            local = cache_root().parent / "trials" / self.name / found[0]
             if not (local / "params.json").exists():
-                download_folder(f"{cell_uri}/{names[0]}", local)
+                download_folder(f"{experiment_uri}/{found[0]}", local)
             return local
-        cell_dir = Path(storage) / self.config["name"] / trial.cell
-        matches = sorted(cell_dir.glob(f"*{trial.trial_id}*"))
+        experiment = Path(storage) / self.config["name"] / EXPERIMENT
+        matches = sorted(experiment.glob(f"*{trial.trial_id}*"))
         if not matches:
-            raise ReportError(f"no folder for trial {trial.trial_id} under {cell_dir}")
+            raise ReportError(f"no folder for trial {trial.trial_id} under {experiment}")
         return matches[0]
 
     def checkpoint_dir(self, trial: Trial) -> Path:
@@ -102,7 +114,7 @@ def read_study(name: str, tracking_uri: str) -> Study:
                     r.info.start_time or 0)
               for r in runs if r.data.tags.get("study_role") == "trial"]
     trials.sort(key=lambda t: t.start_time)
-    study = Study(name, tracking_uri, parent.info.run_id, config, trials)
+    study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics))
     if not study.finished():
         raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "
                           "run or resume it with python -m study.run --name " + name)

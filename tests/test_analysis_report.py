@@ -11,7 +11,8 @@ from lifelines import CoxPHFitter
 from lifelines.statistics import logrank_test
 from mlflow.tracking import MlflowClient
 
-from analysis.added_value import added_value, calibration, usable_covariates
+from analysis import metric_names as names
+from analysis.added_value import added_value, calibration, default_covariates
 from analysis.report import build_report, main
 from analysis.study_reader import ReportError, oof_predictions, read_study
 from datasets import CohortStore
@@ -27,7 +28,8 @@ def reported(learnable_store, small_store, tmp_path_factory):
     assert study_main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones",
                        "seresnext50", "resnet50_cbam", "--num-samples", "2", "--tracking-uri", uri,
                        "--storage-path", str(root / "rr"), "--name", "rep"]) == 0
-    index = build_report("rep", uri, root / "report", external=[small_store], gradcam_patients=1)
+    # The same external store given twice (and once more through a relative path) appears once.
+    index = build_report("rep", uri, root / "report", external=[small_store, small_store], gradcam_patients=1)
     return root, uri, index
 
 
@@ -55,10 +57,12 @@ def test_leaderboard_matches_mlflow(reported):
     study = read_study("rep", uri)
     for _, row in board.iterrows():
         trial = study.best_per_cell()[(row["backbone"], row["task"])]
-        assert row["C-index [95% CI]"].startswith(f"{trial.metrics['cindex']:.3f} [")
-        assert row["Brier (365 d)"] == pytest.approx(trial.metrics["brier_365"], abs=1e-4)
+        assert row["C-index, selected [95% CI]"].startswith(f"{trial.oof_cindex:.3f} [")
+        bbc = study.cell_metric(trial.cell, names.BBC_CINDEX)
+        assert bbc is not None and row["C-index, BBC-CV [95% CI]"].startswith(f"{bbc:.3f} [")
+        assert row["Brier (365 d)"] == pytest.approx(trial.metrics[names.BRIER_365.name], abs=1e-4)
         cell_trials = [t for t in study.finished() if t.cell == trial.cell]
-        assert trial.metrics["cindex"] == max(t.metrics["cindex"] for t in cell_trials)
+        assert trial.oof_cindex == max(t.oof_cindex for t in cell_trials)
 
 
 def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_store):
@@ -67,17 +71,15 @@ def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_st
     dev = values[values["cohort"] == "development (out-of-fold)"].iloc[0]
     study = read_study("rep", uri)
     trial = study.best_per_cell()[(dev["backbone"], dev["task"])]
-    from analysis.ensemble import load_fold_models, standardised_oof
-
     store = CohortStore(learnable_store)
-    models = load_fold_models(study.checkpoint_dir(trial), study.trial_config(trial), store, "os_all", 2, 0)
     oof = oof_predictions(study, trial)
-    dpi = standardised_oof(models, oof)
     clinical = store.clinical().loc[oof["patient_id"]].reset_index(drop=True)
     data = pd.concat([oof[["time", "event"]], clinical.drop(columns=["time", "event"])], axis=1)
-    data["dpi"] = dpi
-    covariates = usable_covariates(data)
-    data = data[["time", "event", "dpi", *covariates]].dropna()
+    data["dpi"] = oof["risk"]  # the out-of-fold DPI, comparable across folds as written
+    covariates = [c for c in default_covariates(data) if data[c].nunique() > 1]
+    assert "glioblastoma" in covariates  # the histology enters the clinical model
+    assert dev["clinical covariates"] == ", ".join(covariates)
+    data = data[["time", "event", "dpi", *covariates]]  # no missing values in this store
     data["dpi"] = (data["dpi"] - data["dpi"].mean()) / data["dpi"].std(ddof=0)
     full = CoxPHFitter().fit(data, "time", "event")
     reduced = CoxPHFitter().fit(data.drop(columns=["dpi"]), "time", "event")
@@ -85,6 +87,8 @@ def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_st
     assert dev["LR chi2"] == pytest.approx(chi2, abs=0.01)
     assert dev["HR per SD of DPI [95% CI]"].startswith(f"{np.exp(full.params_['dpi']):.2f}")
     assert dev["C clinical + DPI"] == pytest.approx(full.concordance_index_, abs=1e-3)
+    external = values[values["cohort"] != "development (out-of-fold)"]
+    assert len(external) == 2 and "ΔC [95% CI] (development models)" in external.columns
 
 
 def test_kaplan_meier_cutoff_is_fixed_on_development(reported):
@@ -115,11 +119,13 @@ def test_added_value_statistics_on_known_answers():
     time = rng.exponential(np.exp(-(0.03 * (age - 60) + 0.8 * signal))) * 1000
     event = (rng.random(n) < 0.8).astype(int)
     frame = pd.DataFrame({"time": time, "event": event, "age": age, "sex": rng.integers(0, 2, n)})
-    informative = added_value(frame.assign(dpi=signal + rng.normal(0, 0.3, n)), n_resamples=200)
-    useless = added_value(frame.assign(dpi=rng.normal(size=n)), n_resamples=200)
+    informative, _, _ = added_value(frame.assign(dpi=signal + rng.normal(0, 0.3, n)), n_resamples=100)
+    useless, _, _ = added_value(frame.assign(dpi=rng.normal(size=n)), n_resamples=100)
     assert informative.lr_p < 1e-6 and informative.hr_per_sd > 1.5
-    assert informative.cindex_diff_low > 0
-    assert useless.lr_p > 0.01
+    assert informative.delta_low > 0 and informative.delta_p < 0.05
+    assert useless.lr_p > 0.01 and useless.delta_p > 0.05
+    # The correction removes the optimism of fitting one more coefficient on the same patients.
+    assert useless.optimism > 0 and useless.delta_corrected < useless.cindex_full - useless.cindex_clinical
     expected = logrank_test(time[signal > 0], time[signal <= 0], event[signal > 0], event[signal <= 0]).p_value
     assert expected < 1e-6
     table = calibration(time, event, np.full(n, 0.5))
@@ -151,12 +157,37 @@ def test_external_validation_matches_scikit_survival(reported, small_store):
 
     _, _, index = reported
     table = pd.read_csv(index.parent / "external_validation.csv")
-    assert len(table) == 2  # two cells, one external cohort
+    assert len(table) == 2  # two cells, one external cohort (given twice, listed once)
     for _, row in table.iterrows():
         pred = pd.read_csv(index.parent / f"external_{row['backbone']}__{row['task']}_{small_store.stem}.csv")
         assert len(pred) == row["patients"] and pred["patient_id"].is_unique
         c = concordance_index_censored(pred["event"].astype(bool), pred["time"], pred["dpi"])[0]
         assert row["C-index [95% CI]"].startswith(f"{c:.3f}"), (row["C-index [95% CI]"], c)
-        survival = Surv.from_arrays(pred["event"].astype(bool), pred["time"])
+        survival = Surv.from_arrays(pred["event"].astype(bool), pred["time"])  # an OS task: no horizon
         _, brier = sk_brier(survival, survival, pred["surv_365"].to_numpy()[:, None], [365.0])
         assert row["Brier (365 d)"] == pytest.approx(brier[0], abs=1e-4)
+
+
+def test_missing_covariates_get_indicators_and_external_cohorts_reuse_the_development_fill():
+    from analysis.added_value import external_added_value
+
+    rng = np.random.default_rng(3)
+    n = 300
+    age, signal = rng.normal(60, 10, n), rng.normal(size=n)
+    time = rng.exponential(np.exp(-(0.03 * (age - 60) + 0.6 * signal))) * 1000
+    frame = pd.DataFrame({"time": time, "event": (rng.random(n) < 0.8).astype(int), "age": age,
+                          "mgmt": rng.integers(0, 2, n).astype(float), "glioblastoma": 1.0,
+                          "dpi": signal + rng.normal(0, 0.5, n)})
+    frame.loc[:59, "mgmt"] = np.nan
+    result, design, models = added_value(frame, n_resamples=20)
+    assert result.n == n, "no patient dropped"
+    assert result.filled == {"mgmt": 60} and design.indicators == ["mgmt"]
+    assert "mgmt_missing" in models.full.params_.index
+    assert result.not_estimable == {"glioblastoma": "constant in this cohort"}
+    external = frame.sample(100, random_state=1).assign(mgmt=np.nan)
+    row = external_added_value(external, design, models, n_resamples=50)
+    assert row["values filled (missing indicator)"] == "mgmt 100" and row["patients"] == 100
+    applied = design.apply(external)
+    assert (applied["mgmt"] == design.fill["mgmt"]).all() and (applied["mgmt_missing"] == 1).all()
+    # The DPI is scaled with the development mean and SD, not the external cohort's own.
+    assert applied["dpi"].to_numpy() == pytest.approx(((external["dpi"] - design.dpi_mean) / design.dpi_sd).to_numpy())

@@ -1,0 +1,362 @@
+"""The report's sections (`analysis.report` runs them): leaderboard, external validation of the fold
+ensembles, added prognostic value, Kaplan-Meier curves, Grad-CAM with its attention score, and
+search diagnostics. Each section computes its numbers, writes its CSVs and PNGs into the report
+folder and appends its part of the page."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures
+from analysis import metric_names as names
+from analysis.added_value import CLINICAL, Design, Models, added_value_row, external_added_value
+from analysis.ensemble import load_fold_models, predict_ensemble
+from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
+from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
+from analysis.oracle import oracle_cindices
+from analysis.study_reader import Study, Trial, oof_predictions
+from datasets.cohort import Cohort, CohortSpec
+from datasets.remote import stage_store
+from datasets.store import CohortStore
+from search_spaces import TASKS
+from trainables.cross_validation import alive_past_horizon
+from trainables.fold_model import FoldModel
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+EVAL_TIMES = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)  # trainables.TrainConfig's default eval_times
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.3g}"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and np.isfinite(value) else ""
+
+
+def searched_parameters(study: Study) -> list[str]:
+    """The parameters the study searched (from its space), in the space's order."""
+    from search_spaces import SPACES
+
+    space = SPACES.get(study.config.get("space", ""))
+    if space is None:
+        return ["lr", "weight_decay", "batch_size", "optimizer", "dropout", "augmentation"]
+    return list(space.distributions_for(study.config.get("budget", "full")))
+
+
+def leaderboard(study: Study) -> pd.DataFrame:
+    """Per cell: BBC-CV C (headline), the selected configuration's own metrics, the reference's."""
+    rows = []
+    for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        m, cell = trial.metrics, trial.cell
+        bbc = [study.cell_metric(cell, x) for x in (names.BBC_CINDEX, names.BBC_CINDEX_LOW, names.BBC_CINDEX_HIGH)]
+        searched = [k for k in searched_parameters(study) if k in trial.params]
+        rows.append({
+            "backbone": backbone, "task": task,
+            "C-index, BBC-CV [95% CI]": f"{bbc[0]:.3f} [{bbc[1]:.3f}, {bbc[2]:.3f}]" if None not in bbc else "",
+            "C-index, selected [95% CI]": f"{m[names.OOF_CINDEX.name]:.3f} [{m[names.OOF_CINDEX_LOW.name]:.3f}, "
+                                          f"{m[names.OOF_CINDEX_HIGH.name]:.3f}]",
+            "C-index, reference recipe": _fmt(study.cell_metric(cell, names.REFERENCE_CINDEX)),
+            "per-fold C, mean +- SD": f"{_fmt(m.get(names.FOLD_CINDEX_MEAN.name))} +- "
+                                      f"{_fmt(m.get(names.FOLD_CINDEX_SD.name))}",
+            "folds that learned nothing": int(m.get(names.FOLDS_COLLAPSED.name, 0)),
+            "Brier (365 d)": round(m.get(names.BRIER_365.name, np.nan), 4), "IBS": round(m.get(names.IBS.name, np.nan), 4),
+            "Uno's C": round(m.get(names.UNO_C.name, np.nan), 3), "AUC (365 d)": round(m.get(names.AUC_365.name, np.nan), 3),
+            "selected configuration": ", ".join(f"{k}={_short(trial.params[k])}" for k in searched),
+            "trial": trial.trial_id, "finished trials": sum(1 for t in study.finished() if t.cell == cell)})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class CellAnalysis:
+    """A cell's selected trial, read back once: its fold models and development predictions."""
+
+    backbone: str
+    task: str
+    trial: Trial
+    models: list[FoldModel]
+    oof: pd.DataFrame  # out-of-fold predictions with the cohort's clinical columns
+    horizon: float | None
+
+    @property
+    def cell(self) -> str:
+        return self.trial.cell
+
+
+def load_cells(study: Study, store: CohortStore) -> list[CellAnalysis]:
+    folds = study.config["protocol"]["folds"]
+    clinical = store.clinical()
+    cells = []
+    for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        oof = oof_predictions(study, trial)
+        oof = pd.concat([oof, clinical.loc[oof["patient_id"]].drop(columns=["time", "event"]).reset_index(drop=True)],
+                        axis=1)
+        oof["dpi"] = oof["risk"]  # comparable across folds by construction (trainables.heads)
+        horizon = Cohort(store, CohortSpec(TASKS[task].filter, TASKS[task].endpoint)).horizon
+        cells.append(CellAnalysis(backbone, task, trial, load_fold_models(study.checkpoint_dir(trial), folds), oof,
+                                  horizon))
+    return cells
+
+
+def external_metrics(time, event, dpi, surv_365, curves, times, horizon) -> dict:
+    out = {}
+    try:
+        estimate = bootstrap_ci(harrell_c, time, event, dpi, n_resamples=1000, seed=0)
+        out["C-index [95% CI]"] = str(estimate)
+    except SurvivalDataError as exc:
+        out["C-index [95% CI]"] = f"n/a ({exc})"
+    at = alive_past_horizon(time, event, horizon)
+    out["Brier (365 d)"] = round(float(brier_score(at, event, surv_365, 365.0)[0]), 4)
+    usable = [k for k, t in enumerate(times) if t < at.max()]
+    out["IBS"] = round(integrated_brier_score(at, event, curves[:, usable], np.asarray(times)[usable]), 4) \
+        if len(usable) >= 2 else np.nan
+    return out
+
+
+def choose_patients(oof: pd.DataFrame, n_random: int = 2, seed: int = 0) -> dict[str, int]:
+    """Rows of `oof` to explain: highest/lowest DPI, best/worst predicted deaths, random ones."""
+    chosen = {"highest DPI": int(oof["dpi"].idxmax()), "lowest DPI": int(oof["dpi"].idxmin())}
+    deaths = oof[oof["event"] == 1]
+    if len(deaths) >= 2:
+        # Rank agreement between risk and earliness of death: |rank(DPI) - rank(-time)|.
+        mismatch = (deaths["dpi"].rank() - (-deaths["time"]).rank()).abs()
+        chosen["best predicted death"] = int(mismatch.idxmin())
+        chosen["worst predicted death"] = int(mismatch.idxmax())
+    rng = np.random.default_rng(seed)
+    rest = [i for i in oof.index if i not in chosen.values()]
+    for k, i in enumerate(rng.choice(rest, size=min(n_random, len(rest)), replace=False)):
+        chosen[f"random {k + 1}"] = int(i)
+    return chosen
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, classes="t", na_rep="")
+
+
+def externals(study: Study, extra: Sequence) -> list[CohortStore]:
+    """The study's external stores and the report's, each once (by resolved location)."""
+    seen, out = set(), []
+    for location in [*study.config.get("external", []), *map(str, extra)]:
+        path = stage_store(location)
+        key = str(Path(path).resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append(CohortStore(path))
+    return out
+
+
+class Report:
+    """The report's sections, written into `out` as they are computed; `html` collects the page."""
+
+    def __init__(self, study: Study, store: CohortStore, externals: list[CohortStore], out: Path,
+                 clinical: Sequence[str] | None = None):
+        self.study, self.store, self.externals, self.out = study, store, externals, out
+        self.clinical = list(clinical) if clinical is not None else None
+        self.html: list[str] = []
+
+    def figure(self, name: str, width: int = 480, title: str = "") -> None:
+        self.html.append(f"<img src='{name}' width='{width}'" + (f" title='{html.escape(title)}'" if title else "") + ">")
+
+    def table(self, frame: pd.DataFrame, csv: str | None = None) -> None:
+        if csv:
+            frame.to_csv(self.out / csv, index=False)
+        self.html.append(_table_html(frame))
+
+    def header(self) -> None:
+        study, config = self.study, self.study.config
+        self.html += [f"<h1>Study {html.escape(study.name)}</h1>",
+                      f"<p>Space {config['space']}, budget {config['budget']}, data {html.escape(str(self.store.path))} "
+                      f"({len(self.store.usable())} patients), {config['protocol']['folds']}-fold CV; "
+                      f"{len(study.trials)} trials ({len(study.finished())} finished).</p>"]
+
+    def leaderboard(self) -> None:
+        self.html.append("<h2>1. Leaderboard</h2><p>Per cell, the configuration with the best pooled out-of-fold "
+                         "C-index. Headline: its <b>BBC-CV</b> C-index, which pays for choosing it among the cell's "
+                         "configurations (bootstrap bias-corrected CV); the selected configuration's own pooled C is "
+                         "optimistic by construction. 95% CIs by patient bootstrap.</p>")
+        board = leaderboard(self.study)
+        oracle = oracle_cindices(self.store, {t: Cohort(self.store, CohortSpec(TASKS[t].filter, TASKS[t].endpoint))
+                                              for t in board["task"].unique()}) if len(board) else {}
+        if oracle:
+            self.html.append("<p>This store comes from <code>datasets.synthetic</code>: the last column is the C-index "
+                             "of its true imaging / total linear predictor on the same patients, what there was to "
+                             "learn.</p>")
+            board["oracle C (true imaging / total)"] = [f"{oracle[t]['imaging']:.3f} / {oracle[t]['total']:.3f}"
+                                                        for t in board["task"]]
+        self.table(board, "leaderboard.csv")
+
+    def external_validation(self, cells: list[CellAnalysis]) -> dict:
+        """Each cell's fold ensemble on every external store; returns {(cell, store): predictions}."""
+        rows, predictions = [], {}
+        for cell in cells:
+            spec = TASKS[cell.task]
+            for ext in self.externals:
+                cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
+                pred = predict_ensemble(cell.models, ext.images(cohort.slots), EVAL_TIMES)
+                rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": ext.path.name,
+                             "patients": len(cohort), **external_metrics(cohort.time, cohort.event, pred["risk"],
+                                                                         pred["surv_365"], pred["curves"], EVAL_TIMES,
+                                                                         cohort.horizon)})
+                frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
+                                      "dpi": pred["risk"], "surv_365": pred["surv_365"],
+                                      **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(EVAL_TIMES)}})
+                frame.to_csv(self.out / f"external_{cell.cell}_{ext.path.stem}.csv", index=False)
+                predictions[(cell.cell, ext.path.name)] = pd.concat(
+                    [frame, cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)
+        if rows:
+            self.html.append("<h2>2. External validation (fold ensembles)</h2><p>Each cell's K fold models applied "
+                             "unchanged; DPI = mean of the folds' DPI.</p>")
+            self.table(pd.DataFrame(rows), "external_validation.csv")
+        else:
+            self.html.append("<h2>2. External validation</h2><p>No external cohort: pass --external STORE.</p>")
+        return predictions
+
+    def added_value(self, cells: list[CellAnalysis], external: dict) -> None:
+        rows, calibration = [], []
+        for cell in cells:
+            row, fitted = added_value_row(cell.oof, covariates=self.clinical)
+            rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": "development (out-of-fold)", **row})
+            if fitted is None:
+                continue
+            result, design, models = fitted
+            name = f"calibration_{cell.cell}_dev.png"
+            figures.calibration_plot(result.calibration, f"{cell.cell}: development", self.out / name)
+            calibration.append(name)
+            for (key, cohort_name), frame in external.items():
+                if key == cell.cell:
+                    rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": cohort_name,
+                                 **_external_value(frame, design, models)})
+        covariates = ", ".join(self.clinical) if self.clinical is not None else \
+            f"every mapped clinical column present ({', '.join(CLINICAL)} where present)"
+        self.html.append("<h2>3. Added prognostic value of the DPI</h2><p>Cox models (lifelines): clinical vs clinical "
+                         f"+ DPI; clinical covariates: {html.escape(covariates)}. Missing values: missing-indicator "
+                         "coding (development means; counts below). Development: likelihood-ratio test (1 df) and the "
+                         "C-index difference corrected for optimism (both models refitted in every bootstrap resample). "
+                         "External cohorts: the development models applied unchanged.</p>")
+        self.table(pd.DataFrame(rows), "added_value.csv")
+        self.html.append("<h3>1-year calibration (clinical + DPI model, development)</h3>")
+        for name in calibration:
+            self.figure(name, 360)
+
+    def kaplan_meier(self, cells: list[CellAnalysis], external: dict) -> None:
+        rows = []
+        self.html.append("<h2>4. Kaplan-Meier: low vs high DPI</h2><p>Cut-off: median DPI of the development "
+                         "out-of-fold predictions, applied unchanged to external cohorts.</p>")
+        for cell in cells:
+            oof = cell.oof
+            # The cut-off is fixed here, on development data, and reused unchanged for external cohorts.
+            cutoff = float(np.median(oof["dpi"]))
+            groups = [("development", "dev", oof["time"], oof["event"], oof["dpi"])]
+            groups += [(name, Path(name).stem, f["time"], f["event"], f["dpi"])
+                       for (key, name), f in external.items() if key == cell.cell]
+            for cohort, stem, time, event, dpi in groups:
+                figure = f"km_{cell.cell}_{stem}.png"
+                p = figures.km_by_dpi(time, event, dpi, cutoff, f"{cell.cell}: {cohort}"
+                                      + (" (development cut-off)" if stem != "dev" else ""), self.out / figure)
+                self.figure(figure, title=f"log-rank p {p:.3g}")
+                rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": cohort, "cutoff": cutoff,
+                             "high": int((np.asarray(dpi) > cutoff).sum()), "low": int((np.asarray(dpi) <= cutoff).sum()),
+                             "logrank_p": p})
+        pd.DataFrame(rows).to_csv(self.out / "kaplan_meier.csv", index=False)
+
+    def gradcam(self, cells: list[CellAnalysis], n_random: int, seed: int) -> None:
+        """Best cell per task: chosen patients explained by the fold model that did not train on them;
+        with tumour labels, the attention's enrichment on tumour + oedema (`attention_in_region`)."""
+        best: dict[str, CellAnalysis] = {}
+        for cell in cells:
+            if cell.task not in best or cell.trial.oof_cindex > best[cell.task].trial.oof_cindex:
+                best[cell.task] = cell
+        store, rows, shown = self.store, [], []
+        for task, cell in best.items():
+            oof = cell.oof
+            chosen = choose_patients(oof, n_random=n_random, seed=seed)
+            top = oof.nlargest(min(10, len(oof)), "dpi").index  # the best-ranked (highest-risk) patients
+            for row in dict.fromkeys([*chosen.values(), *top]):
+                pid = oof.loc[row, "patient_id"]
+                slot = store.patient_ids.index(pid)
+                image = store.image(slot).astype(np.float32)
+                network = cell.models[int(oof.loc[row, "fold"])].network
+                cam = gradcam_map(network, image)
+                label, mask = store.label(slot), store.mask(slot)
+                if label.any():
+                    control = attention_in_region(gradcam_map(untrained_twin(network), image), mask, label)
+                    rows.append({"task": task, "cell": cell.cell, "patient_id": pid, "DPI rank": int(
+                        (oof["dpi"] > oof.loc[row, "dpi"]).sum()) + 1, **attention_in_region(cam, mask, label),
+                        "enrichment, untrained twin": control["enrichment"]})
+                reasons = [reason for reason, r in chosen.items() if r == row]
+                if not reasons:
+                    continue
+                name = f"gradcam_{cell.cell}_{pid}"
+                overlay(image, store.sequences, cam, mask, label,
+                        f"{cell.cell}: {pid} ({reasons[0]}; DPI {oof.loc[row, 'dpi']:+.2f}, "
+                        f"{'death' if oof.loc[row, 'event'] else 'censored'} at {oof.loc[row, 'time']:.0f} d)",
+                        self.out / f"{name}.png")
+                save_nifti(cam, store.affine(slot), self.out / f"{name}.nii.gz")
+                shown.append(f"{name}.png")
+        self.html.append("<h2>5. Grad-CAM</h2><p>Best cell per task; each patient explained by the fold model that "
+                         "did not train on it; rows through the map's maximum and, where the store has a tumour label, "
+                         "through the tumour's centre (coronal and sagittal planes were the most telling in the "
+                         "reference study). NIfTI maps beside the PNGs.</p>")
+        if rows:
+            table = pd.DataFrame(rows)
+            table.to_csv(self.out / "gradcam_attention.csv", index=False)
+            summary = (table[table["DPI rank"] <= 10].groupby(["task", "cell"])
+                       [["enrichment", "enrichment, untrained twin", "enrichment_axial", "enrichment_coronal",
+                         "enrichment_sagittal", "hit", "region_share"]].mean().round(3).reset_index())
+            self.html.append("<p>Attention on tumour + oedema for the 10 highest-DPI patients: enrichment = share of "
+                             "the map's mass inside the region / the region's share of the head (1 = uniform), in 3D "
+                             "and in the planes through the tumour; hit = the map's maximum lies in the region "
+                             "(pointing game). Control: the same network untrained, whose maps also favour bright "
+                             "tumours; attention the model learned shows as enrichment above its twin's. Per patient: "
+                             "gradcam_attention.csv.</p>")
+            self.table(summary, "gradcam_attention_summary.csv")
+        for name in shown:
+            self.figure(name, 640)
+
+    def search_diagnostics(self) -> None:
+        self.html.append("<h2>6. Search diagnostics</h2><p>Finished trials: their pooled out-of-fold C-index; trials "
+                         "ASHA stopped: the folds' mean validation C-index at the epoch they were stopped (a "
+                         "different, per-epoch quantity, marked x).</p>")
+        searched, study = searched_parameters(self.study), self.study
+        for backbone, task in sorted({(t.backbone, t.task) for t in study.trials}, key=lambda bt: (bt[1], bt[0])):
+            cell_trials = [t for t in study.trials if t.backbone == backbone and t.task == task]
+            params = [k for k in searched if all(k in t.params for t in cell_trials)]
+            rows = []
+            for t in cell_trials:
+                row = {"value": t.metrics.get(names.OOF_CINDEX.name, np.nan) if t.status == "FINISHED" else np.nan,
+                       "stopped_value": t.metrics.get(names.EPOCH_CINDEX.name, np.nan)}
+                for k in params:
+                    try:
+                        row[k] = float(t.params[k])
+                    except ValueError:
+                        row[k] = t.params[k]
+                rows.append(row)
+            name = f"search_{backbone}__{task}.png"
+            figures.search_diagnostics(pd.DataFrame(rows), params, f"{backbone} / {task}", self.out / name)
+            self.figure(name, 900)
+
+    def write(self) -> Path:
+        style = ("<style>body{font-family:sans-serif;margin:1em 2em} table.t{border-collapse:collapse;font-size:85%;"
+                 "margin:.5em 0} .t td,.t th{border:1px solid #ccc;padding:2px 6px} img{margin:4px}</style>")
+        index = self.out / "index.html"
+        index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.study.name)}"
+                         f"</title>{style}</head><body>{''.join(self.html)}</body></html>")
+        return index
+
+
+def _external_value(frame: pd.DataFrame, design: Design, models: Models) -> dict:
+    try:
+        return external_added_value(frame, design, models)
+    except (SurvivalDataError, ValueError) as exc:
+        return {"patients": len(frame), "note": f"not estimable: {str(exc).splitlines()[0][:200]}"}
