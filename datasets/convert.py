@@ -37,7 +37,7 @@ from tqdm import tqdm
 from datasets import clinical as clinical_mod
 from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
-from datasets.preprocess import PreprocessConfig, preprocess_patient
+from datasets.preprocessing_config import PreprocessConfig
 from datasets.pseudonyms import Pseudonymiser, load_or_create_key
 from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
 from datasets.store import (
@@ -87,6 +87,8 @@ def convert_patient(task: PatientTask) -> dict:
     """
     try:
         import torch
+
+        from datasets.preprocess import preprocess_patient  # MONAI: loaded by the workers, not the CLI
 
         torch.set_num_threads(1)
         result = preprocess_patient({k: Path(v) for k, v in task.files.items()}, task.patient_id, task.config)

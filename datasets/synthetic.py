@@ -279,17 +279,21 @@ def write_patient(index: int, config: SyntheticConfig, images_dir: str) -> tuple
     return patient["clinical"], patient["truth"]
 
 
-def generate(out: str | Path, config: SyntheticConfig, workers: int = 1) -> Path:
-    """Write the site export under `out`; returns the clinical CSV path."""
+def generate(out: str | Path, config: SyntheticConfig, workers: int = 1, progress: bool = False) -> Path:
+    """Write the site export under `out` (a progress bar with `progress`); returns the clinical CSV path."""
+    from tqdm import tqdm
+
     out = Path(out).expanduser().absolute()
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     indices = range(config.n)
+    bar = dict(total=config.n, desc="synthesising", unit="patient", disable=not progress)
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            rows = list(pool.map(write_patient, indices, [config] * config.n, [str(images_dir)] * config.n))
+            rows = list(tqdm(pool.map(write_patient, indices, [config] * config.n, [str(images_dir)] * config.n),
+                             **bar))
     else:
-        rows = [write_patient(i, config, str(images_dir)) for i in indices]
+        rows = [write_patient(i, config, str(images_dir)) for i in tqdm(indices, **bar)]
     clinical = pd.DataFrame([r[0] for r in rows])
     truth = pd.DataFrame([r[1] for r in rows])
     clinical.to_csv(out / "clinical.csv", index=False)
@@ -310,6 +314,24 @@ def build_store(root: str | Path, config: SyntheticConfig, preprocess, name: str
     return out
 
 
+def find_truth(store) -> pd.DataFrame | None:
+    """The true linear predictors of a store converted from a synthetic export, or None.
+
+    The export's ``truth.csv`` is found beside the images its manifest lists as sources
+    (``EXPORT/images/<id>/<file>``). None for any other store, and for a pseudonymised one (its
+    ids are not the export's). Index: patient id; columns as written by `generate`.
+    """
+    for record in store.manifest.get("patients", {}).values():
+        for source in record.get("sources", {}).values():
+            path = Path(source["path"])
+            truth = path.parents[2] / "truth.csv" if len(path.parents) > 2 else None
+            if truth is None or not truth.exists():
+                return None
+            table = pd.read_csv(truth).set_index("patient_id")
+            return table if set(store.patient_ids) <= set(table.index) else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -326,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SyntheticConfig(n=args.n, voxel_size=args.voxel_size, imaging_effect=args.imaging_effect,
                                  site_shift=args.site_shift, seed=args.seed,
                                  prefix=args.prefix or ("EXT" if args.site_shift else "SYN"))
-        clinical = generate(args.out, config, workers=args.workers)
+        clinical = generate(args.out, config, workers=args.workers, progress=True)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

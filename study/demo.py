@@ -17,6 +17,7 @@ from datasets.synthetic import SyntheticConfig, generate
 
 DEMO_VERSION = "demo-v1"
 DEMO_PATIENTS = 150
+DEMO_VOXEL_SIZE = 6.0  # mm, of the synthetic export
 DEMO_PREPROCESSING = PreprocessConfig(shape=(32, 32, 24), spacing=4.0)
 
 
@@ -39,6 +40,7 @@ def demo_store(workers: int = 2, progress: bool = True) -> Path:
         except Exception:  # an interrupted build: the converter resumes it below
             pass
     if not (export / "clinical.csv").exists():
-        generate(export, SyntheticConfig(n=DEMO_PATIENTS, voxel_size=6.0, seed=0), workers=workers)
+        generate(export, SyntheticConfig(n=DEMO_PATIENTS, voxel_size=DEMO_VOXEL_SIZE, seed=0), workers=workers,
+                 progress=progress)
     convert(export / "images", export / "clinical.csv", store, DEMO_PREPROCESSING, workers=workers, progress=progress)
     return store
