@@ -43,11 +43,17 @@ from datasets.clinical import COVARIATES as CLINICAL
 @dataclass
 class Design:
     """How clinical covariates become model columns: fill values and missing indicators
-    (learned on the development patients, applied unchanged elsewhere) and the DPI's scaling."""
+    (learned on the development patients, applied unchanged elsewhere) and the DPI's scaling.
+
+    Covariates missing for the same patients share one indicator (``idh+mgmt_missing`` when a
+    site tested neither); a column that the others determine exactly on the development patients
+    (the glioblastoma flag when every grade-4 tumour is IDH-wildtype and no grade 2 is present, an
+    indicator equal to another) is left out and listed as not estimable: lifelines cannot invert
+    a collinear design."""
 
     covariates: list[str]
     fill: dict[str, float]
-    indicators: list[str]
+    indicators: dict[str, list[str]]  # indicator column -> the covariates whose missingness it flags
     dpi_mean: float
     dpi_sd: float
     not_estimable: dict[str, str]
@@ -58,25 +64,50 @@ class Design:
         for column in covariates:
             if column not in frame:
                 skipped[column] = "not in the store"
+            elif frame[column].notna().sum() == 0:
+                skipped[column] = "no value in this cohort"
             elif frame[column].nunique(dropna=True) < 2:
                 skipped[column] = "constant in this cohort"
             else:
                 usable.append(column)
-        fill = {c: float(frame[c].mean()) for c in usable}
-        indicators = [c for c in usable if frame[c].isna().any()]
+        patterns: dict[bytes, list[str]] = {}
+        for column in usable:
+            missing = frame[column].isna().to_numpy()
+            if missing.any():
+                patterns.setdefault(missing.tobytes(), []).append(column)
+        indicators = {"+".join(group) + "_missing": group for group in patterns.values()}
         sd = float(frame[dpi].std(ddof=0)) or 1.0
-        return cls(usable, fill, indicators, float(frame[dpi].mean()), sd, skipped)
+        design = cls(usable, {c: float(frame[c].mean()) for c in usable}, indicators, float(frame[dpi].mean()), sd,
+                     skipped)
+        design._drop_collinear(frame)
+        return design
+
+    def _drop_collinear(self, frame: pd.DataFrame) -> None:
+        """Leave out columns that the intercept and the columns before them determine exactly."""
+        data = self.apply(frame.assign(dpi=0.0))
+        kept = [np.ones(len(data))]
+        for column in self.columns():
+            candidate = np.column_stack([*kept, data[column].to_numpy(float)])
+            if np.linalg.matrix_rank(candidate) > len(kept):
+                kept.append(data[column].to_numpy(float))
+                continue
+            self.not_estimable[column] = "determined by the covariates before it in this cohort"
+            if column in self.indicators:
+                del self.indicators[column]
+            else:
+                self.covariates.remove(column)
 
     def columns(self) -> list[str]:
-        return [*self.covariates, *(f"{c}_missing" for c in self.indicators)]
+        return [*self.covariates, *self.indicators]
 
     def apply(self, frame: pd.DataFrame, dpi: str = "dpi") -> pd.DataFrame:
         """time, event, the covariate columns (filled) with their indicators, and ``dpi`` scaled."""
         out = frame[["time", "event"]].astype(float).copy()
         for c in self.covariates:
             out[c] = frame[c].fillna(self.fill[c]) if c in frame else self.fill[c]
-        for c in self.indicators:
-            out[f"{c}_missing"] = frame[c].isna().astype(float) if c in frame else 1.0
+        for name, group in self.indicators.items():
+            present = [c for c in group if c in frame]
+            out[name] = frame[present].isna().any(axis=1).astype(float) if present else 1.0
         out["dpi"] = (frame[dpi] - self.dpi_mean) / self.dpi_sd
         return out.reset_index(drop=True)
 

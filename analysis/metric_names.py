@@ -66,6 +66,10 @@ NESTED_CINDEX = MetricName(
 NESTED_CINDEX_LOW = MetricName("nested_cindex_low", "lower end of the 95% patient-bootstrap CI of nested_cindex")
 NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% patient-bootstrap CI of nested_cindex")
 
+# Keys of a trial's reports that are flags, not metrics.
+FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
+FAILED = "failed"  # the reason, on the last report of a trial that diverged
+
 EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS)
 FINAL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, FOLDS_COLLAPSED,
                  BRIER_365, IBS, UNO_C, AUC_365)

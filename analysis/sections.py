@@ -26,11 +26,11 @@ from datasets.cohort import Cohort, CohortSpec
 from datasets.remote import stage_store
 from datasets.store import CohortStore
 from search_spaces import TASKS
+from trainables.config import TrainConfig
 from trainables.cross_validation import alive_past_horizon
 from trainables.fold_model import FoldModel
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-EVAL_TIMES = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)  # trainables.TrainConfig's default eval_times
 
 
 def _short(value: str) -> str:
@@ -88,6 +88,7 @@ class CellAnalysis:
     models: list[FoldModel]
     oof: pd.DataFrame  # out-of-fold predictions with the cohort's clinical columns
     horizon: float | None
+    eval_times: tuple[float, ...]  # the trial's survival-curve times [days]
 
     @property
     def cell(self) -> str:
@@ -104,8 +105,9 @@ def load_cells(study: Study, store: CohortStore) -> list[CellAnalysis]:
                         axis=1)
         oof["dpi"] = oof["risk"]  # comparable across folds by construction (trainables.heads)
         horizon = Cohort(store, CohortSpec(TASKS[task].filter, TASKS[task].endpoint)).horizon
+        eval_times = tuple(study.trial_config(trial).get("eval_times", TrainConfig().eval_times))
         cells.append(CellAnalysis(backbone, task, trial, load_fold_models(study.checkpoint_dir(trial), folds), oof,
-                                  horizon))
+                                  horizon, eval_times))
     return cells
 
 
@@ -203,14 +205,15 @@ class Report:
             spec = TASKS[cell.task]
             for ext in self.externals:
                 cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
-                pred = predict_ensemble(cell.models, ext.images(cohort.slots), EVAL_TIMES)
+                times = cell.eval_times
+                pred = predict_ensemble(cell.models, ext.images(cohort.slots), times)
                 rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": ext.path.name,
                              "patients": len(cohort), **external_metrics(cohort.time, cohort.event, pred["risk"],
-                                                                         pred["surv_365"], pred["curves"], EVAL_TIMES,
+                                                                         pred["surv_365"], pred["curves"], times,
                                                                          cohort.horizon)})
                 frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
                                       "dpi": pred["risk"], "surv_365": pred["surv_365"],
-                                      **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(EVAL_TIMES)}})
+                                      **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(times)}})
                 frame.to_csv(self.out / f"external_{cell.cell}_{ext.path.stem}.csv", index=False)
                 predictions[(cell.cell, ext.path.name)] = pd.concat(
                     [frame, cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)

@@ -40,9 +40,7 @@ def bbc_cv(time, event, risks, n_bootstrap: int = 1000, level: float = 0.95, see
     with the percentile interval of those values.
     """
     risks = np.atleast_2d(np.asarray(risks, dtype=float))
-    time, event, _ = check_survival(time, event, risks[0], name="risks")
-    if risks.shape[1] != time.shape[0]:
-        raise SurvivalDataError(f"Input 'risks' has {risks.shape[1]} patients but 'time' has {time.shape[0]}.")
+    time, event, _ = check_survival(time, event, risks[0], name="risks")  # also checks the patients' count
     if np.isnan(risks).any():
         raise SurvivalDataError("Input 'risks' contains NaN.")
     if not event.any():

@@ -322,8 +322,8 @@ def find_truth(store) -> pd.DataFrame | None:
     ids are not the export's). Index: patient id; columns as written by `generate`.
     """
     for record in store.manifest.get("patients", {}).values():
-        for source in record.get("sources", {}).values():
-            path = Path(source["path"])
+        for source in (record.get("sources") or {}).values():
+            path = Path(str(source.get("path", "")))
             truth = path.parents[2] / "truth.csv" if len(path.parents) > 2 else None
             if truth is None or not truth.exists():
                 return None

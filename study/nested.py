@@ -4,12 +4,13 @@ times the cost of a study.
 The usable patients are split into K outer folds (stratified by death and the glioblastoma flag,
 drawn independently of the inner folds). For each outer fold the *whole* study (every cell's
 search, its inner K-fold CV and its selection) runs on the other patients as an ordinary study
-named ``NAME-outerK``; the configuration each cell selected then predicts the held-out outer fold
+named ``NAME-outer<k>of<K>``; the configuration each cell selected then predicts the held-out outer fold
 with its inner fold ensemble (`analysis.ensemble`), unchanged. The outer predictions of all K
 folds, pooled (the DPI is comparable across models, `trainables.heads`), give each cell's
 nested C-index with its patient-bootstrap CI: no patient's prediction was involved in choosing
-the configuration that made it. The summary goes to ``STORAGE/NAME-nested/`` and to a study run
-in the MLflow experiment ``NAME``.
+the configuration that made it. The summary goes to ``STORAGE/NAME-nested<K>/`` and to a study
+run in the MLflow experiment ``NAME-nested<K>``. K is in every name, so a rerun with another K
+never reuses inner studies whose search saw its new test patients.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import pandas as pd
 from analysis import metric_names as names
 from analysis.ensemble import load_fold_models, predict_ensemble
 from datasets.cohort import Cohort, CohortSpec
+from datasets.cohort import HORIZONS
 from search_spaces import TASKS
 from study.config import StudyConfig
 from study.results import write_tables
-from study.run import open_data, outer_assignment, run_study
+from study.run import TrackingIncomplete, open_data, outer_assignment, run_study
+from study.tuning import experiment_dir
 from trainables.config import TrainConfig
 from trainables.cross_validation import cv_metrics
 
@@ -57,32 +60,37 @@ def run_nested(config: StudyConfig) -> pd.DataFrame:
     k = config.outer_folds
     assignment = outer_assignment(store, k, config.seed)
     predictions: dict[str, list[pd.DataFrame]] = defaultdict(list)
-    inner: dict[str, list[dict]] = defaultdict(list)
+    selected: dict[str, list[dict]] = defaultdict(list)
+    tasks: dict[str, str] = {}
     for fold in range(k):
         test_ids = sorted(p for p, f in assignment.items() if f == fold)
         print(f"\n== Nested CV, outer fold {fold + 1} of {k}: the whole search without its {len(test_ids)} patients ==",
               flush=True)
-        outcome = run_study(replace(config, name=f"{config.name}-outer{fold}", outer_fold=fold))
+        inner = replace(config, name=f"{config.name}-outer{fold}of{k}", outer_fold=fold)
+        if inner.resume and (experiment := experiment_dir(inner)) is not None and not experiment.is_dir():
+            inner = replace(inner, resume=False)  # --resume of a nested study that stopped before this fold
+        outcome = run_study(inner)
         for cell in outcome.cells:
             if cell.best_checkpoint is None:
                 continue
             frame = outer_predictions(cell, store, test_ids, config.protocol.folds).assign(fold=fold)
             predictions[cell.cell].append(frame)
-            inner[cell.cell].append({"selected": cell.best.get(names.OOF_CINDEX.name, math.nan),
-                                     "bbc": cell.bbc.value if cell.bbc is not None else math.nan})
+            tasks[cell.cell] = cell.task
+            selected[cell.cell].append({"selected": cell.best.get(names.OOF_CINDEX.name, math.nan),
+                                        "bbc": cell.bbc.value if cell.bbc is not None else math.nan})
     rows, metrics = {}, {}
     for cell, frames in predictions.items():
         pooled = pd.concat(frames, ignore_index=True)
-        horizon = 365.0 if TASKS[cell.split("__")[1]].endpoint == "1yr" else None
+        horizon = HORIZONS[TASKS[tasks[cell]].endpoint]
         scores = cv_metrics(pooled, TrainConfig().eval_times, horizon=horizon, seed=config.seed)
-        selected = np.nanmean([r["selected"] for r in inner[cell]])
-        bbc = np.nanmean([r["bbc"] for r in inner[cell]])
+        naive = np.nanmean([r["selected"] for r in selected[cell]])
+        bbc = np.nanmean([r["bbc"] for r in selected[cell]])
         rows[cell.replace("__", " / ")] = {
             "C-index, nested CV [95% CI]": f"{scores[names.OOF_CINDEX.name]:.3f} [{scores[names.OOF_CINDEX_LOW.name]:.3f}, "
                                            f"{scores[names.OOF_CINDEX_HIGH.name]:.3f}]",
             "per-outer-fold C, mean +- SD": f"{scores[names.FOLD_CINDEX_MEAN.name]:.3f} +- "
                                             f"{scores[names.FOLD_CINDEX_SD.name]:.3f}",
-            "inner selected C (mean over outer folds)": f"{selected:.3f}",
+            "inner selected C (mean over outer folds)": f"{naive:.3f}",
             "inner BBC-CV C (mean over outer folds)": f"{bbc:.3f}",
             "outer folds with a selected configuration": f"{len(frames)}/{k}",
             "Brier score (365 d)": f"{scores[names.BRIER_365.name]:.3f}"}
@@ -90,16 +98,17 @@ def run_nested(config: StudyConfig) -> pd.DataFrame:
                             (names.NESTED_CINDEX_HIGH, names.OOF_CINDEX_HIGH)):
             metrics[names.cell_metric(cell, metric)] = scores[key.name]
     table = pd.DataFrame(rows)
-    directory = Path(config.storage_path) / f"{config.name}-nested" if "://" not in config.storage_path \
-        else Path.cwd() / f"{config.name}-nested"
+    name = f"{config.name}-nested{k}"
+    directory = Path(config.storage_path) / name if "://" not in config.storage_path else Path.cwd() / name
     files = write_tables(table, directory)
     for cell, frames in predictions.items():
         pd.concat(frames, ignore_index=True).to_csv(directory / f"outer_predictions_{cell}.csv", index=False)
-    _track(config, metrics, files, directory)
+    _track(replace(config, name=name), metrics, files, directory)
     print(f"\nNested cross-validation of study {config.name} ({k} outer folds; each cell's selected configuration "
           "tested on patients its search never saw):")
     print(table.T.to_string())
-    print(f"\nWritten to {files['markdown']}; the {k} inner studies are the MLflow experiments {config.name}-outer0..")
+    print(f"\nWritten to {files['markdown']} (MLflow experiment {name}); the {k} inner studies are the experiments "
+          f"{config.name}-outer0of{k} .. {config.name}-outer{k - 1}of{k}.")
     return table
 
 
@@ -114,4 +123,7 @@ def _track(config: StudyConfig, metrics: dict, files: dict, directory: Path) -> 
                   {"study_config.json": json.dumps(config.to_dict(), indent=1)})
     tracker.log_metrics(None, metrics)
     tracker.finish_parent("FINISHED", files)
-    tracker.catch_up(30.0)
+    if not tracker.catch_up(300.0):
+        raise TrackingIncomplete(f"the nested estimates are written to {directory}, but {tracker.pending} tracking "
+                                 f"records wait in {directory / 'tracking_journal.jsonl'}; rerun with --resume to "
+                                 "deliver them")

@@ -15,6 +15,7 @@ Rows (`ROWS`), one column per cell:
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -77,11 +78,16 @@ class StudyOutcome:
 
 
 def _oof(result) -> pd.DataFrame | None:
-    if result.checkpoint is None:
+    """A finished trial's out-of-fold predictions, read alone from its checkpoint (on object
+    storage the checkpoint's fold models are not downloaded)."""
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as directory:
-        path = Path(directory) / OOF_FILE
-        return pd.read_csv(path) if path.exists() else None
+    try:
+        with checkpoint.filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{OOF_FILE}") as source:
+            return pd.read_csv(io.BytesIO(source.read()))
+    except (OSError, FileNotFoundError):
+        return None
 
 
 def _is_reference(config: dict, reference: dict) -> bool:
@@ -101,10 +107,10 @@ def summarise(grid, searched: list[str], reference: dict, bootstrap: int = 1000,
                                 CellResult(config["backbone"], config["task"]))
         metrics = result.metrics or {}
         cell.fold_epochs += int(metrics.get(names.FOLD_EPOCHS.name, 0) or 0)
-        if result.error is not None or metrics.get("failed"):
+        if result.error is not None or metrics.get(names.FAILED):
             cell.failed += 1
             continue
-        if not metrics.get("final"):
+        if not metrics.get(names.FINAL):
             cell.pruned += 1
             continue
         cell.finished += 1

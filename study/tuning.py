@@ -18,9 +18,11 @@ robin), so each cell's trials are spread over the study and its TPE learns from 
 
 What Optuna learns from (`CellOptunaSearch`): a finished trial is COMPLETE with its pooled
 out-of-fold C-index (the number the cell is ranked by); a trial that ASHA stopped is PRUNED,
-carrying the per-epoch values it reported as intermediate values (Ray's OptunaSearch would tell
-Optuna it COMPLETED with its early value, so TPE would model truncated curves as final results);
-a diverged trial is FAIL.
+carrying its per-epoch values as intermediate values up to the epoch before the one that stopped
+it (Tune does not pass a stopping result to the searcher; Ray's OptunaSearch would tell Optuna it
+COMPLETED with its early value, so TPE would model truncated curves as final results); a diverged
+or crashed trial is FAIL. A crashed trial that a resumed study retries (``resume_errored``) and
+that then ends is added to Optuna again with its new outcome.
 """
 
 from __future__ import annotations
@@ -87,16 +89,19 @@ class CellOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            return
         result = result or {}
         value = result.get(names.OOF_CINDEX.name)
-        if error or result.get("failed") or (result.get("final") and not _finite(value)):
+        if error or result.get(names.FAILED) or (result.get(names.FINAL) and not _finite(value)):
             state, value = TrialState.FAIL, None
-        elif result.get("final"):
+        elif result.get(names.FINAL):
             state = TrialState.COMPLETE
         else:
             state, value = TrialState.PRUNED, None
+        if trial_id in self._completed_trials:  # a retried trial: Optuna's record of it is closed
+            params = self._ot_trials[trial_id].params
+            self.add_evaluated_point(params, value if value is not None else math.nan, error=state == TrialState.FAIL,
+                                     pruned=state == TrialState.PRUNED)
+            return
         self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)
 
@@ -121,7 +126,8 @@ class CellSearch(Searcher):
         super().__init__(metric=METRIC, mode=MODE)
         self._fixed = cells
         self._searches = {
-            cell: CellOptunaSearch(space=spaces[cell], metric=METRIC, mode=MODE, points_to_evaluate=[references[cell]],
+            cell: CellOptunaSearch(space=CellOptunaSearch.convert_search_space(spaces[cell]), metric=METRIC, mode=MODE,
+                                   points_to_evaluate=[references[cell]],
                                    sampler=optuna.samplers.TPESampler(seed=seed * 1000 + index))
             for index, cell in enumerate(cells)}
         self._num_samples = num_samples
@@ -228,7 +234,7 @@ class DropStoppedCheckpoints(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        if last.get("final") or last.get("failed") or trial.checkpoint is None:
+        if last.get(names.FINAL) or last.get(names.FAILED) or trial.checkpoint is None:
             return
         try:
             trial.checkpoint.filesystem.delete_dir(trial.checkpoint.path)

@@ -181,7 +181,7 @@ def test_missing_covariates_get_indicators_and_external_cohorts_reuse_the_develo
     frame.loc[:59, "mgmt"] = np.nan
     result, design, models = added_value(frame, n_resamples=20)
     assert result.n == n, "no patient dropped"
-    assert result.filled == {"mgmt": 60} and design.indicators == ["mgmt"]
+    assert result.filled == {"mgmt": 60} and design.indicators == {"mgmt_missing": ["mgmt"]}
     assert "mgmt_missing" in models.full.params_.index
     assert result.not_estimable == {"glioblastoma": "constant in this cohort"}
     external = frame.sample(100, random_state=1).assign(mgmt=np.nan)
@@ -189,5 +189,13 @@ def test_missing_covariates_get_indicators_and_external_cohorts_reuse_the_develo
     assert row["values filled (missing indicator)"] == "mgmt 100" and row["patients"] == 100
     applied = design.apply(external)
     assert (applied["mgmt"] == design.fill["mgmt"]).all() and (applied["mgmt_missing"] == 1).all()
+    # Two covariates missing for the same patients share one indicator; a column the others
+    # determine exactly is left out, not fed to lifelines as a collinear design.
+    both = frame.assign(idh=rng.integers(0, 2, n).astype(float), grade=rng.choice([3.0, 4.0], n))
+    both.loc[:59, "idh"] = np.nan
+    both["glioblastoma"] = both["grade"] - 3
+    result, design, _ = added_value(both, n_resamples=10)
+    assert design.indicators == {"idh+mgmt_missing": ["idh", "mgmt"]}
+    assert "glioblastoma" in result.not_estimable and result.n == n
     # The DPI is scaled with the development mean and SD, not the external cohort's own.
     assert applied["dpi"].to_numpy() == pytest.approx(((external["dpi"] - design.dpi_mean) / design.dpi_sd).to_numpy())

@@ -206,18 +206,18 @@ def test_nested_cross_validation_on_the_demo_cohort(learnable_store, tmp_path):
     assert main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones", "seresnext50",
                  "--num-samples", "2", "--outer-folds", "2", "--tracking-uri", uri,
                  "--storage-path", str(tmp_path / "rr"), "--name", "nested"]) == 0
-    predictions = pd.read_csv(tmp_path / "rr" / "nested-nested" / "outer_predictions_seresnext50__os_all.csv")
+    predictions = pd.read_csv(tmp_path / "rr" / "nested-nested2" / "outer_predictions_seresnext50__os_all.csv")
     assert predictions["patient_id"].is_unique and len(predictions) == 150 and set(predictions["fold"]) == {0, 1}
     client = MlflowClient(uri)
     for fold in (0, 1):
-        _, _, trials = _runs(uri, f"nested-outer{fold}")
+        _, _, trials = _runs(uri, f"nested-outer{fold}of2")
         finished = [t for t in trials if t.info.status == "FINISHED"]
         seen = set(pd.read_csv(client.download_artifacts(finished[0].info.run_id, "oof_predictions.csv"))["patient_id"])
         tested = set(predictions.loc[predictions["fold"] == fold, "patient_id"])
         assert len(seen) + len(tested) == 150 and not seen & tested, "the outer test fold was never searched on"
-    _, parents, _ = _runs(uri, "nested")
+    _, parents, _ = _runs(uri, "nested-nested2")
     metric = names.cell_metric("seresnext50__os_all", names.NESTED_CINDEX)
     assert parents[0].data.metrics[metric] == pytest.approx(
         harrell_c(predictions["time"], predictions["event"], predictions["risk"]), abs=1e-9)
-    table = pd.read_csv(tmp_path / "rr" / "nested-nested" / "results.csv", index_col=0)
+    table = pd.read_csv(tmp_path / "rr" / "nested-nested2" / "results.csv", index_col=0)
     assert table.loc["outer folds with a selected configuration"].iloc[0] == "2/2"

@@ -3,8 +3,6 @@ trials, round-robin cells, and the concurrency limit."""
 
 from __future__ import annotations
 
-import pickle
-
 from optuna.trial import TrialState
 from ray import tune
 
@@ -27,29 +25,41 @@ def test_stopped_trials_are_pruned_in_optuna_and_finished_ones_complete_with_the
     for trial in configs:
         for epoch in (1, 2):
             search.on_trial_result(trial, {names.EPOCH_CINDEX.name: 0.5 + 0.01 * epoch, "training_iteration": epoch})
-    search.on_trial_complete("t0", {names.EPOCH_CINDEX.name: 0.6, names.OOF_CINDEX.name: 0.58, "final": True})
+    search.on_trial_complete("t0", {names.EPOCH_CINDEX.name: 0.6, names.OOF_CINDEX.name: 0.58, names.FINAL: True})
     search.on_trial_complete("t2", {names.EPOCH_CINDEX.name: 0.52})  # stopped by ASHA at epoch 2
-    search.on_trial_complete("t1", {names.EPOCH_CINDEX.name: float("nan"), "failed": "loss became nan"})
+    search.on_trial_complete("t1", {names.EPOCH_CINDEX.name: float("nan"), names.FAILED: "loss became nan"})
     study = search.studies()["b__os_all"]
     states = {t.number: (t.state, t.value) for t in study.trials}
     assert states[0] == (TrialState.COMPLETE, 0.58)  # the number the cell is ranked by, not the epoch mean
     assert states[1][0] == TrialState.PRUNED
     assert study.trials[1].intermediate_values == {1: 0.51, 2: 0.52}
     assert search.studies()["b__1yr_all"].trials[0].state == TrialState.FAIL
+    # A crashed trial retried on resume (resume_errored) and finished is recorded again.
+    search.on_trial_complete("t1", {names.OOF_CINDEX.name: 0.57, names.FINAL: True})
+    ended = [(t.state, t.value) for t in search.studies()["b__1yr_all"].trials if t.state != TrialState.RUNNING]
+    assert ended == [(TrialState.FAIL, None), (TrialState.COMPLETE, 0.57)]
 
 
-def test_each_cell_gets_exactly_its_configurations_and_the_limit_holds():
+def test_each_cell_gets_exactly_its_configurations_and_the_limit_holds(tmp_path):
     search = _search(max_concurrent=2)
     assert search.suggest("a") and search.suggest("b")
     assert search.suggest("c") is None  # two running
-    search.on_trial_complete("a", {names.OOF_CINDEX.name: 0.6, "final": True})
-    assert search.suggest("c") is not None
-    for i in range(10):
-        search.on_trial_complete(f"x{i}")
-        search._live.clear()
-        search.suggest(f"x{i}")
+    search.on_trial_complete("a", {names.OOF_CINDEX.name: 0.6, names.FINAL: True})
+    assert search.suggest("c") is not None and search.suggest("d") is None
+    running = ["b", "c"]
+    for i in range(3):  # the study goes on: each end lets exactly one more trial start
+        search.on_trial_complete(running.pop(0))
+        running.append(f"x{i}")
+        assert search.suggest(f"x{i}") is not None and search.suggest(f"y{i}") is None
     assert search._suggested == {"b__os_all": 3, "b__1yr_all": 3}
-    assert search.suggest("y") == search.FINISHED
-    restored = _search()
-    restored.__dict__.update(pickle.loads(pickle.dumps(search.__dict__)))
-    assert restored.suggest("z") == search.FINISHED
+    search.on_trial_complete(running.pop(0))
+    assert search.suggest("z") == search.FINISHED  # every cell has its 3 configurations
+    # Tune saves the searcher with the experiment and restores it on --resume.
+    folder = tmp_path / "experiment"
+    folder.mkdir()
+    search.save_to_dir(str(folder), session_str="s1")
+    assert [p.name for p in folder.iterdir()] == ["searcher-state-s1.pkl"]  # no temporary file left inside
+    restored = _search(max_concurrent=2)
+    restored.restore_from_dir(str(folder))
+    assert restored._suggested == search._suggested and restored._live == search._live
+    assert restored.suggest("w") == search.FINISHED

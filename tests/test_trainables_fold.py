@@ -126,7 +126,8 @@ def test_folds_on_parallel_devices_equal_sequential_folds(small_store, tmp_path)
         assert [str(t.device) for t in cv.trainers] == ["cpu", "cpu"]
         while not cv.finished:
             cv.step()
-        results.append(cv.predictions().sort_values("patient_id").reset_index(drop=True))
+        predictions = pd.concat([r.predictions for r in cv.results()])
+        results.append(predictions.sort_values("patient_id").reset_index(drop=True))
     pd.testing.assert_frame_equal(results[0], results[1])
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis import metric_names as names
-from analysis.metrics import CensoringKM, harrell_c
+from analysis.metrics import harrell_c
 from datasets.cohort import truncate
 from trainables.cross_validation import cv_metrics
 from trainables.heads import BinaryHead, BreslowBaseline, CoxHead, LogisticHazardHead, logistic_hazard_cuts
@@ -106,13 +106,10 @@ def test_binary_head_weights_patients_censored_before_a_year_out_and_the_others_
     event = np.array([1, 0, 1, 0, 0, 0, 1])
     head = BinaryHead()
     head.prepare(time, event)
-    weights = head.weights(time, event)
-    g = CensoringKM(time, event)
-    assert weights[1] == 0 and weights[5] == 0  # censored before day 365: status unknown
-    assert weights[0] == pytest.approx(1 / g(np.nextafter(100.0, 0))[0])
-    assert weights[3] == weights[4] == pytest.approx(1 / g(np.nextafter(365.0, 0))[0])  # 1-year survivors
-    assert weights[6] == pytest.approx(1 / g(np.nextafter(365.0, 0))[0])  # a death on day 365 is a death
-    assert weights[3] > 1  # they stand in for the patients censored early
+    # Reverse Kaplan-Meier by hand: censorings at 150 (6 at risk) and 200 (5 at risk) give
+    # G = 5/6 then 2/3 before day 365; a death at T weighs 1 / G(T-), a survivor 1 / G(365-).
+    expected = [1.0, 0.0, 1.5, 1.5, 1.5, 0.0, 1.5]  # censored before day 365 (200, 150): status unknown
+    np.testing.assert_allclose(head.weights(time, event), expected)
     outputs = torch.zeros(7, 1, requires_grad=True)
     loss = head.loss(outputs, torch.as_tensor(time), torch.as_tensor(event))
     assert loss.item() == pytest.approx(np.log(2))  # weighted mean of BCE at logit 0

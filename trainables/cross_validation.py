@@ -131,10 +131,6 @@ class CrossValidation:
         """Every fold's result: out-of-fold predictions and fold model of its selected epoch."""
         return [t.result() for t in self.trainers]
 
-    def predictions(self) -> pd.DataFrame:
-        """Out-of-fold predictions of every fold's selected epoch, one row per patient."""
-        return pd.concat([r.predictions for r in self.results()], ignore_index=True)
-
     def write_learning_curve(self, path: Path) -> None:
         fig, (ax_loss, ax_c) = plt.subplots(1, 2, figsize=(9, 3.2))
         for t in self.trainers:

@@ -43,12 +43,12 @@ import torch
 from pycox.preprocessing.label_transforms import LabTransDiscreteTime
 
 from analysis.metrics import CensoringKM
+from datasets.cohort import ONE_YEAR_DAYS as ONE_YEAR
 from datasets.errors import InputError
 from trainables.losses import binary_nll, cox_nll, logistic_hazard_nll
 
 HEADS = ("cox", "logistic_hazard", "binary")
 CUT_SPACINGS = ("uniform", "exponential")
-ONE_YEAR = 365.0
 
 
 def logistic_hazard_cuts(intervals: int = 19, horizon_days: float = 1825.0, spacing: str = "uniform",

@@ -13,6 +13,7 @@ reports ``failed`` with the reason and ends, so Tune does not retry it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -35,6 +36,8 @@ from trainables.fold_model import model_file
 
 # Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
 EXPERIMENT = "trials"
+# The final report, kept in the final checkpoint so that a restored finished trial repeats it.
+FINAL_FILE = "final_metrics.json"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,13 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             checkpoint.to_directory(str(workdir))
+        if (workdir / FINAL_FILE).exists():
+            # Restored from its final checkpoint (the driver restarted before it recorded the end, or
+            # the worker died after the last report): report the result again rather than retrain
+            # folds whose optimiser states the final checkpoint no longer holds.
+            tune.report(json.loads((workdir / FINAL_FILE).read_text()),
+                        checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+            return
         # Ray exposes the trial's GPUs (CUDA_VISIBLE_DEVICES); with several, folds run in parallel on them.
         gpus = torch.cuda.device_count() if train_config.device != "cpu" else 0
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else None
@@ -128,7 +138,7 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).
                 tune.report({"epoch": cv.epoch, names.FOLD_EPOCHS.name: cv.fold_epochs,
-                             names.EPOCH_CINDEX.name: float("nan"), "failed": str(exc)})
+                             names.EPOCH_CINDEX.name: float("nan"), names.FAILED: str(exc)})
                 return
             if cv.finished:
                 results = cv.results()
@@ -143,7 +153,8 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
                     trainer.checkpoint.unlink(missing_ok=True)
                 metrics.update(cv_metrics(oof, train_config.eval_times, horizon=cohort.horizon,
                                           seed=setup.fold_seed, n_resamples=setup.bootstrap))
-                metrics["final"] = True
+                metrics[names.FINAL] = True
+                (workdir / FINAL_FILE).write_text(json.dumps(metrics))
             if cv.finished or cv.epoch % setup.checkpoint_every == 0:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
             else:

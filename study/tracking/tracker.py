@@ -331,18 +331,18 @@ class MlflowTrialCallback(tune.Callback):
         if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
-        if result.get("final"):
+        if result.get(names.FINAL):
             self.tracker.log_metrics(key, {m.name: result.get(m.name) for m in names.FINAL_METRICS})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = self._key(trial)
         last = trial.last_result or {}
         tracker = self.tracker
-        if last.get("failed"):
-            tracker.set_tags(key, {"failure_reason": str(last["failed"])[-4000:]})
+        if last.get(names.FAILED):
+            tracker.set_tags(key, {"failure_reason": str(last[names.FAILED])[-4000:]})
             tracker.terminate(key, "FAILED")
             print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
-        elif last.get("final"):
+        elif last.get(names.FINAL):
             checkpoint = trial.checkpoint
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:
