@@ -160,9 +160,9 @@ def test_tracking_server_down_mid_study_then_back(small_store, tmp_path, server)
     command = study_command(small_store, tmp_path, "outage", server.uri) + ["--num-samples", "3"]
     log = tmp_path / "driver.log"
     with running_study(command, log) as driver:
-        wait_for(log, driver, "finished, CV C-index", 1)
+        wait_for(log, driver, "finished, out-of-fold C-index", 1)
         server.kill()
-        wait_for(log, driver, "finished, CV C-index", 2)  # a whole trial runs while the server is down
+        wait_for(log, driver, "finished, out-of-fold C-index", 2)  # a whole trial runs while the server is down
         server.start()
         assert driver.wait(timeout=400) == 0, log.read_text()
     text = log.read_text()
@@ -175,7 +175,7 @@ def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, t
     command = study_command(small_store, tmp_path, "outage2", server.uri)
     log = tmp_path / "driver.log"
     with running_study(command, log, env={**os.environ, "STUDY_TRACKING_CATCH_UP_S": "2"}) as driver:
-        wait_for(log, driver, "finished, CV C-index", 1)
+        wait_for(log, driver, "finished, out-of-fold C-index", 1)
         server.kill()
         assert driver.wait(timeout=400) == 3, log.read_text()
     text = log.read_text()
