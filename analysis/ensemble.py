@@ -29,7 +29,8 @@ def load_fold_models(checkpoint_dir: Path, folds: int) -> list[FoldModel]:
     return [FoldModel.load(p) for p in paths]
 
 
-def predict_ensemble(models: list[FoldModel], images: np.ndarray, times) -> dict[str, np.ndarray]:
-    """Ensemble ``risk`` (DPI), ``surv_365`` and survival ``curves`` at `times` of volumes [n, C, X, Y, Z]."""
-    predictions = [m.predict(images, times) for m in models]
+def predict_ensemble(models: list[FoldModel], images: np.ndarray, times, clinical=None) -> dict[str, np.ndarray]:
+    """Ensemble ``risk`` (DPI), ``surv_365`` and survival ``curves`` at `times` of volumes [n, C, X, Y, Z]
+    (with their clinical rows, a DataFrame, for ``image+clinical`` models)."""
+    predictions = [m.predict(images, times, clinical) for m in models]
     return {key: np.mean([p[key] for p in predictions], axis=0) for key in ("risk", "surv_365", "curves")}

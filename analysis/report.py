@@ -1,9 +1,11 @@
 """``python -m analysis.report --study NAME``: the study's tables and figures as an HTML folder.
 
-Sections: leaderboard (per backbone x task: the selected configuration's BBC-CV C-index, its
+Sections: leaderboard (per backbone x task x inputs: the selected configuration's BBC-CV C-index, its
 naive pooled out-of-fold C-index [95% CI], the reference recipe's, per-fold mean +- SD, Brier
 score at 365 days, IBS, Uno's C, AUC at 365 days); external validation of each cell's fold
-ensemble; added prognostic value of the DPI over clinical factors (likelihood-ratio test,
+ensemble; images, clinical factors or both (a clinical-only Cox model in the networks' folds, the
+image-only and image+clinical networks, with paired differences of C); added prognostic value of
+an image-only DPI over clinical factors (likelihood-ratio test,
 optimism-corrected C-index difference, HR per SD, 1-year calibration; on external cohorts the
 development models applied unchanged); Kaplan-Meier curves of low vs high DPI (cut-off: the
 development median, applied unchanged to external cohorts); Grad-CAM overlays in three planes
@@ -47,6 +49,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     report.leaderboard()
     cells = load_cells(study, store)
     external_predictions = report.external_validation(cells)
+    report.inputs_comparison(cells, external_predictions)
     report.added_value(cells, external_predictions)
     report.kaplan_meier(cells, external_predictions)
     report.gradcam(cells, gradcam_patients, study.config.get("seed", 0))

@@ -18,14 +18,17 @@ from analysis import figures
 from analysis import metric_names as names
 from analysis.added_value import CLINICAL, Design, Models, added_value_row, external_added_value
 from analysis.ensemble import load_fold_models, predict_ensemble
+from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof, compare, ensemble_predict
 from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
 from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
 from analysis.oracle import oracle_cindices
 from analysis.study_reader import Study, Trial, oof_predictions
+from datasets.clinical_features import FUSION_DEFAULT
 from datasets.cohort import Cohort, CohortSpec
+from datasets.errors import StudyError
 from datasets.remote import stage_store
 from datasets.store import CohortStore
-from search_spaces import TASKS
+from search_spaces import TASKS, Cell
 from trainables.config import TrainConfig
 from trainables.cross_validation import alive_past_horizon
 from trainables.fold_model import FoldModel
@@ -58,12 +61,12 @@ def searched_parameters(study: Study) -> list[str]:
 def leaderboard(study: Study) -> pd.DataFrame:
     """Per cell: BBC-CV C (headline), the selected configuration's own metrics, the reference's."""
     rows = []
-    for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (backbone, task, inputs), trial in study.best_per_cell().items():
         m, cell = trial.metrics, trial.cell
         bbc = [study.cell_metric(cell, x) for x in (names.BBC_CINDEX, names.BBC_CINDEX_LOW, names.BBC_CINDEX_HIGH)]
         searched = [k for k in searched_parameters(study) if k in trial.params]
         rows.append({
-            "backbone": backbone, "task": task,
+            "backbone": backbone, "task": task, "inputs": inputs,
             "C-index, BBC-CV [95% CI]": f"{bbc[0]:.3f} [{bbc[1]:.3f}, {bbc[2]:.3f}]" if None not in bbc else "",
             "C-index, selected [95% CI]": f"{m[names.OOF_CINDEX.name]:.3f} [{m[names.OOF_CINDEX_LOW.name]:.3f}, "
                                           f"{m[names.OOF_CINDEX_HIGH.name]:.3f}]",
@@ -84,6 +87,7 @@ class CellAnalysis:
 
     backbone: str
     task: str
+    inputs: str
     trial: Trial
     models: list[FoldModel]
     oof: pd.DataFrame  # out-of-fold predictions with the cohort's clinical columns
@@ -94,20 +98,24 @@ class CellAnalysis:
     def cell(self) -> str:
         return self.trial.cell
 
+    @property
+    def label(self) -> str:
+        return f"{self.backbone} ({self.inputs})"
+
 
 def load_cells(study: Study, store: CohortStore) -> list[CellAnalysis]:
     folds = study.config["protocol"]["folds"]
     clinical = store.clinical()
     cells = []
-    for (backbone, task), trial in sorted(study.best_per_cell().items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (backbone, task, inputs), trial in study.best_per_cell().items():
         oof = oof_predictions(study, trial)
         oof = pd.concat([oof, clinical.loc[oof["patient_id"]].drop(columns=["time", "event"]).reset_index(drop=True)],
                         axis=1)
         oof["dpi"] = oof["risk"]  # comparable across folds by construction (trainables.heads)
         horizon = Cohort(store, CohortSpec(TASKS[task].filter, TASKS[task].endpoint)).horizon
         eval_times = tuple(study.trial_config(trial).get("eval_times", TrainConfig().eval_times))
-        cells.append(CellAnalysis(backbone, task, trial, load_fold_models(study.checkpoint_dir(trial), folds), oof,
-                                  horizon, eval_times))
+        models = load_fold_models(study.checkpoint_dir(trial), folds)
+        cells.append(CellAnalysis(backbone, task, inputs, trial, models, oof, horizon, eval_times))
     return cells
 
 
@@ -192,10 +200,10 @@ class Report:
                                               for t in board["task"].unique()}) if len(board) else {}
         if oracle:
             self.html.append("<p>This store comes from <code>datasets.synthetic</code>: the last column is the C-index "
-                             "of its true imaging / total linear predictor on the same patients, what there was to "
+                             "of its true clinical / imaging / total linear predictor on the same patients, what there was to "
                              "learn.</p>")
-            board["oracle C (true imaging / total)"] = [f"{oracle[t]['imaging']:.3f} / {oracle[t]['total']:.3f}"
-                                                        for t in board["task"]]
+            board["oracle C (true clinical / imaging / total)"] = [
+                " / ".join(f"{oracle[t][k]:.3f}" for k in ("clinical", "imaging", "total")) for t in board["task"]]
         self.table(board, "leaderboard.csv")
 
     def external_validation(self, cells: list[CellAnalysis]) -> dict:
@@ -206,8 +214,9 @@ class Report:
             for ext in self.externals:
                 cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
                 times = cell.eval_times
-                pred = predict_ensemble(cell.models, ext.images(cohort.slots), times)
-                rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": ext.path.name,
+                pred = predict_ensemble(cell.models, ext.images(cohort.slots), times, cohort.clinical)
+                rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
+                             "cohort": ext.path.name,
                              "patients": len(cohort), **external_metrics(cohort.time, cohort.event, pred["risk"],
                                                                          pred["surv_365"], pred["curves"], times,
                                                                          cohort.horizon)})
@@ -225,11 +234,64 @@ class Report:
             self.html.append("<h2>2. External validation</h2><p>No external cohort: pass --external STORE.</p>")
         return predictions
 
+    def inputs_comparison(self, cells: list[CellAnalysis], external: dict) -> None:
+        """Per task: the clinical-only Cox model, the image-only and the image+clinical networks on the
+        same patients and folds, with paired differences (`analysis.inputs_comparison`)."""
+        columns = list(self.study.config.get("clinical_inputs") or FUSION_DEFAULT)
+        summaries, differences = [], []
+        for task in dict.fromkeys(c.task for c in cells):
+            task_cells = [c for c in cells if c.task == task]
+            base, horizon = task_cells[0].oof, task_cells[0].horizon
+            models = {c.label: c.oof for c in task_cells}
+            fits = None
+            try:
+                clinical, fits = clinical_oof(base, columns)
+                models = {CLINICAL_MODEL: clinical, **models}
+            except (StudyError, ValueError) as exc:
+                summaries.append({"task": task, "cohort": "development (out-of-fold)", "model": CLINICAL_MODEL,
+                                  "C-index [95% CI]": f"n/a ({str(exc).splitlines()[0][:200]})"})
+            pairs = _input_pairs(task_cells, fits is not None)
+            outcome = base[["patient_id", "time", "event"]]
+            summary, diff = compare(outcome, models, horizon, pairs)
+            summaries += summary.assign(task=task, cohort="development (out-of-fold)").to_dict("records")
+            differences += diff.assign(task=task, cohort="development (out-of-fold)").to_dict("records")
+            for ext in self.externals:
+                frames = {c.label: external[(c.cell, ext.path.name)].rename(columns={"dpi": "risk"})
+                          for c in task_cells if (c.cell, ext.path.name) in external}
+                if not frames:
+                    continue
+                first = next(iter(frames.values()))
+                if fits is not None:
+                    frames = {CLINICAL_MODEL: first[["patient_id"]].assign(**ensemble_predict(fits, first)), **frames}
+                summary, diff = compare(first[["patient_id", "time", "event"]], frames, horizon,
+                                        [p for p in pairs if p[0] in frames and p[1] in frames])
+                summaries += summary.assign(task=task, cohort=ext.path.name).to_dict("records")
+                differences += diff.assign(task=task, cohort=ext.path.name).to_dict("records")
+        self.html.append("<h2>3. Images, clinical factors, or both</h2><p>Per task, on the same patients and folds: "
+                         f"a Cox model of the clinical factors alone ({html.escape(', '.join(columns))}; encoded as "
+                         "the image+clinical networks encode them, fitted in the networks' folds, risk = log cumulative "
+                         "hazard at day 365), each cell's selected image-only network and image+clinical network "
+                         "(whose DPI is its risk, clinical factors included). Out-of-fold C [95% CI] and Brier at day "
+                         "365; differences of C on the same bootstrap resamples (paired). External cohorts: every "
+                         "model applied unchanged (fold ensembles).</p>")
+        order = ["task", "cohort", "model", "patients", "C-index [95% CI]", "Brier (365 d)"]
+        self.table(pd.DataFrame(summaries).reindex(columns=order), "inputs_comparison.csv")
+        if differences:
+            frame = pd.DataFrame(differences)
+            self.table(frame[["task", "cohort", *[c for c in frame.columns if c not in ("task", "cohort")]]],
+                       "inputs_differences.csv")
+
     def added_value(self, cells: list[CellAnalysis], external: dict) -> None:
         rows, calibration = [], []
         for cell in cells:
+            if cell.inputs != "image":
+                rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
+                             "cohort": "development (out-of-fold)", "note": f"not run: the DPI of an {cell.inputs} network already contains the clinical "
+                                     "covariates (its gain over them is in the comparison of inputs above)"})
+                continue
             row, fitted = added_value_row(cell.oof, covariates=self.clinical)
-            rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": "development (out-of-fold)", **row})
+            rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
+                         "cohort": "development (out-of-fold)", **row})
             if fitted is None:
                 continue
             result, design, models = fitted
@@ -238,11 +300,11 @@ class Report:
             calibration.append(name)
             for (key, cohort_name), frame in external.items():
                 if key == cell.cell:
-                    rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": cohort_name,
-                                 **_external_value(frame, design, models)})
+                    rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
+                                 "cohort": cohort_name, **_external_value(frame, design, models)})
         covariates = ", ".join(self.clinical) if self.clinical is not None else \
             f"every mapped clinical column present ({', '.join(CLINICAL)} where present)"
-        self.html.append("<h2>3. Added prognostic value of the DPI</h2><p>Cox models (lifelines): clinical vs clinical "
+        self.html.append("<h2>4. Added prognostic value of the DPI</h2><p>Cox models (lifelines): clinical vs clinical "
                          f"+ DPI; clinical covariates: {html.escape(covariates)}. Missing values: missing-indicator "
                          "coding (development means; counts below). Development: likelihood-ratio test (1 df) and the "
                          "C-index difference corrected for optimism (both models refitted in every bootstrap resample). "
@@ -254,7 +316,7 @@ class Report:
 
     def kaplan_meier(self, cells: list[CellAnalysis], external: dict) -> None:
         rows = []
-        self.html.append("<h2>4. Kaplan-Meier: low vs high DPI</h2><p>Cut-off: median DPI of the development "
+        self.html.append("<h2>5. Kaplan-Meier: low vs high DPI</h2><p>Cut-off: median DPI of the development "
                          "out-of-fold predictions, applied unchanged to external cohorts.</p>")
         for cell in cells:
             oof = cell.oof
@@ -268,7 +330,8 @@ class Report:
                 p = figures.km_by_dpi(time, event, dpi, cutoff, f"{cell.cell}: {cohort}"
                                       + (" (development cut-off)" if stem != "dev" else ""), self.out / figure)
                 self.figure(figure, title=f"log-rank p {p:.3g}")
-                rows.append({"backbone": cell.backbone, "task": cell.task, "cohort": cohort, "cutoff": cutoff,
+                rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs, "cohort": cohort,
+                             "cutoff": cutoff,
                              "high": int((np.asarray(dpi) > cutoff).sum()), "low": int((np.asarray(dpi) <= cutoff).sum()),
                              "logrank_p": p})
         pd.DataFrame(rows).to_csv(self.out / "kaplan_meier.csv", index=False)
@@ -289,7 +352,7 @@ class Report:
                 pid = oof.loc[row, "patient_id"]
                 slot = store.patient_ids.index(pid)
                 image = store.image(slot).astype(np.float32)
-                network = cell.models[int(oof.loc[row, "fold"])].network
+                network = cell.models[int(oof.loc[row, "fold"])].image_network
                 cam = gradcam_map(network, image)
                 label, mask = store.label(slot), store.mask(slot)
                 if label.any():
@@ -307,10 +370,12 @@ class Report:
                         self.out / f"{name}.png")
                 save_nifti(cam, store.affine(slot), self.out / f"{name}.nii.gz")
                 shown.append(f"{name}.png")
-        self.html.append("<h2>5. Grad-CAM</h2><p>Best cell per task; each patient explained by the fold model that "
+        self.html.append("<h2>6. Grad-CAM</h2><p>Best cell per task; each patient explained by the fold model that "
                          "did not train on it; rows through the map's maximum and, where the store has a tumour label, "
                          "through the tumour's centre (coronal and sagittal planes were the most telling in the "
-                         "reference study). NIfTI maps beside the PNGs.</p>")
+                         "reference study). NIfTI maps beside the PNGs. For an image+clinical network the map is that "
+                         "of its image branch: the clinical term adds to the risk without depending on the image "
+                         "(trainables.fusion).</p>")
         if rows:
             table = pd.DataFrame(rows)
             table.to_csv(self.out / "gradcam_attention.csv", index=False)
@@ -328,12 +393,14 @@ class Report:
             self.figure(name, 640)
 
     def search_diagnostics(self) -> None:
-        self.html.append("<h2>6. Search diagnostics</h2><p>Finished trials: their pooled out-of-fold C-index; trials "
+        self.html.append("<h2>7. Search diagnostics</h2><p>Finished trials: their pooled out-of-fold C-index; trials "
                          "ASHA stopped: the folds' mean validation C-index at the epoch they were stopped (a "
                          "different, per-epoch quantity, marked x).</p>")
         searched, study = searched_parameters(self.study), self.study
-        for backbone, task in sorted({(t.backbone, t.task) for t in study.trials}, key=lambda bt: (bt[1], bt[0])):
-            cell_trials = [t for t in study.trials if t.backbone == backbone and t.task == task]
+        cells = sorted({Cell(t.backbone, t.task, t.inputs) for t in study.trials},
+                       key=lambda c: (c.task, c.inputs, c.backbone))
+        for cell in cells:
+            cell_trials = [t for t in study.trials if t.cell == cell.name]
             params = [k for k in searched if all(k in t.params for t in cell_trials)]
             rows = []
             for t in cell_trials:
@@ -345,8 +412,9 @@ class Report:
                     except ValueError:
                         row[k] = t.params[k]
                 rows.append(row)
-            name = f"search_{backbone}__{task}.png"
-            figures.search_diagnostics(pd.DataFrame(rows), params, f"{backbone} / {task}", self.out / name)
+            name = f"search_{cell.name}.png"
+            figures.search_diagnostics(pd.DataFrame(rows), params, f"{cell.backbone} / {cell.task} / {cell.inputs}",
+                                       self.out / name)
             self.figure(name, 900)
 
     def write(self) -> Path:
@@ -356,6 +424,20 @@ class Report:
         index.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.study.name)}"
                          f"</title>{style}</head><body>{''.join(self.html)}</body></html>")
         return index
+
+
+def _input_pairs(cells: list[CellAnalysis], with_clinical: bool) -> list[tuple[str, str]]:
+    """Per backbone: image+clinical vs image, and each network vs the clinical Cox model."""
+    pairs = []
+    by_backbone: dict[str, dict[str, str]] = {}
+    for cell in cells:
+        by_backbone.setdefault(cell.backbone, {})[cell.inputs] = cell.label
+    for labels in by_backbone.values():
+        if "image+clinical" in labels and "image" in labels:
+            pairs.append((labels["image+clinical"], labels["image"]))
+        if with_clinical:
+            pairs += [(label, CLINICAL_MODEL) for label in labels.values()]
+    return pairs
 
 
 def _external_value(frame: pd.DataFrame, design: Design, models: Models) -> dict:

@@ -12,7 +12,7 @@ import pandas as pd
 from analysis import metric_names as names
 from datasets.errors import InputError, StudyError
 from datasets.remote import cache_root, download_folder, is_remote, list_folder
-from search_spaces import cell_name
+from search_spaces import Cell, cell_name
 from trainables.trainable import EXPERIMENT
 
 
@@ -30,10 +30,11 @@ class Trial:
     params: dict
     metrics: dict
     start_time: int = 0
+    inputs: str = "image"
 
     @property
     def cell(self) -> str:
-        return cell_name(self.backbone, self.task)
+        return cell_name(self.backbone, self.task, self.inputs)
 
     @property
     def oof_cindex(self) -> float:
@@ -52,14 +53,15 @@ class Study:
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status == "FINISHED" and names.OOF_CINDEX.name in t.metrics]
 
-    def best_per_cell(self) -> dict[tuple[str, str], Trial]:
-        """The finished trial with the highest pooled out-of-fold C-index in each cell."""
-        best: dict[tuple[str, str], Trial] = {}
+    def best_per_cell(self) -> dict[Cell, Trial]:
+        """The finished trial with the highest pooled out-of-fold C-index in each cell, in the study's
+        order (task, inputs, backbone)."""
+        best: dict[Cell, Trial] = {}
         for trial in self.finished():
-            key = (trial.backbone, trial.task)
+            key = Cell(trial.backbone, trial.task, trial.inputs)
             if key not in best or trial.oof_cindex > best[key].oof_cindex:
                 best[key] = trial
-        return best
+        return dict(sorted(best.items(), key=lambda kv: (kv[0].task, kv[0].inputs, kv[0].backbone)))
 
     def cell_metric(self, cell: str, metric: names.MetricName) -> float | None:
         """A cell's metric logged on the study run (e.g. its BBC-CV C-index), None if absent."""
@@ -111,7 +113,7 @@ def read_study(name: str, tracking_uri: str) -> Study:
     config = json.loads(_artifact_text(client, parent.info.run_id, "study_config.json"))
     trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
                     r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
-                    r.info.start_time or 0)
+                    r.info.start_time or 0, r.data.tags.get("inputs", "image"))
               for r in runs if r.data.tags.get("study_role") == "trial"]
     trials.sort(key=lambda t: t.start_time)
     study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics))

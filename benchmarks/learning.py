@@ -82,7 +82,7 @@ def attention(cohort, volumes, results, oof, top: int = 10) -> dict:
     scores = []
     for pid in oof["risk"].nlargest(top).index:
         slot, fold = int(cohort.slots[position[pid]]), int(oof.loc[pid, "fold"])
-        network, image = results[fold].model.network, volumes[position[pid]].astype(np.float32)
+        network, image = results[fold].model.image_network, volumes[position[pid]].astype(np.float32)
         score = attention_in_region(gradcam_map(network, image), store.mask(slot), store.label(slot))
         twin = attention_in_region(gradcam_map(untrained_twin(network), image), store.mask(slot), store.label(slot))
         scores.append({**score, "enrichment, untrained twin": twin["enrichment"]})

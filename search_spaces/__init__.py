@@ -1,7 +1,8 @@
 """Named search spaces: distributions plus a fixed protocol; `SPACES` is the registry."""
 
 from search_spaces import literature_priors, smoke, wide
-from search_spaces._space import BACKBONES, TASKS, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform, cell_name
+from search_spaces._space import (BACKBONES, TASKS, Cell, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform,
+                                  cell_name)
 
 BUILTIN_SPACES = frozenset(s.name for s in (literature_priors.SPACE, wide.SPACE, smoke.SPACE))
 # Built-in spaces, plus a user's space file once `study.config.resolve` has read it.
@@ -15,5 +16,5 @@ def get_space(name: str) -> SearchSpace:
     return SPACES[name]
 
 
-__all__ = ["BACKBONES", "BUILTIN_SPACES", "SPACES", "TASKS", "Choice", "LogUniform", "Protocol", "SearchSpace", "Task", "Uniform",
-           "cell_name", "get_space"]
+__all__ = ["BACKBONES", "BUILTIN_SPACES", "SPACES", "TASKS", "Cell", "Choice", "LogUniform", "Protocol", "SearchSpace",
+           "Task", "Uniform", "cell_name", "get_space"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from datasets.clinical_features import FUSION_PARAMS, INPUTS
 
 BACKBONES = ("seresnext50", "resnet50_cbam", "densenet121")
 
@@ -92,9 +94,28 @@ TASKS: dict[str, Task] = {
 }
 
 
-def cell_name(backbone: str, task: str) -> str:
-    """The name of a backbone x task cell (an independent search; folders, MLflow keys, files)."""
-    return f"{backbone}__{task}"
+def cell_name(backbone: str, task: str, inputs: str = "image") -> str:
+    """The name of a backbone x task x inputs cell (an independent search; folders, MLflow keys,
+    files): ``densenet121__os_all``, ``densenet121-clinical__os_all`` for image+clinical inputs
+    (MLflow keys allow no '+')."""
+    return f"{backbone}__{task}" if inputs == "image" else f"{backbone}-clinical__{task}"
+
+
+class Cell(NamedTuple):
+    """One independent search of a study: a backbone on a task, seeing `inputs`."""
+
+    backbone: str
+    task: str
+    inputs: str = "image"
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.backbone, self.task, self.inputs)
+
+    @classmethod
+    def of(cls, trial_config: dict) -> Cell:
+        """The cell of a trial, from its configuration (``backbone``, ``task``, ``inputs``)."""
+        return cls(trial_config["backbone"], trial_config["task"], trial_config.get("inputs", "image"))
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,11 @@ class Protocol:
     folds, epochs
         K-fold cross-validation and maximum epochs per fold.
     num_samples
-        Configurations tried per backbone x task cell (default of ``--num-samples``).
+        Configurations tried per cell (default of ``--num-samples``).
+    trials_per_task
+        A fixed trial budget per task instead (0: off): without ``--num-samples`` each cell gets
+        ``max(1, trials_per_task // cells per task)`` configurations, so the demo takes about
+        the same time whatever backbones and inputs a user picks.
     grace_epochs, reduction_factor
         ASHA: minimum epochs before a configuration can be stopped, and its halving rate.
     width, depth
@@ -121,6 +146,10 @@ class Protocol:
         Replace the space's distributions / reference values for this budget only (a CPU demo
         of 100 patients x 4 epochs cannot use the batch sizes and learning rates of a
         1,000-patient GPU study: batch 64 would leave it 2 optimizer steps per epoch).
+    inputs
+        What the cells' networks see by default (``--inputs``): ``image`` and/or
+        ``image+clinical`` (`trainables.fusion`). Distributions of the fusion's own parameters
+        (`FUSION_PARAMS`) are searched in image+clinical cells only.
     """
 
     folds: int
@@ -135,8 +164,19 @@ class Protocol:
     checkpoint_every: int = 1
     distributions: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[str, ...] = ("image",)
+    trials_per_task: int = 0
+
+    def samples_per_cell(self, cells_per_task: int) -> int:
+        """Configurations per cell when ``--num-samples`` is not given."""
+        if self.trials_per_task:
+            return max(1, self.trials_per_task // cells_per_task)
+        return self.num_samples
 
     def __post_init__(self) -> None:
+        unknown = [i for i in self.inputs if i not in INPUTS]
+        if unknown or not self.inputs:
+            raise ValueError(f"inputs must be among {list(INPUTS)}, got {list(self.inputs)}")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if not 1 <= self.grace_epochs <= self.epochs:
@@ -186,11 +226,14 @@ class SearchSpace:
         if unknown:
             raise ValueError(f"space {self.name}: unknown tasks/backbones {unknown}")
 
-    def distributions_for(self, budget: str) -> dict[str, Distribution]:
-        return {**self.distributions, **self.protocols[budget].distributions}
+    def distributions_for(self, budget: str, inputs: str | None = None) -> dict[str, Distribution]:
+        """The budget's distributions (with `inputs` given, only those its cells search)."""
+        out = {**self.distributions, **self.protocols[budget].distributions}
+        return out if inputs in (None, "image+clinical") else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
 
-    def reference_for(self, budget: str) -> dict[str, Any]:
-        return {**self.reference, **self.protocols[budget].reference}
+    def reference_for(self, budget: str, inputs: str | None = None) -> dict[str, Any]:
+        out = {**self.reference, **self.protocols[budget].reference}
+        return out if inputs in (None, "image+clinical") else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
 
     def sample(self, rng: np.random.Generator, budget: str = "full") -> dict[str, Any]:
         return {k: d.sample(rng) for k, d in self.distributions_for(budget).items()}

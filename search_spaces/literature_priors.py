@@ -18,6 +18,13 @@ Ranges and their sources:
 - augmentation strength 0 to 1.5 (flips, small rotations/scalings, intensity jitter).
 - optimizer AdamW (recipe) or SGD with Nesterov momentum (Hara et al. 2018).
 
+Inputs: the full protocol trains every backbone on images alone and on images with the
+clinical vector (`trainables.fusion`; the reference group's next step), the fusion's clinical
+branch linear (the reference) or with a hidden layer of 32 and dropout up to 0.5; the demo
+trains images alone (``--inputs image image+clinical`` adds the fusion cells); its budget is 6
+trials per task, 2 configurations per cell for 3 backbones on images alone, the reference recipe
+alone when both inputs double the cells.
+
 Full protocol: the reference study's 10 folds and 200 epochs, the logistic-hazard head on its own
 discretisation for OS (19 intervals, breaks exponentially spaced with a half-life of 730 days, to
 about 3,155 days), and the epoch chosen on 15% of each training fold with early stopping after
@@ -54,11 +61,13 @@ SPACE = SearchSpace(
                          os_head="logistic_hazard",
                          fixed={"warmup_epochs": 5, "patience": 40, "selection_fraction": 0.15,
                                 "cut_spacing": "exponential", "intervals": 19},
-                         checkpoint_every=5),
+                         checkpoint_every=5, inputs=("image", "image+clinical"),
+                         distributions={"clinical_hidden": Choice((0, 32)), "clinical_dropout": Uniform(0.0, 0.5)},
+                         reference={"clinical_hidden": 0, "clinical_dropout": 0.0}),
         # CPU-sized: scaled networks on the 32 x 32 x 24 demo cohort (about 100 training patients per
         # fold), so smaller batches and a higher learning rate; the rest of the recipe is unchanged.
-        "demo": Protocol(folds=3, epochs=20, num_samples=2, grace_epochs=6, reduction_factor=2, width=0.25,
-                         depth=0.2, os_head="cox", fixed={"warmup_epochs": 1},
+        "demo": Protocol(folds=3, epochs=20, num_samples=2, trials_per_task=6, grace_epochs=6, reduction_factor=2,
+                         width=0.25, depth=0.2, os_head="cox", fixed={"warmup_epochs": 1},
                          distributions={"lr": LogUniform(3e-3, 2e-2), "batch_size": Choice((8, 16)),
                                         "dropout": Uniform(0.0, 0.3), "augmentation": Uniform(1.0, 2.0),
                                         "optimizer": Choice(("adamw",))},

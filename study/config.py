@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets.errors import InputError
 from datasets.remote import is_remote
-from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Protocol, SearchSpace, get_space
+from datasets.clinical_features import FUSION_DEFAULT, INPUTS
+from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, get_space
 from search_spaces.from_file import is_space_file, load_space
 
 
@@ -26,12 +26,15 @@ class StudyConfig:
     data, external
         Development cohort store (None: the built-in demo cohort) and external stores: local
         paths, or URIs (``s3://``, ``gs://``) that every node stages once (`datasets.remote`).
-    backbones, tasks
-        Cells of the study: every backbone x task.
+    backbones, tasks, inputs
+        Cells of the study: every backbone x task x inputs (``image``, ``image+clinical``).
+    clinical_inputs
+        The stored clinical columns an ``image+clinical`` network sees.
     num_samples
         Configurations per cell (None: the protocol's).
     max_concurrent, cpus_per_trial, gpus_per_trial
-        Resources. A trial is one resource bundle, so it always runs on one node; with several
+        Resources; `max_concurrent` None until Ray starts: then every trial slot of the nodes the
+        study has or its autoscaler may add (`study.preflight.trial_slots`). A trial is one resource bundle, so it always runs on one node; with several
         GPUs its folds train in parallel on them (`trainables.cross_validation`).
     share_volumes
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
@@ -58,7 +61,7 @@ class StudyConfig:
     backbones: tuple[str, ...]
     tasks: tuple[str, ...]
     num_samples: int
-    max_concurrent: int
+    max_concurrent: int | None
     cpus_per_trial: int
     gpus_per_trial: float
     address: str | None
@@ -72,6 +75,8 @@ class StudyConfig:
     pruning: bool = True
     outer_folds: int = 0
     outer_fold: int | None = None
+    inputs: tuple[str, ...] = ("image",)
+    clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,9 +87,9 @@ class StudyConfig:
     def protocol(self) -> Protocol:
         return self.search_space.protocols[self.budget]
 
-    def cells(self) -> list[tuple[str, str]]:
-        """(backbone, task) pairs, task-major."""
-        return [(b, t) for t in self.tasks for b in self.backbones]
+    def cells(self) -> list[Cell]:
+        """Every backbone x task x inputs, task-major (then inputs, then backbone)."""
+        return [Cell(b, t, i) for t in self.tasks for i in self.inputs for b in self.backbones]
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -115,25 +120,29 @@ def resolve(args) -> StudyConfig:
     budget = args.budget or ("demo" if args.data is None else "full")
     backbones = tuple(args.backbones or space.backbones)
     tasks = tuple(args.tasks or space.tasks)
+    inputs = tuple(args.inputs or space.protocols[budget].inputs)
+    clinical_inputs = tuple(args.clinical_inputs or FUSION_DEFAULT)
+    from datasets.clinical import COVARIATES
     from search_spaces import BACKBONES
 
-    for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS))):
+    for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS)),
+                                ("--inputs", inputs, INPUTS), ("--clinical-inputs", clinical_inputs, COVARIATES)):
         unknown = [v for v in values if v not in valid]
         if unknown:
             raise InputError(f"{flag}: unknown {unknown}; valid values are {list(valid)}")
         if len(set(values)) != len(values):
             raise InputError(f"{flag}: repeated values in {list(values)}")
     protocol = space.protocols[budget]
-    num_samples = args.num_samples if args.num_samples is not None else protocol.num_samples
+    num_samples = (args.num_samples if args.num_samples is not None
+                   else protocol.samples_per_cell(len(backbones) * len(inputs)))
     if num_samples < 1:
         raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if args.cpus_per_trial < 1:
         raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0 or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial)):
         raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
-    max_concurrent = (args.max_concurrent if args.max_concurrent is not None
-                      else max(1, (os.cpu_count() or 1) // args.cpus_per_trial))
-    if max_concurrent < 1:
+    max_concurrent = args.max_concurrent  # None: every trial slot of the cluster (study.preflight.trial_slots)
+    if max_concurrent is not None and max_concurrent < 1:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     for path in [args.data, *args.external]:
         if path is not None and not is_remote(path) and not Path(path).exists():
@@ -155,4 +164,5 @@ def resolve(args) -> StudyConfig:
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
-        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds)
+        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
+        clinical_inputs=clinical_inputs)

@@ -1,4 +1,12 @@
-"""Checks before a study starts: will its checkpoints fit on the storage path?
+"""Checks before a study starts: can a node of the cluster ever run a trial, how many trials fit at
+once, and will the checkpoints fit on the storage path?
+
+Trials that no node can hold would wait forever (Ray keeps a request no node satisfies pending,
+in case an autoscaler adds one). `node_shapes` lists the nodes the study could get: the alive
+ones and, when the cluster's autoscaler published its node groups (KubeRay, the autoscaler v2),
+each group that may still add nodes; `check_trial_fits` refuses a study whose per-trial request
+fits none of them, naming the request and the largest node. On a cluster whose autoscaler did
+not publish its groups the check can only warn.
 
 A finished trial keeps its K fold models (one copy of the weights each); a running trial keeps
 its last checkpoint (Tune's ``num_to_keep=1``): per fold the network, its optimiser state and,
@@ -10,7 +18,9 @@ checked first.
 
 from __future__ import annotations
 
+import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import StudyError
@@ -37,9 +47,10 @@ def checkpoint_bytes(config, in_channels: int) -> int:
     as many running trials as run at once (of the largest backbone)."""
     protocol = config.protocol
     per_backbone = {b: parameter_count(b, in_channels, 19, protocol.width, protocol.depth) for b in config.backbones}
-    trials_per_backbone = len(config.tasks) * config.num_samples
+    trials_per_backbone = len(config.tasks) * len(config.inputs) * config.num_samples
     finished = sum(n * 4 * protocol.folds * trials_per_backbone for n in per_backbone.values())
-    running = max(per_backbone.values()) * 4 * RUNNING_COPIES_PER_FOLD * protocol.folds * config.max_concurrent
+    running = (max(per_backbone.values()) * 4 * RUNNING_COPIES_PER_FOLD * protocol.folds
+               * (config.max_concurrent or len(config.cells()) * config.num_samples))
     return int(finished + running)
 
 
@@ -58,3 +69,81 @@ def check_free_space(config, in_channels: int) -> int:
                          f"{free / 2**30:.1f} GiB are free; free space, use fewer --num-samples, or store to "
                          "object storage (s3:// gs://)")
     return needed
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """The resources of one node the study has or could get (`count` of them; -1: no limit)."""
+
+    cpus: float
+    gpus: float
+    count: int = 1
+    pending: bool = False  # an autoscaler group, not a running node
+
+    def trials(self, cpus_per_trial: float, gpus_per_trial: float) -> int:
+        """How many trials one such node holds at once."""
+        slots = self.cpus // cpus_per_trial if cpus_per_trial else math.inf
+        if gpus_per_trial:
+            slots = min(slots, self.gpus // gpus_per_trial)
+        return int(slots) if math.isfinite(slots) else 0
+
+    def __str__(self) -> str:
+        return f"{self.cpus:g} CPU and {self.gpus:g} GPU"
+
+
+def node_shapes() -> tuple[list[NodeShape], bool]:
+    """The alive nodes of the connected Ray cluster, plus its autoscaler's groups when it published
+    them; second: whether it did."""
+    import ray
+
+    shapes = [NodeShape(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+              for n in ray.nodes() if n.get("Alive")]
+    try:  # the autoscaler's node groups (a private Ray API: absent or changed means unknown)
+        from ray._private.state import state
+
+        cluster = state.get_cluster_config()
+        groups = list(cluster.node_group_configs) if cluster is not None else []
+    except Exception:
+        groups = []
+    for group in groups:
+        if group.max_count != 0:
+            shapes.append(NodeShape(float(group.resources.get("CPU", 0)), float(group.resources.get("GPU", 0)),
+                                    int(group.max_count), pending=True))
+    return shapes, bool(groups)
+
+
+def describe_cluster(shapes: list[NodeShape]) -> str:
+    alive = [s for s in shapes if not s.pending]
+    line = (f"Ray: {len(alive)} node(s) with {sum(s.cpus for s in alive):g} CPU and {sum(s.gpus for s in alive):g} GPU "
+            f"in all (largest: {max(alive, key=lambda s: (s.gpus, s.cpus))})")
+    groups = [s for s in shapes if s.pending]
+    if groups:
+        line += "; the autoscaler may add " + ", ".join(
+            f"{'any number' if s.count < 0 else f'up to {s.count}'} x ({s})" for s in groups)
+    return line
+
+
+def check_trial_fits(config, shapes: list[NodeShape], autoscaler_known: bool, local: bool) -> None:
+    """Raise StudyError (exit 2) if no node the study has or could get can run one trial."""
+    need_cpu, need_gpu = config.cpus_per_trial, config.gpus_per_trial
+    if any(s.cpus >= need_cpu and s.gpus >= need_gpu for s in shapes):
+        return
+    largest = max(shapes, key=lambda s: (s.gpus, s.cpus))
+    message = (f"each trial asks for {need_cpu:g} CPU and {need_gpu:g} GPU (--cpus-per-trial, --gpus-per-trial), "
+               f"but no node {'of this machine ' if local else ''}can give it: the largest has {largest}")
+    if local or autoscaler_known:
+        raise StudyError(message + "; lower the request, or run on a cluster with such nodes (--address)")
+    print(f"  warning: {message} now; the trials wait until the cluster's autoscaler adds such a node", flush=True)
+
+
+def trial_slots(config, shapes: list[NodeShape]) -> int:
+    """Trials that can run at once on every node the study has or could get (the default of
+    --max-concurrent), at most the study's trial count."""
+    total = len(config.cells()) * config.num_samples
+    slots = 0
+    for shape in shapes:
+        per_node = shape.trials(config.cpus_per_trial, config.gpus_per_trial)
+        if shape.count < 0 and per_node:
+            return total
+        slots += per_node * shape.count
+    return max(1, min(total, slots))

@@ -1,4 +1,4 @@
-"""The study's results table: per backbone x task cell, what its selected configuration predicts.
+"""The study's results table: per backbone x task x inputs cell, what its selected configuration predicts.
 
 Rows (`ROWS`), one column per cell:
 
@@ -9,8 +9,8 @@ Rows (`ROWS`), one column per cell:
 - the mean +- SD of the selected configuration's per-fold C-indices and the folds that learned
   nothing;
 - its Brier score at 365 days and integrated Brier score;
-- on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true imaging and total
-  linear predictors on the same patients: what there was to learn.
+- on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true clinical, imaging
+  and total linear predictors on the same patients: what there was to learn.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from trainables.cross_validation import OOF_FILE
 
 ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
         "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS",
-        "oracle C-index (true imaging / total predictor)", "selected configuration",
+        "oracle C-index (true clinical / imaging / total predictor)", "selected configuration",
         "trials (finished/pruned/failed)")
 
 
@@ -40,6 +40,7 @@ ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", 
 class CellResult:
     backbone: str
     task: str
+    inputs: str = "image"
     finished: int = 0
     pruned: int = 0
     failed: int = 0
@@ -49,12 +50,17 @@ class CellResult:
     best_trial: str = ""
     reference: dict = field(default_factory=dict)  # final metrics of the reference recipe's trial
     bbc: Estimate | None = None
-    oracle: dict = field(default_factory=dict)  # "imaging", "total": oracle C-index (synthetic cohorts)
+    oracle: dict = field(default_factory=dict)  # "clinical", "imaging", "total": oracle C-index (synthetic cohorts)
     best_checkpoint: object = field(default=None, repr=False)  # Tune checkpoint of the selected trial
 
     @property
     def cell(self) -> str:
-        return cell_name(self.backbone, self.task)
+        return cell_name(self.backbone, self.task, self.inputs)
+
+    @property
+    def label(self) -> str:
+        """The results table's column: ``backbone / task``, ``backbone+clinical / task`` for fusion."""
+        return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''} / {self.task}"
 
     def metrics(self) -> dict[str, float]:
         """The cell's numbers as metrics of the study run (`analysis.metric_names.CELL_METRICS`)."""
@@ -94,17 +100,21 @@ def _is_reference(config: dict, reference: dict) -> bool:
     return all(config.get(k) == v for k, v in reference.items())
 
 
-def summarise(grid, searched: list[str], reference: dict, bootstrap: int = 1000, seed: int = 0) -> list[CellResult]:
+def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) -> list[CellResult]:
     """Per cell: the selected trial (best pooled out-of-fold C-index), trial counts, the reference
-    recipe's metrics and the BBC-CV estimate over all of the cell's finished configurations."""
+    recipe's metrics and the BBC-CV estimate over all of the cell's finished configurations.
+
+    `space` and `budget` say what each cell searched and its reference recipe."""
     cells: dict[str, CellResult] = {}
     finished = defaultdict(list)
     for result in grid:
         config = result.config or {}
         if "backbone" not in config or "task" not in config:
             continue
-        cell = cells.setdefault(cell_name(config["backbone"], config["task"]),
-                                CellResult(config["backbone"], config["task"]))
+        inputs = config.get("inputs", "image")
+        searched, reference = list(space.distributions_for(budget, inputs)), space.reference_for(budget, inputs)
+        cell = cells.setdefault(cell_name(config["backbone"], config["task"], inputs),
+                                CellResult(config["backbone"], config["task"], inputs))
         metrics = result.metrics or {}
         cell.fold_epochs += int(metrics.get(names.FOLD_EPOCHS.name, 0) or 0)
         if result.error is not None or metrics.get(names.FAILED):
@@ -166,9 +176,9 @@ def results_table(cells: list[CellResult]) -> pd.DataFrame:
         else:
             column[ROWS[2]] = "pruned or failed"
         if cell.oracle:
-            column[ROWS[7]] = f"{cell.oracle['imaging']:.3f} / {cell.oracle['total']:.3f}"
+            column[ROWS[7]] = " / ".join(f"{cell.oracle[k]:.3f}" for k in ("clinical", "imaging", "total"))
         column[ROWS[9]] = f"{cell.finished}/{cell.pruned}/{cell.failed}"
-        columns[f"{cell.backbone} / {cell.task}"] = column
+        columns[cell.label] = column
     table = pd.DataFrame(columns)
     if not any(cell.oracle for cell in cells):
         table = table.drop(index=ROWS[7])

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.clinical_features import check_clinical_inputs
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
 from datasets.remote import check_writable, stage_store
 from datasets.store import CohortStore
-from search_spaces import SPACES, TASKS, cell_name
+from search_spaces import SPACES, TASKS
 from study.config import StudyConfig, resolve
 from study.preflight import check_free_space
 
@@ -69,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (for the report)")
     parser.add_argument("--backbones", nargs="+", default=None, help="backbones (default: the space's)")
     parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks among {list(TASKS)} (default: the space's)")
-    parser.add_argument("--num-samples", type=int, default=None, help="configurations per backbone x task (default: the protocol's)")
+    parser.add_argument("--inputs", nargs="+", default=None, metavar="INPUTS",
+                        help="what the networks see: image and/or image+clinical (the backbone's features joined "
+                             "with the clinical vector before the survival head); each is its own cell "
+                             "(default: the protocol's)")
+    parser.add_argument("--clinical-inputs", nargs="+", default=None, metavar="COLUMN",
+                        help="stored clinical columns an image+clinical network sees (default: age sex grade "
+                             "glioblastoma idh mgmt; kps and resection when the store has them)")
+    parser.add_argument("--num-samples", type=int, default=None, help="configurations per cell (default: the protocol's)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
@@ -93,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nested cross-validation: run the whole search K times, each without one outer fold, "
                              "and test each selected configuration on the fold it never saw (K x the cost of a study; "
                              "0: off)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved study and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved study and its cost (trials, fold-epochs, GPU-hours with and without "
+                             "ASHA, wall time on the cluster of --address) and exit")
+    parser.add_argument("--epoch-seconds", type=float, default=None,
+                        help="seconds of one fold-epoch on a trial's GPU share, for --dry-run's cost (default: an "
+                             "assumed throughput, see study/cost.py)")
     return parser
 
 
@@ -125,6 +138,8 @@ def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Coh
     for task in config.tasks:
         spec = TASKS[task]
         cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint, exclude))
+        if "image+clinical" in config.inputs:
+            check_clinical_inputs(cohort.clinical, config.clinical_inputs, f"cohort store {store.path}, task {task}")
         out[task] = (cohort, cohort.folds(config.protocol.folds, config.seed))
     return out
 
@@ -143,10 +158,15 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
              f"  data: {store.path} ({len(store.usable())} usable patients, sequences {store.sequences}, "
              f"shape {list(store.shape)})",
              f"  resources: {config.cpus_per_trial} CPU and {config.gpus_per_trial:g} GPU per trial, "
-             f"at most {config.max_concurrent} at once, Ray {'at ' + config.address if config.address else 'local'}",
+             f"at most {config.max_concurrent or 'as many as the nodes hold'} at once, "
+             f"Ray {'at ' + config.address if config.address else 'local'}",
              f"  tracking: {config.tracking_uri}; storage: {config.storage_path}/{config.name}",
-             f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {config.num_samples} "
-             f"configurations = {len(config.cells()) * config.num_samples} trials"]
+             f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {len(config.inputs)} inputs "
+             f"({', '.join(config.inputs)}) x {config.num_samples} configurations = "
+             f"{len(config.cells()) * config.num_samples} trials"]
+    if "image+clinical" in config.inputs:
+        lines.append(f"  image+clinical networks see: {', '.join(config.clinical_inputs)} (encoded on each training "
+                     "fold; missing values get an indicator)")
     gpus = config.gpus_per_trial
     if gpus > 1:
         idle = "" if protocol.folds % int(gpus) == 0 else (
@@ -158,7 +178,7 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
     for task, (cohort, folds) in cohorts.items():
         events = [int(cohort.event[folds == k].sum()) for k in range(protocol.folds)]
         sizes = [int((folds == k).sum()) for k in range(protocol.folds)]
-        head = fixed_parameters(config, config.backbones[0], task)["head"]
+        head = fixed_parameters(config, config.cells()[0]._replace(task=task))["head"]
         lines.append(f"  task {task} ({TASKS[task].filter}, {TASKS[task].endpoint}, {head} head): "
                      f"{len(cohort)} patients, {int(cohort.event.sum())} events; fold sizes {sizes}, events {events}")
     return "\n".join(lines)
@@ -261,6 +281,21 @@ def start_ray(config: StudyConfig) -> None:
                  logging_level="ERROR")
 
 
+def join_cluster(config: StudyConfig) -> tuple[StudyConfig, list]:
+    """Start or join Ray, say what it has, refuse a trial no node can hold (exit 2), and fill in
+    --max-concurrent (every trial slot of the nodes) when it was not given."""
+    from study.preflight import check_trial_fits, describe_cluster, node_shapes, trial_slots
+    from study.tuning import local_ray
+
+    start_ray(config)
+    shapes, autoscaler_known = node_shapes()
+    print(describe_cluster(shapes), flush=True)
+    check_trial_fits(config, shapes, autoscaler_known, local_ray(config))
+    if config.max_concurrent is None:
+        config = replace(config, max_concurrent=trial_slots(config, shapes))
+    return config, shapes
+
+
 def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     import logging
 
@@ -278,6 +313,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     config, store = open_data(config)
     cohorts = task_cohorts(config, store)
     check_external(config, store)
+    config, _ = join_cluster(config)
     print(describe(config, store, cohorts), flush=True)
     volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
     data_seconds = time.perf_counter() - started  # demo cohort build (first run), staging, reading volumes
@@ -295,7 +331,6 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
                else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
     tracker = start_tracking(config, store, journal)
-    start_ray(config)
     volumes = ray.put(volumes_array) if volumes_array is not None else None
     del volumes_array  # the object store holds the one copy of this node
     record = manifest(config, store)
@@ -303,7 +338,8 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
             "git_revision": record["git_revision"],
             **{f"version.{k}": v for k, v in record["packages"].items()}}
     tracker.start(tags, {"space": config.space, "budget": config.budget, "backbones": ",".join(config.backbones),
-                         "tasks": ",".join(config.tasks), "num_samples": config.num_samples, "seed": config.seed,
+                         "tasks": ",".join(config.tasks), "inputs": ",".join(config.inputs),
+                         "clinical_inputs": ",".join(config.clinical_inputs), "num_samples": config.num_samples, "seed": config.seed,
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
@@ -325,8 +361,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
         for result in grid:
             timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
             timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
-        cells = order_cells(config, summarise(grid, list(config.search_space.distributions_for(config.budget)),
-                                              config.search_space.reference_for(config.budget), seed=config.seed))
+        cells = order_cells(config, summarise(grid, config.search_space, config.budget, seed=config.seed))
         try:
             oracles = oracle_cindices(store, {task: cohort for task, (cohort, _) in cohorts.items()})
         except Exception as exc:  # an extra for synthetic stores: never the reason a study fails
@@ -365,8 +400,25 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
 
 def order_cells(config: StudyConfig, cells: list) -> list:
     """Cells in the study's order (task-major), whatever order their trials finished in."""
-    rank = {cell_name(b, t): i for i, (b, t) in enumerate(config.cells())}
+    rank = {cell.name: i for i, cell in enumerate(config.cells())}
     return sorted(cells, key=lambda c: rank.get(c.cell, len(rank)))
+
+
+def dry_run(config: StudyConfig, epoch_seconds: float | None) -> None:
+    """Print the resolved study and its cost; on a cluster (--address, RAY_ADDRESS) with its own
+    resources and wall time. Trains nothing, writes nothing."""
+    from study.cost import estimate
+    from study.tuning import local_ray
+
+    config, store = open_data(config)
+    cohorts = task_cohorts(config, store)
+    gpus = None
+    if not local_ray(config):
+        config, shapes = join_cluster(config)
+        gpus = sum(s.gpus * (s.count if s.count > 0 else 1) for s in shapes)
+    print(describe(config, store, cohorts))
+    print("\n".join(estimate(config, {task: len(cohort) for task, (cohort, _) in cohorts.items()}, epoch_seconds,
+                             gpus)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,8 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve(args)
         if args.dry_run:
-            config, store = open_data(config)
-            print(describe(config, store, task_cohorts(config, store)))
+            dry_run(config, args.epoch_seconds)
             return 0
         if config.outer_folds:
             from study.nested import run_nested

@@ -1,4 +1,4 @@
-"""Ray Tune wiring: one Tuner for the whole study, in which every backbone x task cell is its own
+"""Ray Tune wiring: one Tuner for the whole study, in which every backbone x task x inputs cell is its own
 search (its own Optuna TPE study and its own ASHA brackets).
 
 Per-cell searches (ARCHITECTURE decision 10): every backbone gets exactly the same number of
@@ -41,12 +41,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis import metric_names as names
-from search_spaces import TASKS, Choice, LogUniform, Uniform, cell_name
+from datasets.clinical_features import FUSION_PARAMS
+from search_spaces import TASKS, Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
 METRIC, MODE = names.EPOCH_CINDEX.name, "max"
+TPE_STARTUP_TRIALS = 10  # optuna.samplers.TPESampler's n_startup_trials default
 
 
 def tune_domain(distribution):
@@ -64,13 +66,17 @@ def head_for(config: StudyConfig, task: str) -> str:
     return config.protocol.os_head if spec.endpoint == "os" else spec.head
 
 
-def fixed_parameters(config: StudyConfig, backbone: str, task: str) -> dict:
+def fixed_parameters(config: StudyConfig, cell: Cell) -> dict:
     """Training parameters held constant in a cell (they are params of every trial run)."""
     protocol = config.protocol
-    fixed = {"backbone": backbone, "head": head_for(config, task), "width": protocol.width, "depth": protocol.depth,
-             "epochs": protocol.epochs, "seed": config.seed}
+    fixed = {"backbone": cell.backbone, "head": head_for(config, cell.task), "width": protocol.width,
+             "depth": protocol.depth, "epochs": protocol.epochs, "seed": config.seed, "inputs": cell.inputs}
     fixed.update(protocol.fixed)
-    overlap = set(fixed) & set(config.search_space.distributions_for(config.budget))
+    if cell.inputs == "image":  # an image-only network has no clinical branch to configure
+        fixed = {k: v for k, v in fixed.items() if k not in FUSION_PARAMS}
+    else:
+        fixed["clinical_inputs"] = list(config.clinical_inputs)
+    overlap = set(fixed) & set(config.search_space.distributions_for(config.budget, cell.inputs))
     if overlap:
         raise ValueError(f"space {config.space}: {sorted(overlap)} are both fixed and searched")
     return fixed
@@ -78,7 +84,7 @@ def fixed_parameters(config: StudyConfig, backbone: str, task: str) -> dict:
 
 def trial_cell(trial_config: dict) -> str:
     """The cell of a trial, from its configuration."""
-    return cell_name(trial_config["backbone"], trial_config["task"])
+    return Cell.of(trial_config).name
 
 
 class CellOptunaSearch(OptunaSearch):
@@ -118,11 +124,12 @@ class CellSearch(Searcher):
 
     A suggested configuration is the cell's fixed parameters, its task and the searched values.
     At most `max_concurrent` trials run at once (the searcher limits this itself rather than
-    through Tune's ConcurrencyLimiter, so that it also controls how its state is saved).
+    through Tune's ConcurrencyLimiter, so that it also controls how its state is saved), and at
+    most `per_cell` of one cell (`per_cell_limit`).
     """
 
     def __init__(self, cells: dict[str, dict], spaces: dict[str, dict], references: dict[str, dict],
-                 num_samples: int, seed: int = 0, max_concurrent: int = 0):
+                 num_samples: int, seed: int = 0, max_concurrent: int = 0, per_cell: int = 0):
         super().__init__(metric=METRIC, mode=MODE)
         self._fixed = cells
         self._searches = {
@@ -135,6 +142,7 @@ class CellSearch(Searcher):
         self._trial_cells: dict[str, str] = {}
         self._turn = 0
         self._max_concurrent = max_concurrent
+        self._per_cell = per_cell
         self._live: set[str] = set()
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -147,6 +155,8 @@ class CellSearch(Searcher):
         for step in range(len(order)):
             cell = order[(self._turn + step) % len(order)]
             if self._suggested[cell] >= self._num_samples:
+                continue
+            if self._per_cell and sum(self._trial_cells[t] == cell for t in self._live) >= self._per_cell:
                 continue
             suggestion = self._searches[cell].suggest(trial_id)
             if not isinstance(suggestion, dict):
@@ -244,13 +254,22 @@ class DropStoppedCheckpoints(tune.Callback):
 
 def cell_search(config: StudyConfig) -> CellSearch:
     fixed, spaces, references = {}, {}, {}
-    distributions = config.search_space.distributions_for(config.budget)
-    for backbone, task in config.cells():
-        cell = cell_name(backbone, task)
-        fixed[cell] = {"task": task, **fixed_parameters(config, backbone, task)}
-        spaces[cell] = {k: tune_domain(d) for k, d in distributions.items()}
-        references[cell] = config.search_space.reference_for(config.budget)
-    return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent)
+    space = config.search_space
+    for cell in config.cells():
+        fixed[cell.name] = {"task": cell.task, **fixed_parameters(config, cell)}
+        spaces[cell.name] = {k: tune_domain(d) for k, d in space.distributions_for(config.budget, cell.inputs).items()}
+        references[cell.name] = space.reference_for(config.budget, cell.inputs)
+    return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent or 0,
+                      per_cell_limit(config.num_samples))
+
+
+def per_cell_limit(num_samples: int) -> int:
+    """Trials of one cell at once: TPE's random start-up trials (Optuna's first 10) learn nothing
+    from each other, so they may all run together; past them, at most half of the cell's budget
+    runs before its results inform the other half. With many cells (12 in a full study) the cells'
+    turns spread a cluster's GPUs anyway; the limit binds when few cells are left, where it trades
+    idle GPUs for a search that learns."""
+    return max(TPE_STARTUP_TRIALS, num_samples // 2)
 
 
 def cell_schedule(config: StudyConfig) -> CellSchedule | None:

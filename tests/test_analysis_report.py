@@ -13,9 +13,13 @@ from mlflow.tracking import MlflowClient
 
 from analysis import metric_names as names
 from analysis.added_value import added_value, calibration, default_covariates
+from analysis.metrics import harrell_c
+from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof
 from analysis.report import build_report, main
 from analysis.study_reader import ReportError, oof_predictions, read_study
 from datasets import CohortStore
+from datasets.clinical_features import FUSION_DEFAULT
+from search_spaces import Cell
 from study.run import main as study_main
 
 pytestmark = pytest.mark.slow
@@ -26,7 +30,8 @@ def reported(learnable_store, small_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{root}/mlflow.db"
     assert study_main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones",
-                       "seresnext50", "resnet50_cbam", "--num-samples", "2", "--tracking-uri", uri,
+                       "seresnext50", "resnet50_cbam", "--num-samples", "2", "--inputs", "image", "image+clinical",
+                       "--tracking-uri", uri,
                        "--storage-path", str(root / "rr"), "--name", "rep"]) == 0
     # The same external store given twice (and once more through a relative path) appears once.
     index = build_report("rep", uri, root / "report", external=[small_store, small_store], gradcam_patients=1)
@@ -39,8 +44,8 @@ def test_report_files(reported):
     for name in ("leaderboard.csv", "added_value.csv", "kaplan_meier.csv", "external_validation.csv"):
         assert (folder / name).is_file(), name
     page = index.read_text()
-    for heading in ("Leaderboard", "External validation", "Added prognostic value", "Kaplan-Meier", "Grad-CAM",
-                    "Search diagnostics"):
+    for heading in ("Leaderboard", "External validation", "Images, clinical factors, or both",
+                    "Added prognostic value", "Kaplan-Meier", "Grad-CAM", "Search diagnostics"):
         assert heading in page
     import re
 
@@ -56,7 +61,7 @@ def test_leaderboard_matches_mlflow(reported):
     board = pd.read_csv(index.parent / "leaderboard.csv")
     study = read_study("rep", uri)
     for _, row in board.iterrows():
-        trial = study.best_per_cell()[(row["backbone"], row["task"])]
+        trial = study.best_per_cell()[Cell(row["backbone"], row["task"], row["inputs"])]
         assert row["C-index, selected [95% CI]"].startswith(f"{trial.oof_cindex:.3f} [")
         bbc = study.cell_metric(trial.cell, names.BBC_CINDEX)
         assert bbc is not None and row["C-index, BBC-CV [95% CI]"].startswith(f"{bbc:.3f} [")
@@ -65,12 +70,40 @@ def test_leaderboard_matches_mlflow(reported):
         assert trial.oof_cindex == max(t.oof_cindex for t in cell_trials)
 
 
+def test_inputs_are_compared_on_the_same_patients_and_folds(reported, learnable_store):
+    _, uri, index = reported
+    board = pd.read_csv(index.parent / "leaderboard.csv")
+    assert set(board["inputs"]) == {"image", "image+clinical"}
+    table = pd.read_csv(index.parent / "inputs_comparison.csv")
+    dev = table[table["cohort"] == "development (out-of-fold)"]
+    assert list(dev["model"])[0] == CLINICAL_MODEL
+    assert {"seresnext50 (image)", "seresnext50 (image+clinical)", "resnet50_cbam (image+clinical)"} <= set(dev["model"])
+    # The clinical Cox model is fitted in the networks' folds: recomputed independently here.
+    study = read_study("rep", uri)
+    trial = study.best_per_cell()[Cell("seresnext50", "os_all", "image")]
+    oof = oof_predictions(study, trial)
+    clinical = CohortStore(learnable_store).clinical().loc[oof["patient_id"]].reset_index(drop=True)
+    frame = pd.concat([oof[["patient_id", "fold", "time", "event"]], clinical.drop(columns=["time", "event"])], axis=1)
+    expected, _ = clinical_oof(frame, FUSION_DEFAULT)
+    c = harrell_c(expected["time"], expected["event"], expected["risk"])
+    assert dev.iloc[0]["C-index [95% CI]"].startswith(f"{c:.3f} [")
+    differences = pd.read_csv(index.parent / "inputs_differences.csv")
+    assert "seresnext50 (image+clinical) - seresnext50 (image)" in set(differences["comparison"])
+    # Every model is applied to the external cohort unchanged, the fusion networks with its clinical rows.
+    external = table[table["cohort"] != "development (out-of-fold)"]
+    assert {CLINICAL_MODEL, "seresnext50 (image+clinical)"} <= set(external["model"])
+    # The added-value analysis is not run on a DPI that already holds the clinical covariates.
+    values = pd.read_csv(index.parent / "added_value.csv")
+    fused = values[values["backbone"] == "seresnext50"]
+    assert fused["note"].fillna("").str.contains("already contains the clinical covariates").any()
+
+
 def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_store):
     _, uri, index = reported
     values = pd.read_csv(index.parent / "added_value.csv")
     dev = values[values["cohort"] == "development (out-of-fold)"].iloc[0]
     study = read_study("rep", uri)
-    trial = study.best_per_cell()[(dev["backbone"], dev["task"])]
+    trial = study.best_per_cell()[Cell(dev["backbone"], dev["task"])]
     store = CohortStore(learnable_store)
     oof = oof_predictions(study, trial)
     clinical = store.clinical().loc[oof["patient_id"]].reset_index(drop=True)
@@ -94,7 +127,7 @@ def test_added_value_matches_an_independent_lifelines_fit(reported, learnable_st
 def test_kaplan_meier_cutoff_is_fixed_on_development(reported):
     _, _, index = reported
     km = pd.read_csv(index.parent / "kaplan_meier.csv")
-    for (backbone, task), part in km.groupby(["backbone", "task"]):
+    for _, part in km.groupby(["backbone", "task", "inputs"]):
         dev = part[part["cohort"] == "development"].iloc[0]
         assert (part["cutoff"] == dev["cutoff"]).all(), "external cohorts reuse the development cut-off"
         assert abs(dev["high"] - dev["low"]) <= 1, "the development cut-off is the median"
@@ -157,9 +190,10 @@ def test_external_validation_matches_scikit_survival(reported, small_store):
 
     _, _, index = reported
     table = pd.read_csv(index.parent / "external_validation.csv")
-    assert len(table) == 2  # two cells, one external cohort (given twice, listed once)
+    assert len(table) == 4  # four cells (two backbones x two inputs), one external cohort (given twice, listed once)
     for _, row in table.iterrows():
-        pred = pd.read_csv(index.parent / f"external_{row['backbone']}__{row['task']}_{small_store.stem}.csv")
+        cell = Cell(row["backbone"], row["task"], row["inputs"]).name
+        pred = pd.read_csv(index.parent / f"external_{cell}_{small_store.stem}.csv")
         assert len(pred) == row["patients"] and pred["patient_id"].is_unique
         c = concordance_index_censored(pred["event"].astype(bool), pred["time"], pred["dpi"])[0]
         assert row["C-index [95% CI]"].startswith(f"{c:.3f}"), (row["C-index [95% CI]"], c)

@@ -16,7 +16,7 @@ def test_space_samples_valid_training_configs(name):
     for _ in range(200):
         budget = ("demo", "full")[_ % 2]
         sample = space.sample(rng, budget)
-        assert set(sample) == set(space.distributions)
+        assert set(sample) == set(space.distributions_for(budget))
         for key, value in sample.items():
             assert space.distributions_for(budget)[key].contains(value)
         for budget, protocol in space.protocols.items():

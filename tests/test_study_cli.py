@@ -32,7 +32,7 @@ def test_list_spaces(capsys):
 def test_dry_run_prints_the_resolved_study(base, capsys, tmp_path):
     assert main(base + ["--dry-run", "--tasks", "os_all", "1yr_gbm"]) == 0
     out = capsys.readouterr().out
-    assert "3 backbones x 2 tasks x 2 configurations = 12 trials" in out
+    assert "3 backbones x 2 tasks x 1 inputs (image) x 2 configurations = 12 trials" in out
     assert "task os_all (all, os, cox head): 12 patients" in out
     assert "fold sizes [6, 6]" in out
     assert not (tmp_path / "rr").exists()

@@ -8,6 +8,8 @@ from typing import Any
 
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES
+from datasets.clinical import COVARIATES
+from datasets.clinical_features import FUSION_DEFAULT, INPUTS
 from trainables.batches import PLACEMENTS
 from trainables.heads import CUT_SPACINGS, HEADS
 
@@ -24,6 +26,12 @@ class TrainConfig:
         Network (see `trainables.backbones`).
     head
         ``cox`` | ``logistic_hazard`` | ``binary`` (see `trainables.heads`).
+    inputs
+        ``image`` (the backbone alone) or ``image+clinical`` (`trainables.fusion`).
+    clinical_inputs, clinical_hidden, clinical_dropout
+        Of ``image+clinical`` only: the stored clinical columns the network sees (encoded on the
+        training fold, `datasets.clinical_features`), the width of the clinical branch's hidden
+        layer (0: the clinical vector enters the read-out linearly) and its dropout.
     lr, weight_decay, batch_size, optimizer, momentum
         Optimisation; ``momentum`` is used by SGD only.
     epochs, warmup_epochs
@@ -69,6 +77,10 @@ class TrainConfig:
     depth: float = 1.0
     dropout: float = 0.0
     head: str = "cox"
+    inputs: str = "image"
+    clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
+    clinical_hidden: int = 0
+    clinical_dropout: float = 0.0
     lr: float = 1e-4
     weight_decay: float = 1e-6
     batch_size: int = 64
@@ -98,7 +110,15 @@ class TrainConfig:
             raise InputError(f"unknown head {self.head!r}; valid heads are {list(HEADS)}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"unknown optimizer {self.optimizer!r}; valid optimizers are {list(OPTIMIZERS)}")
+        if self.inputs not in INPUTS:
+            raise InputError(f"unknown inputs {self.inputs!r}; valid inputs are {list(INPUTS)}")
+        unknown = [c for c in self.clinical_inputs if c not in COVARIATES]
+        if unknown:
+            raise InputError(f"clinical_inputs {unknown} are not stored clinical columns; valid: {list(COVARIATES)}")
         checks = [
+            (int(self.clinical_hidden) >= 0, f"clinical_hidden must be >= 0, got {self.clinical_hidden}"),
+            (0 <= self.clinical_dropout < 1, f"clinical_dropout must be in [0, 1), got {self.clinical_dropout}"),
+            (self.inputs == "image" or len(self.clinical_inputs) > 0, "inputs image+clinical need clinical_inputs"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (int(self.batch_size) >= 2, f"batch_size must be at least 2 (batch norm), got {self.batch_size}"),
@@ -121,6 +141,8 @@ class TrainConfig:
         object.__setattr__(self, "batch_size", int(self.batch_size))
         object.__setattr__(self, "epochs", int(self.epochs))
         object.__setattr__(self, "eval_times", tuple(float(t) for t in self.eval_times))
+        object.__setattr__(self, "clinical_inputs", tuple(self.clinical_inputs))
+        object.__setattr__(self, "clinical_hidden", int(self.clinical_hidden))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -35,18 +35,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from analysis.metrics import SurvivalDataError, harrell_c
+from datasets.clinical_features import ClinicalEncoder
 from datasets.errors import StudyError
 from datasets.store import CohortStore
 from datasets.torch_data import CohortDataset, training_augmentation
-from trainables.backbones import build_backbone
 from trainables.batches import BatchAugmentation, InMemoryBatches, VolumeCache
 from trainables.config import TrainConfig
-from trainables.fold_model import FoldModel
+from trainables.fold_model import FoldModel, network_spec
+from trainables.fusion import build_network
 from trainables.heads import build_head
 
 CHECKPOINT_FORMAT = 2
 # Parameters that must match for a checkpoint to be resumed.
-_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "cut_spacing", "dropout")
+_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "cut_spacing", "dropout", "inputs",
+                      "clinical_inputs", "clinical_hidden")
+_ARCHITECTURE_DEFAULTS = {"inputs": "image", "clinical_inputs": list(TrainConfig.clinical_inputs), "clinical_hidden": 0}
 
 
 class TrainingDivergedError(StudyError):
@@ -75,6 +78,8 @@ class FoldData:
     volumes, volume_rows
         Optional float16 [m, C, X, Y, Z] already in memory (e.g. shared by all trials on a node)
         and the row of each cohort patient in it (default: row i for patient i).
+    clinical
+        The cohort's clinical table (one row per patient, in order); needed by ``image+clinical``.
     """
 
     store: CohortStore
@@ -87,13 +92,15 @@ class FoldData:
     fold: int = 0
     volumes: np.ndarray | None = None
     volume_rows: np.ndarray | None = None
+    clinical: pd.DataFrame | None = None
 
     @classmethod
     def from_cohort(cls, cohort, folds: np.ndarray, fold: int, volumes: np.ndarray | None = None,
                     volume_rows: np.ndarray | None = None) -> FoldData:
         """Fold `fold` of a `datasets.Cohort` given its fold assignment (int [n])."""
         return cls(cohort.store, cohort.patient_ids, cohort.slots, cohort.time, cohort.event,
-                   np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold, volumes, volume_rows)
+                   np.flatnonzero(folds != fold), np.flatnonzero(folds == fold), fold, volumes, volume_rows,
+                   cohort.clinical)
 
     def dataset(self, positions: np.ndarray, transform=None) -> CohortDataset:
         volumes = None
@@ -177,9 +184,11 @@ class FoldTrainer:
         self.device = torch.device(device) if device else resolve_device(config.device)
         self.head = build_head(config.head, cox_memory=config.cox_memory, intervals=config.intervals,
                                horizon_days=config.horizon_days, cut_spacing=config.cut_spacing)
+        self.fit, self.select = self._selection_split()
+        self.encoder, self.clinical = self._clinical_inputs()
         torch.manual_seed(self._seed(-1))
-        self.model = build_backbone(config.backbone, len(data.store.sequences), self.head.out_features,
-                                    config.width, config.depth, config.dropout).to(self.device)
+        spec = network_spec(config, len(data.store.sequences), self.head.out_features, self.encoder)
+        self.model = build_network(spec).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         params = [{"params": [p for n, p in self.model.named_parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
@@ -191,7 +200,6 @@ class FoldTrainer:
         else:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
-        self.fit, self.select = self._selection_split()
         self.head.prepare(data.time[self.fit], data.event[self.fit])
         if data.volumes is not None and volume_cache is None:
             volume_cache = VolumeCache(data.volumes, self.device, config.volume_placement)
@@ -226,6 +234,15 @@ class FoldTrainer:
         select = np.sort(np.asarray(picked, dtype=int))
         return np.setdiff1d(train, select), select
 
+    def _clinical_inputs(self) -> tuple[ClinicalEncoder | None, torch.Tensor | None]:
+        """The clinical encoding learned on the fitting patients, and every patient's features."""
+        if self.config.inputs == "image":
+            return None, None
+        if self.data.clinical is None:
+            raise StudyError(f"fold {self.data.fold}: inputs image+clinical need the cohort's clinical table")
+        encoder = ClinicalEncoder.learn(self.data.clinical.iloc[self.fit], self.config.clinical_inputs)
+        return encoder, torch.as_tensor(encoder.encode(self.data.clinical), device=self.device)
+
     def _seed(self, epoch: int) -> int:
         return (self.config.seed * 1_000_003 + self.data.fold * 10_007 + epoch + 1) % (2**31)
 
@@ -236,7 +253,7 @@ class FoldTrainer:
     def _state(self) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
-            "architecture": {k: getattr(self.config, k) for k in _ARCHITECTURE_KEYS},
+            "architecture": self._architecture(),
             "fold": self.data.fold,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -252,16 +269,22 @@ class FoldTrainer:
             "stopped_early": self.stopped_early,
         }
 
+    def _architecture(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in
+                ((k, getattr(self.config, k)) for k in _ARCHITECTURE_KEYS)}
+
     def _load(self) -> None:
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"checkpoint {self.checkpoint} cannot be read ({type(exc).__name__}: {exc}); "
                                   "delete it to restart this fold") from exc
-        expected = {k: getattr(self.config, k) for k in _ARCHITECTURE_KEYS}
+        expected = self._architecture()
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"checkpoint {self.checkpoint} is not a fold checkpoint of format {CHECKPOINT_FORMAT}")
-        if state.get("architecture") != expected or state.get("fold") != self.data.fold:
+        # Checkpoints written before a key existed hold its default (e.g. inputs "image").
+        saved = {**_ARCHITECTURE_DEFAULTS, **state.get("architecture", {})}
+        if saved != expected or state.get("fold") != self.data.fold:
             raise CheckpointError(f"checkpoint {self.checkpoint} was written for {state.get('architecture')} fold "
                                   f"{state.get('fold')}, not {expected} fold {self.data.fold}")
         self.model.load_state_dict(state["model"])
@@ -289,8 +312,15 @@ class FoldTrainer:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         return images
 
+    def _features(self, positions) -> torch.Tensor | None:
+        """Clinical features of the patients at `positions` (None for an image-only network)."""
+        return None if self.clinical is None else self.clinical[torch.as_tensor(np.asarray(positions), device=self.device)]
+
+    def _forward(self, images: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
+        return self.model(images) if clinical is None else self.model(images, clinical)
+
     def _training_batches(self, seed: int):
-        """(images on the device, time, event) of one shuffled, augmented epoch."""
+        """(images on the device, clinical features or None, time, event) of one shuffled, augmented epoch."""
         config = self.config
         generator = torch.Generator().manual_seed(seed)
         batch = min(config.batch_size, len(self.fit))
@@ -300,15 +330,17 @@ class FoldTrainer:
             for order in InMemoryBatches.order(len(self.fit), batch, generator, drop_last):
                 positions = self.fit[order]
                 images = self.augment(self.memory.images(positions), augment_generator)
-                yield (self._to_device(images), *(torch.as_tensor(a[positions], dtype=torch.float32, device=self.device)
-                                                  for a in (self.data.time, self.data.event)))
+                outcome = (torch.as_tensor(a[positions], dtype=torch.float32, device=self.device)
+                           for a in (self.data.time, self.data.event))
+                yield (self._to_device(images), self._features(positions), *outcome)
             return
         dataset = self.data.dataset(self.fit, training_augmentation(config.augmentation, seed=seed))
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator, drop_last=drop_last,
                             num_workers=config.num_workers, persistent_workers=False,
                             pin_memory=self.device.type == "cuda")
         for items in loader:
-            yield self._to_device(items["image"]), items["time"].to(self.device), items["event"].to(self.device)
+            yield (self._to_device(items["image"]), self._features(self.fit[items["index"].numpy()]),
+                   items["time"].to(self.device), items["event"].to(self.device))
 
     def _train_epoch(self) -> float:
         config, seed = self.config, self._seed(self.epoch)
@@ -316,9 +348,9 @@ class FoldTrainer:
         self.model.train()
         self.head.reset()
         losses = []
-        for images, time, event in self._training_batches(seed):
+        for images, clinical, time, event in self._training_batches(seed):
             with self._autocast():
-                outputs = self.model(images)
+                outputs = self._forward(images, clinical)
             loss = self.head.loss(outputs.float(), time, event)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
@@ -338,16 +370,18 @@ class FoldTrainer:
         """Network outputs [len(positions), out_features] (float64) without augmentation."""
         self.model.eval()
         size = max(2, self.config.batch_size)
+        starts = range(0, len(positions), size)
         if self.memory is not None:
-            batches = (self.memory.images(positions[i:i + size]) for i in range(0, len(positions), size))
+            batches = (self.memory.images(positions[i:i + size]) for i in starts)
         else:
             loader = DataLoader(self.data.dataset(positions), batch_size=size, shuffle=False,
                                 num_workers=self.config.num_workers)
             batches = (items["image"] for items in loader)
         chunks = []
-        for images in batches:
+        for start, images in zip(starts, batches):
             with self._autocast():
-                chunks.append(self.model(self._to_device(images)).float().cpu())
+                outputs = self._forward(self._to_device(images), self._features(positions[start:start + size]))
+            chunks.append(outputs.float().cpu())
         return torch.cat(chunks).double().numpy()
 
     def _cindex(self, outputs: np.ndarray, positions: np.ndarray) -> float:
@@ -397,7 +431,7 @@ class FoldTrainer:
         # The head's baseline (and so the DPI's zero point) comes from this fold's training patients only.
         self.head.fit(train_outputs, data.time[self.fit], data.event[self.fit])
         model = FoldModel.from_training(data.fold, self.config, len(data.store.sequences),
-                                        {k: v.cpu() for k, v in self.best_state.items()}, self.head)
+                                        {k: v.cpu() for k, v in self.best_state.items()}, self.head, self.encoder)
         outputs = self.best_val_outputs
         val = data.val
         frame = pd.DataFrame({

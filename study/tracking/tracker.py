@@ -34,7 +34,7 @@ from ray import tune
 
 from analysis import metric_names as names
 from datasets.errors import StudyError
-from search_spaces import cell_name
+from search_spaces import Cell
 from trainables.cross_validation import CURVE_FILE, OOF_FILE
 
 
@@ -306,13 +306,15 @@ class MlflowTrialCallback(tune.Callback):
 
     @staticmethod
     def _cell(trial) -> str:
-        return cell_name(trial.config["backbone"], trial.config["task"])
+        return Cell.of(trial.config).name
 
     def _key(self, trial) -> str:
-        backbone, task = trial.config["backbone"], trial.config["task"]
-        key = f"{self._cell(trial)}/{trial.trial_id}"
-        self.tracker.trial_run(key, f"{backbone}/{task}/{trial.trial_id}", trial.config,
-                               {"backbone": backbone, "task": task, "trial_id": trial.trial_id})
+        cell = Cell.of(trial.config)
+        key = f"{cell.name}/{trial.trial_id}"
+        backbone = cell.backbone + ("+clinical" if cell.inputs == "image+clinical" else "")
+        self.tracker.trial_run(key, f"{backbone}/{cell.task}/{trial.trial_id}", trial.config,
+                               {"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
+                                "trial_id": trial.trial_id})
         return key
 
     def on_trial_start(self, iteration, trials, trial, **info):
