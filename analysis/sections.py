@@ -200,7 +200,8 @@ class Report:
                                               for t in board["task"].unique()}) if len(board) else {}
         if oracle:
             self.html.append("<p>This store comes from <code>datasets.synthetic</code>: the last column is the C-index "
-                             "of its true clinical / imaging / total linear predictor on the same patients, what there was to "
+                             "of its true clinical / imaging / total linear predictor on the same patients, what there "
+                             "was to "
                              "learn.</p>")
             board["oracle C (true clinical / imaging / total)"] = [
                 " / ".join(f"{oracle[t][k]:.3f}" for k in ("clinical", "imaging", "total")) for t in board["task"]]
@@ -269,7 +270,8 @@ class Report:
                 differences += diff.assign(task=task, cohort=ext.path.name).to_dict("records")
         self.html.append("<h2>3. Images, clinical factors, or both</h2><p>Per task, on the same patients and folds: "
                          f"a Cox model of the clinical factors alone ({html.escape(', '.join(columns))}; encoded as "
-                         "the image+clinical networks encode them, fitted in the networks' folds, risk = log cumulative "
+                         "the image+clinical networks encode them, fitted in the networks' folds, risk = log "
+                         "cumulative "
                          "hazard at day 365), each cell's selected image-only network and image+clinical network "
                          "(whose DPI is its risk, clinical factors included). Out-of-fold C [95% CI] and Brier at day "
                          "365; differences of C on the same bootstrap resamples (paired). External cohorts: every "
@@ -286,7 +288,8 @@ class Report:
         for cell in cells:
             if cell.inputs != "image":
                 rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
-                             "cohort": "development (out-of-fold)", "note": f"not run: the DPI of an {cell.inputs} network already contains the clinical "
+                             "cohort": "development (out-of-fold)",
+                             "note": f"not run: the DPI of an {cell.inputs} network already contains the clinical "
                                      "covariates (its gain over them is in the comparison of inputs above)"})
                 continue
             row, fitted = added_value_row(cell.oof, covariates=self.clinical)

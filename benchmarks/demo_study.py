@@ -87,7 +87,8 @@ def main(argv=None) -> int:
               f"A full-size trial (10 folds x 200 epochs of ~1,000 volumes) takes about {args.full_trial_hours:g} GPU-hours "
               f"(assumed: 2 million volume passes at about 300 volumes/s; --full-trial-hours); with 200 reports its Tune + MLflow overhead would be "
               f"{per_trial + 200 * per_report:.0f} s, **{full_overhead:.2%} of its wall time** (target: under 10%); "
-              f"the demo's own trials, which last seconds, spend {1 - timings['trial_train_s'] / concurrency / wall_s:.0%} "
+              f"the demo's own trials, which last seconds, spend "
+              f"{1 - timings['trial_train_s'] / concurrency / wall_s:.0%} "
               "of the wall time outside training.", ""]
     lines += ["", "The demo budget (3 folds, 20 epochs, width 0.25 networks, 2 configurations per cell) is sized to "
               "finish on a 2-core CPU in under 10 minutes.", ""]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -122,14 +123,44 @@ class ConversionSummary:
     seconds: float = 0.0
 
 
-def discover_patients(images: Path) -> dict[str, Path]:
-    """Patient folders under the export root (folder name = patient id)."""
+def discover_patients(images: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Patient folders under the export root (folder name, stripped of surrounding spaces = patient
+    id), and the ids that several folders map to, each with the reason naming them all: such a
+    patient is excluded, never converted from whichever folder came last."""
     if not images.is_dir():
         raise InputError(f"--images {images} is not a directory")
-    folders = {p.name.strip(): p for p in sorted(images.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-    if not folders:
+    by_id: dict[str, list[Path]] = {}
+    for path in sorted(images.iterdir()):
+        if path.is_dir() and not path.name.startswith("."):
+            by_id.setdefault(path.name.strip(), []).append(path)
+    if not by_id:
         raise InputError(f"--images {images} holds no patient folders (expected one folder per patient)")
-    return folders
+    folders = {pid: paths[0] for pid, paths in by_id.items() if len(paths) == 1}
+    clashes = {pid: "folders " + " and ".join(repr(str(p)) for p in paths) + f" all map to patient id {pid!r} "
+               "(their names differ only in surrounding spaces); rename or remove all but one"
+               for pid, paths in by_id.items() if len(paths) > 1}
+    return folders, clashes
+
+
+def source_hashes(files: Mapping[str, Path]) -> dict[str, str]:
+    """SHA-256 of each of a patient's source files (or DICOM folders); InputError naming the file
+    when it is not something to read: a dangling symlink, a symlink loop, a FIFO, socket or device
+    (opening a FIFO would block the conversion forever)."""
+    out = {}
+    for key, path in files.items():
+        try:
+            mode = Path(path).stat().st_mode  # follows symlinks: a dangling one or a loop raises here
+        except OSError as exc:
+            raise InputError(f"{key} source {path} cannot be read ({exc.strerror or type(exc).__name__}; a dangling "
+                             "symlink or a symlink loop?)") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise InputError(f"{key} source {path} is not a regular file or folder (a FIFO, socket or device); "
+                             "not read")
+        try:
+            out[key] = file_sha256(path)
+        except OSError as exc:
+            raise InputError(f"{key} source {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return out
 
 
 def _open_or_create(out: Path, ids: list[str], config: PreprocessConfig, table, created: str,
@@ -214,11 +245,12 @@ def convert(
     images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
     table = clinical_mod.read_clinical(clinical, column_map)
     matcher = SequenceMatcher(tuple(config.sequences), patterns)
-    folders = discover_patients(images)
+    folders, clashes = discover_patients(images)
     excluded: dict[str, str] = dict(table.excluded)
-    for pid in sorted(set(folders) - set(table.rows.index) - set(table.excluded)):
+    excluded.update({pid: reason for pid, reason in clashes.items() if pid not in excluded})
+    for pid in sorted(set(folders) - set(table.rows.index) - set(table.excluded) - set(clashes)):
         excluded[pid] = f"image folder {folders[pid]} has no row in {table.source}"
-    for pid in sorted(set(table.rows.index) - set(folders)):
+    for pid in sorted(set(table.rows.index) - set(folders) - set(clashes)):
         excluded[pid] = f"clinical row in {table.source} has no image folder under {images}"
     candidates = [pid for pid in table.rows.index if pid in folders]
 
@@ -233,7 +265,15 @@ def convert(
         if not any(k in found[pid] for k in config.sequences):
             excluded[pid] = f"folder {folders[pid]} holds no file matching sequences {list(config.sequences)}"
             del found[pid]
-    ids = [pid for pid in candidates if pid in found]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
+        pending = {pid: pool.submit(source_hashes, found[pid]) for pid in candidates if pid in found}
+    hashes: dict[str, dict[str, str]] = {}
+    for pid, result in pending.items():
+        try:
+            hashes[pid] = result.result()
+        except InputError as exc:  # this patient only: the others convert
+            excluded[pid] = f"patient {pid}: {exc}"
+    ids = [pid for pid in candidates if pid in hashes]
     if not ids:
         raise InputError(f"no patient can be converted: {len(excluded)} excluded, e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:3]))
@@ -246,8 +286,6 @@ def convert(
         rows.index = [alias(pid) for pid in rows.index]
         table.rows = rows
 
-    with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
-        hashes = dict(zip(ids, pool.map(lambda p: {k: file_sha256(v) for k, v in found[p].items()}, ids)))
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     fingerprint = pseudonymiser.fingerprint if pseudonymiser is not None else None
     group, manifest = _open_or_create(out, [alias(pid) for pid in ids], config, table.rows, created, fingerprint)

@@ -15,6 +15,10 @@ import numpy as np
 from datasets.clinical_features import FUSION_PARAMS, INPUTS
 
 BACKBONES = ("seresnext50", "resnet50_cbam", "densenet121")
+# Training parameters a space may neither fix nor search: the cell sets them (backbone, head,
+# inputs), the protocol's own fields (epochs, width, depth) or the study (seed, clinical inputs).
+# A `fixed:` backbone would train one network while the trial is logged and ranked as another.
+OWNED_KEYS = ("backbone", "head", "inputs", "epochs", "width", "depth", "seed", "clinical_inputs")
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,13 @@ class Protocol:
         unknown = [i for i in self.inputs if i not in INPUTS]
         if unknown or not self.inputs:
             raise ValueError(f"inputs must be among {list(INPUTS)}, got {list(self.inputs)}")
+        blocks = (("fixed", self.fixed), ("distributions", self.distributions), ("reference", self.reference))
+        for block, keys in blocks:
+            owned = sorted(set(keys) & set(OWNED_KEYS))
+            if owned:
+                raise ValueError(f"{block} sets {owned}, which the study sets per cell or in the protocol "
+                                 "(backbones, tasks and inputs are chosen with --backbones, --tasks, --inputs; epochs, "
+                                 "width and depth are protocol fields)")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
         if not 1 <= self.grace_epochs <= self.epochs:
@@ -212,6 +223,10 @@ class SearchSpace:
     tasks: tuple[str, ...] = tuple(TASKS)
 
     def __post_init__(self) -> None:
+        owned = sorted((set(self.distributions) | set(self.reference)) & set(OWNED_KEYS))
+        if owned:
+            raise ValueError(f"space {self.name}: distributions/reference set {owned}, which the study sets per cell "
+                             "or in the protocol")
         if set(self.protocols) != {"demo", "full"}:
             raise ValueError(f"space {self.name}: protocols must be 'demo' and 'full'")
         for budget in self.protocols:

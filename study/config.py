@@ -34,8 +34,9 @@ class StudyConfig:
         Configurations per cell (None: the protocol's).
     max_concurrent, cpus_per_trial, gpus_per_trial
         Resources; `max_concurrent` None until Ray starts: then every trial slot of the nodes the
-        study has or its autoscaler may add (`study.preflight.trial_slots`). A trial is one resource bundle, so it always runs on one node; with several
-        GPUs its folds train in parallel on them (`trainables.cross_validation`).
+        study has or its autoscaler may add (`study.preflight.trial_slots`). A trial is one
+        resource bundle, so it always runs on one node; with several GPUs its folds train in
+        parallel on them (`trainables.cross_validation`).
     share_volumes
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
     pruning

@@ -53,7 +53,8 @@ def estimate(config, patients: dict[str, int], epoch_seconds: float | None = Non
     share = config.gpus_per_trial if 0 < config.gpus_per_trial < 1 else 1.0
     gpu_seconds_full = sum(seconds[t] * share * folds * epochs * config.num_samples * cells_per_task for t in patients)
     gpu_seconds = gpu_seconds_full * per_trial_pruned / epochs
-    lines = [f"  cost: {trials} trials x {folds} folds x up to {epochs} epochs = {trials * folds * epochs:,} fold-epochs; "
+    lines = [f"  cost: {trials} trials x {folds} folds x up to {epochs} epochs = {trials * folds * epochs:,} "
+             "fold-epochs; "
              + (f"with ASHA about {per_trial_pruned:.0f} epochs per trial, {trials * folds * per_trial_pruned:,.0f} "
                 "fold-epochs" if config.pruning else "no pruning"),
              "  fold-epoch time: " + ", ".join(f"{t} {s:.1f} s" for t, s in seconds.items()) + f" ({source})",

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clinical-inputs", nargs="+", default=None, metavar="COLUMN",
                         help="stored clinical columns an image+clinical network sees (default: age sex grade "
                              "glioblastoma idh mgmt; kps and resection when the store has them)")
-    parser.add_argument("--num-samples", type=int, default=None, help="configurations per cell (default: the protocol's)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="configurations per cell (default: the protocol's)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
@@ -159,7 +160,7 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
              f"shape {list(store.shape)})",
              f"  resources: {config.cpus_per_trial} CPU and {config.gpus_per_trial:g} GPU per trial, "
              f"at most {config.max_concurrent or 'as many as the nodes hold'} at once, "
-             f"Ray {'at ' + config.address if config.address else 'local'}",
+             f"Ray {ray_location(config)}",
              f"  tracking: {config.tracking_uri}; storage: {config.storage_path}/{config.name}",
              f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {len(config.inputs)} inputs "
              f"({', '.join(config.inputs)}) x {config.num_samples} configurations = "
@@ -270,6 +271,11 @@ def start_tracking(config: StudyConfig, store: CohortStore, journal: Path):
     return tracker
 
 
+def ray_location(config: StudyConfig) -> str:
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    return f"at {address}" if address else "local"
+
+
 def start_ray(config: StudyConfig) -> None:
     """Join the cluster (--address, or RAY_ADDRESS as set by `ray job submit` and KubeRay), else a
     fresh local instance (never one that `ray start` left behind in /tmp/ray)."""
@@ -339,7 +345,8 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
             **{f"version.{k}": v for k, v in record["packages"].items()}}
     tracker.start(tags, {"space": config.space, "budget": config.budget, "backbones": ",".join(config.backbones),
                          "tasks": ",".join(config.tasks), "inputs": ",".join(config.inputs),
-                         "clinical_inputs": ",".join(config.clinical_inputs), "num_samples": config.num_samples, "seed": config.seed,
+                         "clinical_inputs": ",".join(config.clinical_inputs), "num_samples": config.num_samples,
+                         "seed": config.seed,
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})

@@ -152,11 +152,13 @@ class CellSearch(Searcher):
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None  # asked again when a trial ends
         order = list(self._fixed)
+        waiting = False  # a cell with configurations left, held back by its cap: asked again later
         for step in range(len(order)):
             cell = order[(self._turn + step) % len(order)]
             if self._suggested[cell] >= self._num_samples:
                 continue
             if self._per_cell and sum(self._trial_cells[t] == cell for t in self._live) >= self._per_cell:
+                waiting = True
                 continue
             suggestion = self._searches[cell].suggest(trial_id)
             if not isinstance(suggestion, dict):
@@ -166,7 +168,7 @@ class CellSearch(Searcher):
             self._trial_cells[trial_id] = cell
             self._live.add(trial_id)
             return {**self._fixed[cell], **suggestion}
-        return Searcher.FINISHED
+        return None if waiting else Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._trial_cells:

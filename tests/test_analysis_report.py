@@ -77,7 +77,8 @@ def test_inputs_are_compared_on_the_same_patients_and_folds(reported, learnable_
     table = pd.read_csv(index.parent / "inputs_comparison.csv")
     dev = table[table["cohort"] == "development (out-of-fold)"]
     assert list(dev["model"])[0] == CLINICAL_MODEL
-    assert {"seresnext50 (image)", "seresnext50 (image+clinical)", "resnet50_cbam (image+clinical)"} <= set(dev["model"])
+    expected = {"seresnext50 (image)", "seresnext50 (image+clinical)", "resnet50_cbam (image+clinical)"}
+    assert expected <= set(dev["model"])
     # The clinical Cox model is fitted in the networks' folds: recomputed independently here.
     study = read_study("rep", uri)
     trial = study.best_per_cell()[Cell("seresnext50", "os_all", "image")]

@@ -1,14 +1,18 @@
-"""A real two-node Ray cluster on this machine (``ray start --head`` + ``ray start --address`` on
-loopback, token authentication on): the study submitted with ``--address`` runs trials on both
-nodes, and a worker node lost mid-study has its trials rescheduled on the other node."""
+"""A real two-node Ray cluster on this machine (``ray start --head`` with its dashboard on
+127.0.0.1 + ``ray start --address``, on loopback, token authentication on): the study handed the
+cluster in RAY_ADDRESS runs trials on both nodes, the README's ``ray job submit`` recipe does the
+same through the jobs API, and a worker node lost mid-study has its trials rescheduled on the
+other node."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +36,7 @@ class LocalCluster:
     def __init__(self, root: Path):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
         token = root / "ray_token"
         token.write_text(secrets.token_hex(32))
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
@@ -44,13 +49,19 @@ class LocalCluster:
 
     def start(self) -> None:
         self._ray("--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--include-dashboard",
-                  "false", "--resources", '{"node_a": 1}')
+                  "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", self.dashboard.rsplit(":", 1)[1],
+                  "--resources", '{"node_a": 1}')
         for process in psutil.process_iter(["cmdline"]):
             command = " ".join(process.info["cmdline"] or [])
             if "gcs_server" in command and f"--gcs_server_port={self.port}" in command:
                 self.session = next(part for part in command.split("/") if part.startswith("session_"))
         assert self.session, "head node did not start"
-        self._ray("--address", self.address, "--node-ip-address", "127.0.0.1", "--resources", '{"node_b": 1}')
+        # Its own temporary folder, as a second machine would have: two nodes sharing one would share
+        # the runtime-environment cache, and one node's clean-up would delete the other's unpacked
+        # job working directory (`ray job submit --working-dir`). Short: it holds Unix sockets.
+        self.worker_temp = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
+        self._ray("--address", self.address, "--node-ip-address", "127.0.0.1", "--resources", '{"node_b": 1}',
+                  "--temp-dir", self.worker_temp)
 
     def raylet(self, marker: str) -> psutil.Process:
         for process in psutil.process_iter(["cmdline"]):
@@ -99,6 +110,8 @@ class LocalCluster:
         psutil.wait_procs(self.processes(), timeout=20)
         # `ray start --head` records the cluster for later `ray.init()` calls; a killed cluster must
         # not leave that pointer behind.
+        if getattr(self, "worker_temp", None):
+            shutil.rmtree(self.worker_temp, ignore_errors=True)
         pointer = Path("/tmp/ray/ray_current_cluster")
         if pointer.exists() and pointer.read_text().strip().endswith(f":{self.port}"):
             pointer.unlink()
@@ -138,6 +151,31 @@ def test_study_on_a_two_node_cluster_uses_both_nodes(cluster, server, small_stor
     assert list(storage.glob("experiment_state-*.json"))
     finished = sum(r.info.status == "FINISHED" for r in runs)
     assert len(list(storage.glob("cv_trainable_*/checkpoint_*/fold1_model.pt"))) == finished, "fold models kept"
+
+
+def test_ray_job_submit_as_the_readme_says(cluster, server, small_store, tmp_path):
+    """`ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m study.run ...`, as in
+    the README (its dashboard port here a free one): the job's study uses both nodes and tracks to
+    the server."""
+    nodes = cluster.node_ids()
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n    python -m study.run" in readme
+    # `python` is the user's activated environment: the one running these tests.
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    submit = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--",
+              "python", "-m", "study.run", "--space", "smoke", "--data", str(small_store), "--tasks", "os_all",
+              "--backbones", "seresnext50", "--num-samples", "2", "--tracking-uri", server.uri,
+              "--storage-path", str(tmp_path / "shared"), "--name", "submitted"]
+    run = subprocess.run(submit, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    (tmp_path / "job.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "succeeded" in run.stdout and "Ray: 2 node(s)" in run.stdout, run.stdout[-3000:]
+    runs = trial_runs(server.uri, "submitted")
+    assert len(runs) == 2 and "FINISHED" in {r.info.status for r in runs}
+    # The default --max-concurrent is the cluster's trial slots (one per node here), not the head's CPUs.
+    assert {r.data.tags["node_id"] for r in runs} == set(nodes.values()), "one trial on each node"
+    assert all(names.EPOCH_CINDEX.name in r.data.metrics for r in runs), "results reached the server"
 
 
 def test_worker_node_lost_mid_study_trials_finish_on_the_other(cluster, server, small_store, tmp_path):

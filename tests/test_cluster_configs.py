@@ -1,10 +1,14 @@
-"""The cluster definitions in study/cluster/: the launcher YAMLs validate against Ray's own
-cluster-config schema (with Ray's defaults filled in); the KubeRay manifest is checked by hand
-(no CRD schema ships with Ray)."""
+"""The cluster definitions in study/cluster/ and the project image: the launcher YAMLs validate
+against Ray's own cluster-config schema (with Ray's defaults filled in); the KubeRay manifest
+against the RayCluster CRD's schema (vendored from KubeRay v1.7.0 in tests/data, unknown fields
+refused as `kubectl apply`'s strict validation does); all three run the Dockerfile's image."""
 
 from __future__ import annotations
 
 import copy
+import gzip
+import json
+import re
 
 import jsonschema
 import pytest
@@ -30,7 +34,10 @@ def test_launcher_config_validates_against_rays_schema(name):
     start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
     assert "study.tracking serve" in start and "--host" not in start.split("study.tracking serve")[1]
-    assert any("pip install -e ~/glioma-survival-study" in c for c in config["setup_commands"])
+    assert any("pip install --no-deps -e ~/glioma-survival-study" in c for c in config["setup_commands"])
+    assert config["docker"]["image"] == project_image(), "every node runs the project image"
+    for node in nodes.values():
+        assert isinstance(node["node_config"].get("scheduling", {}), dict), "GCP's API takes a mapping"
 
 
 @pytest.mark.parametrize("name", ["aws", "gcp"])
@@ -39,6 +46,50 @@ def test_the_schema_check_is_real(name):
     config["max_worker"] = config.pop("max_workers")
     with pytest.raises(jsonschema.ValidationError):
         validate_config(config)
+
+
+def project_image() -> str:
+    """The tag the Dockerfile's header tells users to build (the definitions must use it)."""
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    return re.search(r"docker build -t (\S+) \.", text).group(1)
+
+
+def test_dockerfile_runs_python_311_and_this_ray():
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu", base
+    assert '.[cluster]' in text
+    import tomllib
+
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("ray[default]") for d in extras["cluster"]), "the jobs API needs ray[default]"
+    assert any(d.startswith("boto3") for d in extras["cluster"]), "the AWS autoscaler on the head needs boto3"
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused where Kubernetes would prune or reject them."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+def raycluster_schema() -> dict:
+    with gzip.open(PROJECT_ROOT / "tests" / "data" / "kuberay_raycluster_v1.7.0_schema.json.gz") as source:
+        return _strict(json.load(source)["schema"])
+
+
+def test_kuberay_manifest_validates_against_the_crd_schema():
+    cluster, _ = yaml.safe_load_all((CLUSTER / "kuberay.yaml").read_text())
+    schema = raycluster_schema()
+    jsonschema.validate(cluster, schema)
+    broken = copy.deepcopy(cluster)
+    broken["spec"]["headGroupSpec"]["rayStartParam"] = broken["spec"]["headGroupSpec"].pop("rayStartParams")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
 
 
 def test_kuberay_manifest():
@@ -67,3 +118,16 @@ def test_kuberay_manifest():
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/dev/shm" in mounts, "the object store needs shared memory"
     assert sorted(gpus) == [1, 8]
+
+
+def test_kuberay_head_serves_mlflow_and_holds_the_object_store():
+    cluster, _ = yaml.safe_load_all((CLUSTER / "kuberay.yaml").read_text())
+    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    head = pod["containers"][0]
+    assert head["name"] == "ray-head"
+    # KubeRay builds the head Service from the first container's ports: 5000 must be there.
+    assert {p["containerPort"] for p in head["ports"]} >= {6379, 8265, 10001, 5000}
+    assert "/dev/shm" in {m["mountPath"] for m in head["volumeMounts"]}
+    images = {c["image"] for c in pod["containers"]}
+    images |= {c["image"] for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]}
+    assert images == {project_image()}

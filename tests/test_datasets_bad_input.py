@@ -160,3 +160,47 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--shape", "12x4"])
     assert exit_info.value.code == 2
+
+
+def _dangling(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    path.unlink()
+    path.symlink_to(path.with_name("gone.nii.gz"))
+
+
+def _loop(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    path.unlink()
+    path.symlink_to(path)
+
+
+def _fifo(export):
+    import os
+
+    path = _nifti(export, "SYN-0001", "t1")
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.timeout(120)  # a FIFO opened for reading would block forever
+@pytest.mark.parametrize("damage, reason", [(_dangling, "dangling symlink"), (_loop, "symlink loop"),
+                                            (_fifo, "not a regular file")])
+def test_an_unreadable_source_excludes_its_patient_and_the_rest_convert(export_copy, tmp_path, damage, reason):
+    damage(export_copy)
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", tmp_path / "s.zarr", TINY, progress=False)
+    assert "SYN-0001" in summary.excluded and reason in summary.excluded["SYN-0001"]
+    assert "SYN-0001_t1.nii.gz" in summary.excluded["SYN-0001"]
+    assert sorted(summary.converted) == ["SYN-0002", "SYN-0003"]
+    assert "SYN-0001" not in [CohortStore(tmp_path / "s.zarr").patient_ids[i]
+                              for i in CohortStore(tmp_path / "s.zarr").usable()]
+
+
+def test_folders_that_map_to_one_patient_id_are_refused_naming_both(export_copy, tmp_path):
+    import shutil
+
+    images = export_copy / "images"
+    shutil.copytree(images / "SYN-0002", images / "SYN-0002 ")  # a trailing space: the same id once stripped
+    summary = convert(images, export_copy / "clinical.csv", tmp_path / "s.zarr", TINY, progress=False)
+    reason = summary.excluded["SYN-0002"]
+    assert str(images / "SYN-0002") in reason and str(images / "SYN-0002 ") in reason
+    assert sorted(summary.converted) == ["SYN-0001", "SYN-0003"]

@@ -58,3 +58,17 @@ def test_invalid_spaces_are_refused(make, message):
 def test_unknown_space_lists_valid_ones():
     with pytest.raises(KeyError, match="valid spaces are"):
         get_space("nope")
+
+
+@pytest.mark.parametrize("key", ["backbone", "head", "epochs", "seed", "inputs"])
+def test_a_space_file_may_not_fix_what_a_cell_owns(tmp_path, key):
+    """A `fixed:` backbone used to overwrite the cell's: a DenseNet-121 trained, logged as SE-ResNeXt50."""
+    from search_spaces.from_file import SearchSpaceError, load_space
+
+    value = {"backbone": "densenet121", "head": "cox", "epochs": 3, "seed": 1, "inputs": "image"}[key]
+    protocol = "{folds: 2, epochs: 2, num_samples: 1, grace_epochs: 1, fixed: {%s: %s}}" % (key, value)
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndistributions: {lr: {loguniform: [1.0e-4, 1.0e-3]}}\nreference: {lr: 1.0e-4}\n"
+                    f"protocols: {{demo: {protocol}, full: {protocol}}}\n")
+    with pytest.raises(SearchSpaceError, match=f"{path}.*protocols.demo.*'{key}'"):
+        load_space(path)

@@ -61,3 +61,53 @@ def test_resume_of_a_study_that_does_not_exist(base, capsys, tmp_path):
     assert main(base + ["--name", "never-ran", "--resume"]) == 2
     assert "no study 'never-ran'" in capsys.readouterr().err
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("request_flags, asked", [(["--gpus-per-trial", "1"], "1 CPU and 1 GPU"),
+                                                  (["--cpus-per-trial", "1000"], "1000 CPU and 0 GPU")])
+def test_a_trial_no_node_can_hold_exits_2_within_seconds(base, tmp_path, request_flags, asked):
+    """It used to wait forever: Ray keeps an infeasible request pending."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import PROJECT_ROOT
+
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "study.run", *base, "--tasks", "os_all", *request_flags],
+                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert f"each trial asks for {asked}" in run.stderr and "the largest has" in run.stderr
+    assert not (tmp_path / "rr").exists() and not (tmp_path / "m.db").exists(), "nothing written"
+
+
+def test_dry_run_prints_what_the_study_will_cost(base, capsys):
+    assert main(base + ["--dry-run", "--tasks", "os_all", "--budget", "full", "--epoch-seconds", "36",
+                        "--gpus-per-trial", "1"]) == 0
+    out = capsys.readouterr().out
+    # smoke, full: 3 backbones x 2 configurations x 2 folds x 2 epochs = 24 fold-epochs; ASHA grace 1, factor 2.
+    assert "6 trials x 2 folds x up to 2 epochs = 24 fold-epochs" in out
+    assert "with ASHA about 2 epochs per trial" in out  # 1 + (2 - 1) / 2 = 1.5
+    assert "GPU-hours: 0.2 without ASHA, 0.2 with it" in out  # 24 x 36 s = 0.24 h; 18 x 36 s = 0.18 h
+
+
+def test_asha_and_slot_arithmetic():
+    from types import SimpleNamespace
+
+    from study.cost import asha_epochs
+    from study.preflight import NodeShape, trial_slots
+    from study.tuning import per_cell_limit
+
+    assert asha_epochs(200, 20, 3) == pytest.approx(20 + 40 / 3 + 120 / 9 + 20 / 27)
+    assert asha_epochs(20, 6, 2) == pytest.approx(6 + 6 / 2 + 8 / 4)
+    assert asha_epochs(10, 10, 2) == 10
+    config = SimpleNamespace(cpus_per_trial=4, gpus_per_trial=1, num_samples=20, cells=lambda: [None] * 12)
+    # 3 nodes x 8 GPUs hold 24 one-GPU trials; a CPU head holds none; an autoscaler group adds its maximum.
+    shapes = [NodeShape(0, 0), NodeShape(96, 8), NodeShape(96, 8), NodeShape(96, 8)]
+    assert trial_slots(config, shapes) == 24
+    assert trial_slots(config, [*shapes, NodeShape(16, 1, count=4, pending=True)]) == 28
+    assert trial_slots(config, [NodeShape(16, 1, count=-1, pending=True)]) == 240  # no limit: every trial
+    assert trial_slots(SimpleNamespace(cpus_per_trial=1, gpus_per_trial=0.25, num_samples=1, cells=lambda: [0] * 99),
+                       [NodeShape(8, 2)]) == 8
+    assert per_cell_limit(20) == 10 and per_cell_limit(2) == 10 and per_cell_limit(40) == 20

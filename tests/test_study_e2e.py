@@ -58,7 +58,8 @@ def test_parent_and_trial_runs(smoke_study):
     assert {"study_config.json", "manifest.json", "results.csv", "results.md"} <= artifacts
     table = pd.read_csv(root / "rr" / "smoke" / "results.csv", index_col=0)
     assert list(table.index[:3]) == list(ROWS[:3])  # BBC-CV first: the headline
-    assert "oracle C-index (true clinical / imaging / total predictor)" in table.index  # a synthetic store knows its truth
+    # A synthetic store knows its truth.
+    assert "oracle C-index (true clinical / imaging / total predictor)" in table.index
     assert len(table.columns) == 6
     # Each cell's selected configuration, as metrics of the study run (MLflow's columns compare cells).
     for cell in ("seresnext50__os_all", "densenet121__1yr_all"):

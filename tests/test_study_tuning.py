@@ -63,3 +63,16 @@ def test_each_cell_gets_exactly_its_configurations_and_the_limit_holds(tmp_path)
     restored.restore_from_dir(str(folder))
     assert restored._suggested == search._suggested and restored._live == search._live
     assert restored.suggest("w") == search.FINISHED
+
+
+def test_a_cell_runs_at_most_its_cap_while_other_cells_take_the_free_slots():
+    cells = {f"b__{t}": {"task": t, "backbone": "b", "epochs": 4} for t in ("os_all", "1yr_all")}
+    space = {"lr": tune.loguniform(1e-4, 1e-2)}
+    search = CellSearch(cells, {c: space for c in cells}, {c: {"lr": 1e-3} for c in cells}, num_samples=4,
+                        max_concurrent=8, per_cell=2)
+    tasks = [search.suggest(f"t{i}")["task"] for i in range(4)]
+    assert sorted(tasks) == ["1yr_all", "1yr_all", "os_all", "os_all"]
+    assert search.suggest("t4") is None  # both cells at their cap, though 4 of 8 slots are free
+    search.on_trial_complete("t0", {names.OOF_CINDEX.name: 0.6, names.FINAL: True})
+    assert search.suggest("t5")["task"] == tasks[0]  # the freed cell, and only it, may start one more
+    assert search.suggest("t6") is None

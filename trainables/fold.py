@@ -314,7 +314,9 @@ class FoldTrainer:
 
     def _features(self, positions) -> torch.Tensor | None:
         """Clinical features of the patients at `positions` (None for an image-only network)."""
-        return None if self.clinical is None else self.clinical[torch.as_tensor(np.asarray(positions), device=self.device)]
+        if self.clinical is None:
+            return None
+        return self.clinical[torch.as_tensor(np.asarray(positions), device=self.device)]
 
     def _forward(self, images: torch.Tensor, clinical: torch.Tensor | None) -> torch.Tensor:
         return self.model(images) if clinical is None else self.model(images, clinical)
