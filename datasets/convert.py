@@ -39,7 +39,7 @@ from datasets import clinical as clinical_mod
 from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
 from datasets.preprocessing_config import PreprocessConfig
-from datasets.pseudonyms import Pseudonymiser, load_or_create_key
+from datasets.pseudonyms import Pseudonymiser, load_or_create_key, spellings
 from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
 from datasets.store import (
     MANIFEST,
@@ -110,7 +110,7 @@ def convert_patient(task: PatientTask) -> dict:
 
 def _scrub(text: str, task: PatientTask) -> str:
     """Error messages name files, whose paths hold the source id: replace it by the pseudonym."""
-    return text.replace(task.source_id, task.patient_id) if task.source_id else text
+    return spellings(task.source_id).sub(task.patient_id, text) if task.source_id else text
 
 
 @dataclass

@@ -7,9 +7,11 @@ nothing about the ids (unlike a plain hash, which anyone can recompute from a li
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
+import re
 from pathlib import Path
 
 from datasets.errors import InputError
@@ -35,8 +37,25 @@ class Pseudonymiser:
         return PREFIX + hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
 
     def scrub(self, text: str, patient_id: str) -> str:
-        """`text` with every occurrence of `patient_id` replaced by its pseudonym."""
-        return text.replace(patient_id, self(patient_id))
+        """`text` with every spelling of `patient_id` (`spellings`) replaced by its pseudonym."""
+        return spellings(patient_id).sub(self(patient_id), text)
+
+
+@functools.lru_cache(maxsize=4096)
+def spellings(patient_id: str) -> re.Pattern:
+    """Every spelling of an id that a site's files use: any case, and any one separator (``-``,
+    ``_``, ``.``, a space) or none between its letter and digit runs, so that ``SYN-0001`` also
+    matches ``syn_0001``, ``Syn.0001`` and ``SYN0001``. An occurrence must not continue a run of
+    the same kind (``SYN-00012`` is another id, its ``SYN-0001`` untouched)."""
+    runs = re.findall(r"[A-Za-z]+|[0-9]+", patient_id)
+    if not runs:
+        return re.compile(re.escape(patient_id))
+    body = r"[-_.\s]?".join(re.escape(run) for run in runs)
+
+    def edge(char: str) -> str:
+        return "A-Za-z" if char.isalpha() else "0-9"
+
+    return re.compile(f"(?<![{edge(runs[0][0])}]){body}(?![{edge(runs[-1][-1])}])", re.IGNORECASE)
 
 
 def load_or_create_key(path: Path, out: Path) -> tuple[bytes, bool]:

@@ -82,3 +82,33 @@ def test_a_finished_study_leaks_no_source_id_or_name(pseudonymised, small_export
     assert oof and pd.read_csv(oof[0])["patient_id"].str.startswith("PSN-").all()
     manifest = json.loads((root / "psn.zarr" / "manifest.json").read_text())
     assert all(k.startswith("PSN-") for k in manifest["patients"])
+
+
+def test_every_spelling_of_a_source_id_is_scrubbed(export_copy, tmp_path):
+    """Files named `syn-0001_t1.nii.gz` in folder `SYN-0001` used to keep the source id in the manifest."""
+    images = export_copy / "images"
+    spelled = {"SYN-0001": str.lower, "SYN-0002": lambda s: s.replace("-", "_"),
+               "SYN-0003": lambda s: s.replace("-", "")}
+    for pid, spell in spelled.items():
+        for path in (images / pid).iterdir():
+            path.rename(path.with_name(path.name.replace(pid, spell(pid))))
+    key = tmp_path / "site.key"
+    argv = ["--images", str(images), "--clinical", str(export_copy / "clinical.csv"),
+            "--out", str(tmp_path / "p.zarr"), "--shape", "32x32x24", "--spacing", "2", "--no-progress",
+            "--workers", "1", "--pseudonymise-key", str(key)]
+    assert convert_main(argv) == 0
+    assert len(CohortStore(tmp_path / "p.zarr").usable()) == 3
+    variants = set()
+    for pid in spelled:
+        letters, digits = pid.split("-")
+        for sep in ("-", "_", ".", " ", ""):
+            for case in (str.upper, str.lower, str.title):
+                variants.add(case(letters) + sep + digits)
+    scanned = 0
+    for path in (tmp_path / "p.zarr").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes().lower()
+            scanned += 1
+            for variant in variants:
+                assert variant.lower().encode() not in data, f"{variant} found in {path}"
+    assert scanned > 5
