@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from datasets.errors import ImageError
+from datasets.plausibility import content_problem, geometry_problem
 
 # MONAI's pydicom plugin prints a notice on import when nvImageCodec is absent.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -100,6 +101,9 @@ def load_volume(path: Path, patient_id: str, key: str):
             f"patient {patient_id}: {key} file {path} is {len(shape)}D (shape {shape}); "
             "a single 3D volume is needed"
         )
+    problem = geometry_problem(np.asarray(volume.affine), shape[:3])
+    if problem:
+        raise ImageError(f"patient {patient_id}: {key} file {path}: {problem}")
     volume = volume.reshape(shape[:3])[None].float()
     data = volume.numpy() if hasattr(volume, "numpy") else np.asarray(volume)
     if not np.isfinite(data).all():
@@ -218,6 +222,9 @@ def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: Prepr
         if key in grid:
             out[i], stats[key] = _normalise(planes[i], out_mask, config.clip_percentiles)
     missing = np.array([k not in grid for k in config.sequences], dtype=bool)
+    problem = content_problem(out, out_mask, missing, out_spacing)
+    if problem:
+        raise ImageError(f"patient {patient_id}: after preprocessing, {problem}")
     info = {
         "reference_sequence": reference_key,
         "before": before,

@@ -39,8 +39,11 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 8 for s in self.shape):
             raise ImageError(f"shape must be three sizes of at least 8 voxels, got {self.shape}")
-        if not self.spacing > 0:
-            raise ImageError(f"spacing must be positive (mm), got {self.spacing}")
+        from datasets.plausibility import spacing_problem
+
+        problem = spacing_problem(self.spacing)
+        if problem:
+            raise ImageError(problem)
         if not 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100:
             raise ImageError(f"clip percentiles must be 0 <= low < high <= 100, got {self.clip_percentiles}")
         if not self.sequences:

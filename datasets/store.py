@@ -48,6 +48,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from datasets.errors import StoreError
+from datasets.plausibility import content_problem
 
 STORE_FORMAT = "glioma-cohort-store"
 FORMAT_VERSION = 1
@@ -417,8 +418,11 @@ def verify_store(path: str | Path) -> list[str]:
             problems.append(f"patient {pid}: data differ from the checksum recorded at conversion")
         elif not np.isfinite(image).all():
             problems.append(f"patient {pid}: image has NaN/inf values")
-        elif not mask.any():
-            problems.append(f"patient {pid}: empty mask")
+        else:
+            voxel = float(np.linalg.norm(np.asarray(store.affine(i), dtype=float)[:3, 0]))
+            problem = content_problem(image, mask, store.missing(i), voxel)
+            if problem:
+                problems.append(f"patient {pid}: {problem} (marked usable; rerun the conversion to exclude it)")
     # Frames that still decode to the recorded data but are cut short: checked last, as a chunk
     # that cannot be read at all is already named above.
     return problems or truncated_chunks(store.path)

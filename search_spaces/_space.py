@@ -27,8 +27,8 @@ class LogUniform:
     high: float
 
     def __post_init__(self) -> None:
-        if not 0 < self.low < self.high:
-            raise ValueError(f"LogUniform needs 0 < low < high, got {self.low}, {self.high}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and 0 < self.low < self.high):
+            raise ValueError(f"LogUniform needs finite 0 < low < high, got {self.low}, {self.high}")
 
     def __str__(self) -> str:
         return f"log-uniform {self.low:g}..{self.high:g}"
@@ -46,8 +46,8 @@ class Uniform:
     high: float
 
     def __post_init__(self) -> None:
-        if not self.low < self.high:
-            raise ValueError(f"Uniform needs low < high, got {self.low}, {self.high}")
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"Uniform needs finite low < high, got {self.low}, {self.high}")
 
     def __str__(self) -> str:
         return f"uniform {self.low:g}..{self.high:g}"

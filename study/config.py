@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datasets.clinical_features import FUSION_DEFAULT, FUSION_PARAMS, INPUTS
 from datasets.errors import InputError
 from datasets.remote import is_remote
-from datasets.clinical_features import FUSION_DEFAULT, INPUTS
 from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, get_space
 from search_spaces.from_file import is_space_file, load_space
 
@@ -167,3 +167,47 @@ def resolve(args) -> StudyConfig:
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
         clinical_inputs=clinical_inputs)
+
+
+def head_for(config: StudyConfig, task: str) -> str:
+    spec = TASKS[task]
+    return config.protocol.os_head if spec.endpoint == "os" else spec.head
+
+
+def fixed_parameters(config: StudyConfig, cell: Cell) -> dict:
+    """Training parameters held constant in a cell (they are params of every trial run)."""
+    protocol = config.protocol
+    fixed = {"backbone": cell.backbone, "head": head_for(config, cell.task), "width": protocol.width,
+             "depth": protocol.depth, "epochs": protocol.epochs, "seed": config.seed, "inputs": cell.inputs}
+    fixed.update(protocol.fixed)
+    if cell.inputs == "image":  # an image-only network has no clinical branch to configure
+        fixed = {k: v for k, v in fixed.items() if k not in FUSION_PARAMS}
+    else:
+        fixed["clinical_inputs"] = list(config.clinical_inputs)
+    overlap = set(fixed) & set(config.search_space.distributions_for(config.budget, cell.inputs))
+    if overlap:
+        raise InputError(f"space {config.space}: {sorted(overlap)} are both fixed and searched")
+    return fixed
+
+
+def check_trial_configs(config: StudyConfig) -> None:
+    """Every configuration the space can suggest must train: in each cell, its fixed parameters with
+    the reference recipe, and with each distribution's bounds (each value of a choice). Else the
+    trial fails on its first line, Tune retries it as if its worker were lost, and the study ends
+    having trained nothing (a space file with batch size 0, say). Raises InputError naming the space,
+    the parameter and the value."""
+    from search_spaces import Choice
+    from trainables.config import TrainConfig
+
+    space, source = config.search_space, config.space_file or f"space {config.space}"
+    for cell in config.cells():
+        base = {**fixed_parameters(config, cell), **space.reference_for(config.budget, cell.inputs)}
+        trials = [("reference", base)]
+        for key, distribution in space.distributions_for(config.budget, cell.inputs).items():
+            values = distribution.values if isinstance(distribution, Choice) else (distribution.low, distribution.high)
+            trials += [(f"{key}={value!r}", {**base, key: value}) for value in values]
+        for what, values in trials:
+            try:
+                TrainConfig.from_dict(values)
+            except (InputError, TypeError, ValueError) as exc:
+                raise InputError(f"{source} ({config.budget}, cell {cell.name}): {what} cannot train: {exc}") from None

@@ -26,7 +26,7 @@ from datasets.errors import StudyError
 from datasets.remote import check_writable, stage_store
 from datasets.store import CohortStore
 from search_spaces import SPACES, TASKS
-from study.config import StudyConfig, resolve
+from study.config import StudyConfig, check_trial_configs, resolve
 from study.preflight import check_free_space
 
 # Tune's legacy console output honours verbose=0 (the new engine prints tables regardless); the
@@ -146,7 +146,7 @@ def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Coh
 
 
 def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
-    from study.tuning import fixed_parameters
+    from study.config import fixed_parameters
 
     protocol = config.protocol
     lines = [f"study {config.name}: space {config.space} ({config.search_space.summary})",
@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         config = resolve(args)
+        check_trial_configs(config)
         if args.dry_run:
             dry_run(config, args.epoch_seconds)
             return 0

@@ -41,9 +41,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis import metric_names as names
-from datasets.clinical_features import FUSION_PARAMS
-from search_spaces import TASKS, Cell, Choice, LogUniform, Uniform
-from study.config import StudyConfig
+from search_spaces import Cell, Choice, LogUniform, Uniform
+from study.config import StudyConfig, fixed_parameters
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
@@ -59,27 +58,6 @@ def tune_domain(distribution):
     if isinstance(distribution, Choice):
         return tune.choice(list(distribution.values))
     raise TypeError(f"no Tune domain for {distribution!r}")
-
-
-def head_for(config: StudyConfig, task: str) -> str:
-    spec = TASKS[task]
-    return config.protocol.os_head if spec.endpoint == "os" else spec.head
-
-
-def fixed_parameters(config: StudyConfig, cell: Cell) -> dict:
-    """Training parameters held constant in a cell (they are params of every trial run)."""
-    protocol = config.protocol
-    fixed = {"backbone": cell.backbone, "head": head_for(config, cell.task), "width": protocol.width,
-             "depth": protocol.depth, "epochs": protocol.epochs, "seed": config.seed, "inputs": cell.inputs}
-    fixed.update(protocol.fixed)
-    if cell.inputs == "image":  # an image-only network has no clinical branch to configure
-        fixed = {k: v for k, v in fixed.items() if k not in FUSION_PARAMS}
-    else:
-        fixed["clinical_inputs"] = list(config.clinical_inputs)
-    overlap = set(fixed) & set(config.search_space.distributions_for(config.budget, cell.inputs))
-    if overlap:
-        raise ValueError(f"space {config.space}: {sorted(overlap)} are both fixed and searched")
-    return fixed
 
 
 def trial_cell(trial_config: dict) -> str:

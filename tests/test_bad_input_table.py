@@ -134,7 +134,7 @@ CASES = [
     Case("space unknown distribution", space_file(VALID_SPACE.replace("loguniform", "lognormal")),
          r"distributions.lr must be one of \{loguniform"),
     Case("space low above high", space_file(VALID_SPACE.replace("[1.0e-4, 1.0e-2]", "[1.0e-2, 1.0e-4]")),
-         r"distributions.lr: LogUniform needs 0 < low < high"),
+         r"distributions.lr: LogUniform needs finite 0 < low < high"),
     Case("space reference outside", space_file(VALID_SPACE.replace("lr: 1.0e-3", "lr: 0.5")),
          r"reference lr=0.5 is outside its distribution"),
     Case("space unknown parameter", space_file(VALID_SPACE.replace("lr", "learning_rate")),

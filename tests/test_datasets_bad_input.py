@@ -204,3 +204,100 @@ def test_folders_that_map_to_one_patient_id_are_refused_naming_both(export_copy,
     reason = summary.excluded["SYN-0002"]
     assert str(images / "SYN-0002") in reason and str(images / "SYN-0002 ") in reason
     assert sorted(summary.converted) == ["SYN-0001", "SYN-0003"]
+
+
+def _affine(export, change):
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    affine = image.affine.copy()
+    change(affine)
+    nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32), affine), path)
+
+
+def _edit_sform(export, offset: int, value: float):
+    """Write one float of the stored sform (nibabel refuses to write a NaN or a degenerate affine)."""
+    import gzip
+    import struct
+
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    image.header.set_sform(image.affine, code=1)
+    nib.save(image, path)
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[offset:offset + 4] = struct.pack("<f", value)
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+def _nan_affine(export):
+    _edit_sform(export, 292, float("nan"))  # srow_x[3], the x offset (MONAI reads it as is)
+
+
+def _huge_voxels(export):
+    _affine(export, lambda a: a.__setitem__((slice(0, 3), slice(0, 3)), a[:3, :3] * 1000))
+
+
+def _slab(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32)[:, :, 10:12], image.affine), path)
+
+
+def _stub(export):
+    path = _nifti(export, "SYN-0001", "t1")
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.float32), nib.load(path).affine), path)
+
+
+@pytest.mark.parametrize("damage, reason", [(_nan_affine, "NaN or infinite"), (_huge_voxels, "voxel size"),
+                                            (_slab, "slab"), (_stub, "slab")])
+def test_impossible_geometry_excludes_the_patient_and_verify_agrees(export_copy, tmp_path, damage, reason):
+    """A NaN in an affine gave all-zero volumes with full head masks, marked usable and passing --verify."""
+    damage(export_copy)
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", tmp_path / "s.zarr", TINY, progress=False)
+    assert "SYN-0001" in summary.excluded and reason in summary.excluded["SYN-0001"], summary.excluded
+    assert sorted(summary.converted) == ["SYN-0002", "SYN-0003"]
+    assert verify_store(tmp_path / "s.zarr") == []
+
+
+def test_a_thin_slab_is_not_a_head(export_copy, tmp_path):
+    path = _nifti(export_copy, "SYN-0001", "t1")
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(image.get_fdata().astype(np.float32)[:, :, 10:14], image.affine), path)
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", tmp_path / "s.zarr", TINY, progress=False)
+    assert "field of view" in summary.excluded.get("SYN-0001", ""), summary.excluded
+
+
+@pytest.mark.parametrize("spacing", [float("inf"), float("nan"), 0.0, 50.0])
+def test_an_impossible_output_spacing_is_refused(spacing):
+    from datasets.errors import ImageError
+    from datasets.preprocess import PreprocessConfig
+
+    with pytest.raises(ImageError, match="spacing must be a finite"):
+        PreprocessConfig(shape=(32, 32, 24), spacing=spacing)
+
+
+def test_verify_finds_a_patient_whose_stored_image_is_constant(small_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(small_store, copy)
+    store = CohortStore(copy)
+    slot = int(store.usable()[0])
+    images = zarr.open_group(str(copy), mode="r+")["images"]
+    images[slot] = np.zeros_like(images[slot])
+    problems = verify_store(copy)
+    assert any(store.patient_ids[slot] in p and ("constant" in p or "checksum" in p) for p in problems), problems
+
+
+def test_geometry_checks_on_known_grids():
+    from datasets.plausibility import geometry_problem
+
+    head = np.diag([1.0, 1.0, 1.2, 1.0])
+    assert geometry_problem(head, (240, 240, 155)) is None
+    assert geometry_problem(np.diag([0.5, 0.5, 5.0, 1.0]), (348, 384, 26)) is None  # a raw clinical scan
+    degenerate = head.copy()
+    degenerate[:3, 1] = 0
+    assert "not invertible" in geometry_problem(degenerate, (240, 240, 155))
+    assert "NaN" in geometry_problem(np.full((4, 4), np.nan), (240, 240, 155))
+    assert "field of view" in geometry_problem(head, (240, 240, 20))

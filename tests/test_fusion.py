@@ -117,7 +117,8 @@ def test_cells_of_a_study_with_both_inputs():
     from search_spaces import Cell
     from study.config import resolve
     from study.run import build_parser
-    from study.tuning import cell_search, fixed_parameters
+    from study.config import fixed_parameters
+    from study.tuning import cell_search
 
     config = resolve(build_parser().parse_args(["--space", "literature_priors", "--budget", "full",
                                                 "--inputs", "image", "image+clinical", "--tasks", "os_all",

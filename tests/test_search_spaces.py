@@ -72,3 +72,26 @@ def test_a_space_file_may_not_fix_what_a_cell_owns(tmp_path, key):
                     f"protocols: {{demo: {protocol}, full: {protocol}}}\n")
     with pytest.raises(SearchSpaceError, match=f"{path}.*protocols.demo.*'{key}'"):
         load_space(path)
+
+
+@pytest.mark.parametrize("distributions, reference, reason", [
+    ("{lr: {loguniform: [1.0e-4, 1.0e-3]}, batch_size: {choice: [0, 8]}}", "{lr: 1.0e-4, batch_size: 8}",
+     "batch_size=0 cannot train"),
+    ("{lr: {loguniform: [1.0e-4, .inf]}}", "{lr: 1.0e-4}", "finite"),
+    ("{lr: {loguniform: [1.0e-4, 1.0e-3]}, dropout: {uniform: [0.0, 1.5]}}", "{lr: 1.0e-4, dropout: 0.0}",
+     "dropout=1.5 cannot train"),
+])
+def test_a_space_whose_configurations_cannot_train_is_refused_before_anything_runs(
+        tmp_path, small_store, capsys, distributions, reference, reason):
+    """Such trials failed on their first line and were retried as lost workers; the study exited 0."""
+    from study.run import main
+
+    protocol = "{folds: 2, epochs: 2, num_samples: 1, grace_epochs: 1}"
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\ndistributions: {distributions}\nreference: {reference}\n"
+                    f"protocols: {{demo: {protocol}, full: {protocol}}}\n")
+    code = main(["--space", str(path), "--data", str(small_store), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--storage-path", str(tmp_path / "rr")])
+    err = capsys.readouterr().err
+    assert code == 2 and reason in err and "bad.yaml" in err, err
+    assert not (tmp_path / "rr").exists() and not (tmp_path / "m.db").exists()

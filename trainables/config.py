@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,10 +118,15 @@ class TrainConfig:
             raise InputError(f"clinical_inputs {unknown} are not stored clinical columns; valid: {list(COVARIATES)}")
         checks = [
             (int(self.clinical_hidden) >= 0, f"clinical_hidden must be >= 0, got {self.clinical_hidden}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.augmentation >= 0, f"augmentation must be >= 0, got {self.augmentation}"),
+            (0 < self.width <= 4 and 0 < self.depth <= 4,
+             f"width and depth must be in (0, 4], got width={self.width}, depth={self.depth}"),
+            (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
             (0 <= self.clinical_dropout < 1, f"clinical_dropout must be in [0, 1), got {self.clinical_dropout}"),
             (self.inputs == "image" or len(self.clinical_inputs) > 0, "inputs image+clinical need clinical_inputs"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 < self.lr < math.inf, f"lr must be positive and finite, got {self.lr}"),
+            (0 <= self.weight_decay < math.inf, f"weight_decay must be >= 0 and finite, got {self.weight_decay}"),
             (int(self.batch_size) >= 2, f"batch_size must be at least 2 (batch norm), got {self.batch_size}"),
             (int(self.epochs) >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
