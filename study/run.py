@@ -402,6 +402,10 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
             f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}. Start the server again and "
             f"run the same command with --resume: it delivers them (no trial is rerun).")
+    if not any(cell.finished for cell in cells):
+        failed, pruned = sum(c.failed for c in cells), sum(c.pruned for c in cells)
+        raise StudyError(f"no trial of study {config.name} finished ({failed} failed, {pruned} stopped by ASHA): "
+                         "the reasons are the failure_reason tags of its trial runs in MLflow")
     return StudyOutcome(table, cells, store)
 
 

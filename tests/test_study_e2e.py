@@ -192,6 +192,24 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store
     assert table.loc["trials (finished/pruned/failed)"].iloc[0].endswith(f"/{len(failed)}")
 
 
+def test_a_study_in_which_every_trial_failed_exits_non_zero(small_store, tmp_path, monkeypatch, capsys):
+    from search_spaces import SPACES, Choice, Protocol, SearchSpace
+
+    protocol = Protocol(folds=2, epochs=2, num_samples=1, grace_epochs=1, width=0.25, depth=0.2,
+                        fixed={"warmup_epochs": 0, "cox_memory": 0, "augmentation": 0.0, "optimizer": "sgd",
+                               "grad_clip": 0.0})
+    space = SearchSpace("all_diverge", "test: every lr diverges", {"lr": Choice((1e6,)), "batch_size": Choice((4,))},
+                        {"lr": 1e6, "batch_size": 4}, {"demo": protocol, "full": protocol})
+    monkeypatch.setitem(SPACES, "all_diverge", space)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["--space", "all_diverge", "--data", str(small_store), "--tasks", "os_all", "--backbones",
+                 "seresnext50", "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"),
+                 "--name", "all_diverge"]) == 2
+    err = capsys.readouterr().err
+    assert "no trial of study all_diverge finished (1 failed" in err and "failure_reason" in err
+    assert (tmp_path / "rr" / "all_diverge" / "results.csv").exists(), "the table of what happened is still written"
+
+
 def test_same_name_with_other_settings_is_refused(smoke_study, small_store, capsys):
     root, uri = smoke_study
     assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--num-samples", "2",

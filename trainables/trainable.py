@@ -27,6 +27,7 @@ import torch
 
 from analysis import metric_names as names
 from datasets.cohort import Cohort, CohortSpec
+from datasets.errors import InputError
 from datasets.remote import stage_store
 from trainables.config import TrainConfig
 from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
@@ -104,7 +105,13 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
     torch.set_num_threads(max(1, setup.cpus))
     node = ray.get_runtime_context().get_node_id()  # tracked: which node ran (or re-ran) the trial
     task = config["task"]
-    train_config = TrainConfig.from_dict({k: v for k, v in config.items() if k != "task"})
+    try:
+        train_config = TrainConfig.from_dict({k: v for k, v in config.items() if k != "task"})
+    except InputError as exc:
+        # A configuration that cannot train fails the same way on every retry: end the trial as
+        # failed with the reason (study.config refuses such spaces at load; this is the last guard).
+        tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: f"configuration: {exc}"})
+        return
     cohort = Cohort(stage_store(setup.store), setup.cohort_spec(task))
     folds = cohort.folds(setup.folds, setup.fold_seed)
     volumes, rows = _shared_volumes(setup, cohort)
@@ -125,8 +132,12 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else None
         # A fractional GPU (several trials on one) bounds how much of it the volumes may take.
         gpu_fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
-        cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices,
-                             gpu_fraction=gpu_fraction)
+        try:
+            cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices,
+                                 gpu_fraction=gpu_fraction)
+        except InputError as exc:  # e.g. a fold without one usable clinical input: the same on a retry
+            tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: str(exc)})
+            return
         train_seconds = 0.0  # time in training and validation since this (re)start, for the overhead split
         while not cv.finished:
             try:
