@@ -75,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gradcam-random", type=int, default=2, help="random patients explained per task")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the study run")
     args = parser.parse_args(argv)
+    if args.gradcam_random < 0:
+        print(f"error: --gradcam-random must be 0 or more, got {args.gradcam_random}", file=sys.stderr)
+        return 2
     try:
         index = build_report(args.study, args.tracking_uri, args.out or Path(f"report-{args.study}"), args.external,
                              args.gradcam_random, log=not args.no_log, clinical=args.clinical)

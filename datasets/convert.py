@@ -372,6 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output(out: Path) -> None:
+    """--out must be a folder this process can create or write (InputError otherwise), checked
+    before anything is read or written."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder (a cohort store is a folder)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} is not a writable folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -388,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--{flag} is required (or use --verify STORE)")
         if args.workers < 1:
             parser.error("--workers must be at least 1")
+        check_output(args.out)
         config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
                                   spacing=args.spacing, clip_percentiles=tuple(args.clip))
         pseudonymiser = None

@@ -48,6 +48,8 @@ class PreprocessConfig:
             raise ImageError(f"clip percentiles must be 0 <= low < high <= 100, got {self.clip_percentiles}")
         if not self.sequences:
             raise ImageError("at least one sequence is needed")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ImageError(f"sequences must differ, got {list(self.sequences)}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

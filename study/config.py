@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,9 @@ from datasets.errors import InputError
 from datasets.remote import is_remote
 from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, get_space
 from search_spaces.from_file import is_space_file, load_space
+
+
+MAX_NAME = 100  # the study name becomes folder and file names (255 bytes at most on most file systems)
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,10 @@ def resolve(args) -> StudyConfig:
         raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if args.cpus_per_trial < 1:
         raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
-    if args.gpus_per_trial < 0 or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial)):
+    if args.seed < 0 or args.seed >= 2**31:
+        raise InputError(f"--seed must be a whole number in [0, 2^31), got {args.seed}")
+    if (not math.isfinite(args.gpus_per_trial) or args.gpus_per_trial < 0
+            or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial))):
         raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
     max_concurrent = args.max_concurrent  # None: every trial slot of the cluster (study.preflight.trial_slots)
     if max_concurrent is not None and max_concurrent < 1:
@@ -156,7 +163,9 @@ def resolve(args) -> StudyConfig:
         storage = str(Path(storage).expanduser().absolute())
     tracking = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     name = args.name or f"{space.name}-{budget}"
-    if not name.replace("-", "").replace("_", "").isalnum():
+    if len(name) > MAX_NAME:
+        raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
+    if not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
         raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
     return StudyConfig(
         space=space.name, space_file=space_file, budget=budget,

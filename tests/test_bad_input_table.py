@@ -124,6 +124,14 @@ CASES = [
     Case("zero concurrency", flags("--max-concurrent", "0"), r"--max-concurrent must be at least 1, got 0"),
     Case("bad study name", flags("--name", "my study!"), r"--name 'my study!': use letters, digits"),
     Case("unknown budget", flags("--budget", "huge"), r"--budget: invalid choice: 'huge'"),
+    Case("infinite GPUs", flags("--gpus-per-trial", "inf"), r"--gpus-per-trial must be a fraction"),
+    Case("negative seed", flags("--seed", "-1"), r"--seed must be a whole number in \[0, 2\^31\), got -1"),
+    Case("name too long", flags("--name", "n" * 300), r"--name is 300 characters; at most 100"),
+    Case("space fixed and searched",
+         space_file(VALID_SPACE.replace("width: 0.25", "fixed: {lr: 1.0e-3}, width: 0.25")),
+         r"\['lr'\] are both fixed and searched"),
+    Case("space non-numeric width", space_file(VALID_SPACE.replace("width: 0.25", "width: wide")),
+         r"cannot train"),
     Case("resume of an unknown study", flags("--name", "never_ran", "--resume"), r"no study 'never_ran' .* to resume"),
     # -- search-space files
     Case("space file missing", lambda tmp, store: ["--data", str(store), "--space", str(tmp / "none.yaml")],
@@ -168,6 +176,16 @@ CASES = [
          r"clinical.csv: cannot be read as CSV", "convert"),
     Case("clinical bad --column", clinical(lambda p: None, "--column", "survival=os"),
          r"--column 'survival=os': unknown name 'survival'", "convert"),
+    Case("convert --out is a file", lambda tmp, export: ["--images", str(export / "images"), "--clinical",
+                                                         str(export / "clinical.csv"), "--out",
+                                                         str(export / "clinical.csv"), "--no-progress"],
+         r"--out .*clinical.csv exists and is not a folder", "convert"),
+    Case("convert --out under a file", lambda tmp, export: ["--images", str(export / "images"), "--clinical",
+                                                            str(export / "clinical.csv"), "--out",
+                                                            str(export / "clinical.csv" / "new.zarr"), "--no-progress"],
+         r"--out .*new.zarr: .*clinical.csv is not a writable folder", "convert"),
+    Case("convert --sequences repeated", clinical(lambda p: None, "--sequences", "t1", "t1"),
+         r"sequences must differ", "convert"),
 ]
 
 
@@ -230,3 +248,12 @@ def test_full_size_checkpoint_estimate_is_told():
 
     config = resolve(build_parser().parse_args(["--budget", "full", "--num-samples", "20"]))
     assert 2e11 < checkpoint_bytes(config, 4) < 5e12
+
+
+def test_report_refuses_a_negative_patient_count_before_reading_anything(tmp_path, capsys):
+    from analysis.report import main as report_main
+
+    assert report_main(["--study", "any", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--gradcam-random", "-1",
+                        "--out", str(tmp_path / "report")]) == 2
+    assert "--gradcam-random must be 0 or more, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "m.db").exists()
