@@ -438,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_spaces:
         print(list_spaces())
         return 0
+    registry = dict(SPACES)  # resolve() registers a user's space file: undone when this command ends
     try:
         config = resolve(args)
         check_trial_configs(config)
@@ -453,6 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrackingIncomplete) else 2
+    finally:
+        SPACES.clear()
+        SPACES.update(registry)
     return 0
 
 
