@@ -262,11 +262,16 @@ def cell_schedule(config: StudyConfig) -> CellSchedule | None:
                                               reduction_factor=protocol.reduction_factor))
 
 
-def run_trials(config: StudyConfig, setup: TrialSetup, tracker: StudyTracker) -> tune.ResultGrid:
-    """Run (or resume) every cell's search in one Tuner; returns Tune's results of all trials."""
+def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTracker,
+               trial_function=None) -> tune.ResultGrid:
+    """Run (or resume) every cell's search in one Tuner; returns Tune's results of all trials.
+
+    `trial_function` replaces the cross-validation trainable (`benchmarks.cluster_sim` runs the
+    study's real driver, searchers, schedulers and tracking with a stand-in that sleeps)."""
     experiment_root = f"{config.storage_path.rstrip('/')}/{config.name}"
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(cv_trainable, setup=setup), resources)
+    function = trial_function or tune.with_parameters(cv_trainable, setup=setup)
+    trainable = tune.with_resources(function, resources)
     path = f"{experiment_root}/{EXPERIMENT}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()

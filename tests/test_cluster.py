@@ -43,9 +43,12 @@ class LocalCluster:
         self.session: str | None = None
 
     def _ray(self, *args: str) -> None:
+        # Each node's dashboard agent (which runs submitted jobs) listens on its own port: two nodes
+        # of one machine on the default 52365 leave one agent unbound, and `ray job submit` then
+        # answers "No available agent to submit job".
         subprocess.run([RAY, "start", *args, "--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats",
-                        "--object-store-memory", str(300 * 2**20)], env=self.env, check=True, capture_output=True,
-                       timeout=120)
+                        "--object-store-memory", str(300 * 2**20), "--dashboard-agent-listen-port", str(free_port())],
+                       env=self.env, check=True, capture_output=True, timeout=120)
 
     def start(self) -> None:
         self._ray("--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port), "--include-dashboard",
