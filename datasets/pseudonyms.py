@@ -55,7 +55,9 @@ def spellings(patient_id: str) -> re.Pattern:
     def edge(char: str) -> str:
         return "A-Za-z" if char.isalpha() else "0-9"
 
-    return re.compile(f"(?<![{edge(runs[0][0])}]){body}(?![{edge(runs[-1][-1])}])", re.IGNORECASE)
+    spelled = f"(?<![{edge(runs[0][0])}]){body}(?![{edge(runs[-1][-1])}])"
+    # The exact id as well: one with other characters (Müller01, Pat#001) has no spelling above.
+    return re.compile(f"{re.escape(patient_id)}|{spelled}", re.IGNORECASE)
 
 
 def load_or_create_key(path: Path, out: Path) -> tuple[bytes, bool]:

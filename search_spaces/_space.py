@@ -190,6 +190,9 @@ class Protocol:
                                  "width and depth are protocol fields)")
         if self.folds < 2:
             raise ValueError(f"folds must be at least 2, got {self.folds}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be at least 2 (ASHA keeps 1/factor of the trials at each rung), "
+                             f"got {self.reduction_factor}")
         if not 1 <= self.grace_epochs <= self.epochs:
             raise ValueError(f"grace_epochs must be in [1, epochs], got {self.grace_epochs}")
         if self.os_head not in ("cox", "logistic_hazard"):

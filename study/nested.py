@@ -46,7 +46,8 @@ def outer_predictions(cell, store, test_ids: list[str], folds: int) -> pd.DataFr
                                       tuple(p for p in everyone.patient_ids if p not in held_out)))
     times = TrainConfig().eval_times
     with cell.best_checkpoint.as_directory() as directory:
-        predicted = predict_ensemble(load_fold_models(Path(directory), folds), store.images(cohort.slots), times)
+        predicted = predict_ensemble(load_fold_models(Path(directory), folds), store.images(cohort.slots), times,
+                                     cohort.clinical)
     frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
                           "risk": predicted["risk"], "surv_365": predicted["surv_365"]})
     for k, t in enumerate(times):

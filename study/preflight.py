@@ -82,9 +82,9 @@ class NodeShape:
 
     def trials(self, cpus_per_trial: float, gpus_per_trial: float) -> int:
         """How many trials one such node holds at once."""
-        slots = self.cpus // cpus_per_trial if cpus_per_trial else math.inf
+        slots = math.floor(self.cpus / cpus_per_trial + 1e-9) if cpus_per_trial else math.inf
         if gpus_per_trial:
-            slots = min(slots, self.gpus // gpus_per_trial)
+            slots = min(slots, math.floor(self.gpus / gpus_per_trial + 1e-9))  # 1.0 // 0.2 is 4.0 in floats
         return int(slots) if math.isfinite(slots) else 0
 
     def __str__(self) -> str:

@@ -212,6 +212,9 @@ def check_external(config: StudyConfig, store: CohortStore) -> None:
                              "with the same --sequences and --shape")
         if len(external.usable()) == 0:
             raise StudyError(f"--external {path}: the store has no usable patients")
+        if "image+clinical" in config.inputs:  # applied unchanged, a fusion model needs their values too
+            check_clinical_inputs(external.clinical().iloc[external.usable()], config.clinical_inputs,
+                                  f"--external {path}")
 
 
 def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.ndarray | None, tuple[int, ...]]:
@@ -298,7 +301,11 @@ def join_cluster(config: StudyConfig) -> tuple[StudyConfig, list]:
     print(describe_cluster(shapes), flush=True)
     check_trial_fits(config, shapes, autoscaler_known, local_ray(config))
     if config.max_concurrent is None:
-        config = replace(config, max_concurrent=trial_slots(config, shapes))
+        # Where the autoscaler keeps its node types to itself (the launcher's), the nodes up now are
+        # not the cluster: no limit, so that pending trials ask it for more nodes.
+        known = local_ray(config) or autoscaler_known
+        config = replace(config, max_concurrent=trial_slots(config, shapes) if known
+                         else len(config.cells()) * config.num_samples)
     return config, shapes
 
 

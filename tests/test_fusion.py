@@ -140,7 +140,8 @@ def test_cells_of_a_study_with_both_inputs():
         resolve(build_parser().parse_args(["--clinical-inputs", "height"]))
 
 
-def test_image_clinical_study_on_a_store_without_clinical_columns_exits_2_naming_it(small_export, tmp_path, capsys):
+def test_image_clinical_study_on_a_store_without_clinical_columns_exits_2_naming_it(small_export, small_store, tmp_path,
+                                                                                   capsys):
     from datasets.convert import convert
     from study.run import main
     from tests.conftest import TINY as PREPROCESS
@@ -154,6 +155,13 @@ def test_image_clinical_study_on_a_store_without_clinical_columns_exits_2_naming
     err = capsys.readouterr().err
     assert code == 2
     assert "image+clinical" in err and str(store) in err and "none" in err
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+    # The same store as an external cohort of a fusion study: its models would see only training means.
+    code = main(["--space", "smoke", "--data", str(small_store), "--external", str(store), "--inputs",
+                 "image+clinical", "--tasks", "os_all", "--storage-path", str(tmp_path / "ray"), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--external {store}" in err, err
     assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
 
 

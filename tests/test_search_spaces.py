@@ -95,3 +95,16 @@ def test_a_space_whose_configurations_cannot_train_is_refused_before_anything_ru
     err = capsys.readouterr().err
     assert code == 2 and reason in err and "bad.yaml" in err, err
     assert not (tmp_path / "rr").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_asha_needs_a_reduction_factor_of_two_or_more():
+    """A factor of 1 passed the space check, hung --dry-run's cost estimate and crashed inside Tune."""
+    with pytest.raises(ValueError, match="reduction_factor must be at least 2"):
+        Protocol(folds=2, epochs=4, num_samples=1, grace_epochs=1, reduction_factor=1)
+
+
+def test_ids_with_other_characters_are_scrubbed_as_written():
+    from datasets.pseudonyms import spellings
+
+    for pid in ("Müller01", "Pat#001", "ID--7", "GBM 001 (a)"):
+        assert spellings(pid).sub("PSN", f"/data/{pid}/{pid}_t1.nii.gz") == "/data/PSN/PSN_t1.nii.gz"
