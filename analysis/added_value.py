@@ -38,6 +38,7 @@ from scipy import stats
 
 from analysis.metrics import SurvivalDataError, harrell_c
 from datasets.clinical import COVARIATES as CLINICAL
+from datasets.clinical_features import usable_columns
 
 
 @dataclass
@@ -60,16 +61,7 @@ class Design:
 
     @classmethod
     def learn(cls, frame: pd.DataFrame, covariates: list[str], dpi: str = "dpi") -> Design:
-        usable, skipped = [], {}
-        for column in covariates:
-            if column not in frame:
-                skipped[column] = "not in the store"
-            elif frame[column].notna().sum() == 0:
-                skipped[column] = "no value in this cohort"
-            elif frame[column].nunique(dropna=True) < 2:
-                skipped[column] = "constant in this cohort"
-            else:
-                usable.append(column)
+        usable, skipped = usable_columns(frame, covariates, "in this cohort")
         patterns: dict[bytes, list[str]] = {}
         for column in usable:
             missing = frame[column].isna().to_numpy()

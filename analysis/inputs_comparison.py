@@ -72,23 +72,15 @@ def ensemble_predict(fits: list[ClinicalCox], frame: pd.DataFrame) -> dict[str, 
     return {k: np.mean([p[k] for p in predictions], axis=0) for k in ("risk", "surv_365")}
 
 
+def _cindex_difference(time, event, risk_a, risk_b) -> float:
+    return harrell_c(time, event, risk_a) - harrell_c(time, event, risk_b)
+
+
 def paired_difference(time, event, risk_a, risk_b, n_resamples: int = 1000, seed: int = 0) -> Estimate:
-    """C(risk_a) - C(risk_b) on the same patients, with the percentile CI of paired resamples."""
-    time, event = np.asarray(time, float), np.asarray(event, int)
-    risk_a, risk_b = np.asarray(risk_a, float), np.asarray(risk_b, float)
-    value = harrell_c(time, event, risk_a) - harrell_c(time, event, risk_b)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(time), len(time))
-        try:
-            values.append(harrell_c(time[idx], event[idx], risk_a[idx]) - harrell_c(time[idx], event[idx], risk_b[idx]))
-        except SurvivalDataError:
-            continue
-    if not values:
-        raise SurvivalDataError("no bootstrap resample allowed computing the difference")
-    low, high = np.quantile(values, [0.025, 0.975])
-    return Estimate(float(value), float(low), float(high), 0.95, len(values))
+    """C(risk_a) - C(risk_b) on the same patients, with the percentile CI of paired resamples (both
+    risks scored on each resample of patients)."""
+    return bootstrap_ci(_cindex_difference, np.asarray(time, float), np.asarray(event, int),
+                        np.asarray(risk_a, float), np.asarray(risk_b, float), n_resamples=n_resamples, seed=seed)
 
 
 def _brier_365(time, event, surv_365, horizon) -> float:

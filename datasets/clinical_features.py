@@ -66,19 +66,8 @@ class ClinicalEncoder:
     @classmethod
     def learn(cls, frame: pd.DataFrame, columns: Sequence[str]) -> ClinicalEncoder:
         """Fix the encoding on the training patients in `frame` (one row per patient)."""
-        unknown = [c for c in columns if c not in COVARIATES]
-        if unknown:
-            raise InputError(f"clinical inputs {unknown} are not stored clinical columns; valid: {list(COVARIATES)}")
-        used, skipped = [], {}
-        for column in columns:
-            if column not in frame:
-                skipped[column] = "not in the store"
-            elif frame[column].notna().sum() == 0:
-                skipped[column] = "no value among the training patients"
-            elif frame[column].nunique(dropna=True) < 2:
-                skipped[column] = "constant among the training patients"
-            else:
-                used.append(column)
+        check_known(columns)
+        used, skipped = usable_columns(frame, columns, "among the training patients")
         if not used:
             raise InputError(f"no usable clinical input among {list(columns)} ("
                              + "; ".join(f"{c}: {why}" for c, why in skipped.items()) + ")")
@@ -138,11 +127,32 @@ class ClinicalEncoder:
                    list(state["indicators"]), [float(x) for x in state["mean"]], [float(x) for x in state["sd"]])
 
 
-def check_clinical_inputs(table: pd.DataFrame, columns: Sequence[str], where: str) -> None:
-    """Refuse (InputError naming `where`) a cohort with no value in any of the fusion's columns."""
+def check_known(columns: Sequence[str]) -> None:
+    """InputError unless every column is a stored clinical covariate."""
     unknown = [c for c in columns if c not in COVARIATES]
     if unknown:
         raise InputError(f"clinical inputs {unknown} are not stored clinical columns; valid: {list(COVARIATES)}")
+
+
+def usable_columns(frame: pd.DataFrame, columns: Sequence[str], among: str) -> tuple[list[str], dict[str, str]]:
+    """The columns of `frame` with at least two values, and why each other one is left out
+    (`among` says of which patients, e.g. "in this cohort")."""
+    used, skipped = [], {}
+    for column in columns:
+        if column not in frame:
+            skipped[column] = "not in the store"
+        elif frame[column].notna().sum() == 0:
+            skipped[column] = f"no value {among}"
+        elif frame[column].nunique(dropna=True) < 2:
+            skipped[column] = f"constant {among}"
+        else:
+            used.append(column)
+    return used, skipped
+
+
+def check_clinical_inputs(table: pd.DataFrame, columns: Sequence[str], where: str) -> None:
+    """Refuse (InputError naming `where`) a cohort with no value in any of the fusion's columns."""
+    check_known(columns)
     usable = [c for c in columns if c in table and table[c].nunique(dropna=True) >= 2]
     if not usable:
         present = [c for c in table.columns if c not in ("time", "event") and table[c].notna().any()]

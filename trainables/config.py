@@ -9,8 +9,7 @@ from typing import Any
 
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES
-from datasets.clinical import COVARIATES
-from datasets.clinical_features import FUSION_DEFAULT, INPUTS
+from datasets.clinical_features import FUSION_DEFAULT, INPUTS, check_known
 from trainables.batches import PLACEMENTS
 from trainables.heads import CUT_SPACINGS, HEADS
 
@@ -113,9 +112,7 @@ class TrainConfig:
             raise InputError(f"unknown optimizer {self.optimizer!r}; valid optimizers are {list(OPTIMIZERS)}")
         if self.inputs not in INPUTS:
             raise InputError(f"unknown inputs {self.inputs!r}; valid inputs are {list(INPUTS)}")
-        unknown = [c for c in self.clinical_inputs if c not in COVARIATES]
-        if unknown:
-            raise InputError(f"clinical_inputs {unknown} are not stored clinical columns; valid: {list(COVARIATES)}")
+        check_known(self.clinical_inputs)
         checks = [
             (int(self.clinical_hidden) >= 0, f"clinical_hidden must be >= 0, got {self.clinical_hidden}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
