@@ -224,7 +224,7 @@ def overlay(image: np.ndarray, sequences: list[str], cam: np.ndarray, mask: np.n
                 ax.set_ylabel(f"{sequence}\nthrough {what}\n{centre}", fontsize=8)
     legend = "Grad-CAM inside the head (jet, shown above 0.3)"
     legend += ", tumour label (white)" if has_tumour else " (this store has no tumour label)"
-    fig.suptitle(f"{title}\n{legend}", fontsize=9)
+    fig.suptitle(f"{title}\n{legend}", fontsize=9, parse_math=False)  # the title holds a patient id
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -7,7 +7,7 @@ birth, free text) is dropped on reading, so it can never reach a cohort store.
 column         meaning                                     stored as
 =============  ==========================================  ==================================
 patient_id     identifier matching the image folder name    string (required)
-time           overall survival or follow-up, days          float > 0 (required)
+time           overall survival or follow-up, days          float in `TIME_RANGE_DAYS` (required)
 event          1 = death observed, 0 = censored             0/1 (required)
 age            age at diagnosis, years                      float, NaN if empty
 sex            F / M (female, male, w accepted)             0 = F, 1 = M, NaN if empty
@@ -20,6 +20,13 @@ kps            Karnofsky performance status, 0-100          float, NaN if empty
 resection      extent of resection: gross total /           2 / 1 / 0, NaN if empty
                subtotal (partial) / biopsy
 =============  ==========================================  ==================================
+
+Numbers are written as a clinical export writes them: ASCII digits with an optional sign,
+decimal point and exponent (``412``, ``412.5``, ``4.1E+02``). Spellings that Python's ``float``
+accepts but no export contains (``1_000``, ``inf``, ``nan``, Arabic-Indic or full-width digits)
+are refused with the value, as is a time outside `TIME_RANGE_DAYS` (1 day to 100 years by
+default: a time of 1e12 or 1e-300 days is a unit or export error, not a follow-up; the converter's
+``--time-range-days MIN MAX`` widens it).
 
 Policy: a table-level fault (unreadable file, a required column absent, duplicate patient ids)
 raises `ClinicalTableError`; a row-level fault (time <= 0, event not 0/1, non-numeric age, an
@@ -46,6 +53,10 @@ CANONICAL = REQUIRED + OPTIONAL
 STORED_COLUMNS = ("time", "event", "age", "sex", "grade", "glioblastoma", "idh", "mgmt", "kps", "resection")
 # The stored clinical covariates (every stored column but the outcome), e.g. of the added-value models.
 COVARIATES = STORED_COLUMNS[2:]
+# Plausible survival or follow-up times, days: one day to 100 years.
+TIME_RANGE_DAYS = (1.0, 36525.0)
+# How an export writes a number (ASCII only: `float` also reads "1_000", "inf" and non-Latin digits).
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 # Column names recognised without a --column mapping (lower case).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -147,10 +158,10 @@ def _blank(value: str) -> bool:
 def _number(value: str, column: str) -> float:
     if _blank(value):
         return math.nan
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{column} {value!r} is not a number") from None
+    if not _NUMBER.fullmatch(value.strip()):
+        raise ValueError(f"{column} {value!r} is not a number as a clinical export writes one "
+                         "(digits, optional sign, decimal point and exponent)")
+    number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{column} {value!r} is not a finite number")
     return number
@@ -178,12 +189,15 @@ def _grade(value: str) -> float:
     return float(_GRADE[key])
 
 
-def _validate_row(raw: Mapping[str, str]) -> dict[str, float]:
+def _validate_row(raw: Mapping[str, str], time_range: tuple[float, float] = TIME_RANGE_DAYS) -> dict[str, float]:
     time = _number(raw["time"], "time")
     if math.isnan(time):
         raise ValueError("time is empty")
     if time <= 0:
         raise ValueError(f"time {raw['time']!r} is not a positive number of days")
+    if not time_range[0] <= time <= time_range[1]:
+        raise ValueError(f"time {raw['time']!r} days is outside the plausible {time_range[0]:g}-{time_range[1]:g} "
+                         "days (a unit or export error?); widen with --time-range-days MIN MAX")
     event_text = raw["event"].strip()
     if event_text not in ("0", "1", "0.0", "1.0"):
         raise ValueError(f"event {raw['event']!r} is not 0 or 1")
@@ -215,7 +229,16 @@ def _validate_row(raw: Mapping[str, str]) -> dict[str, float]:
     return row
 
 
-def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None) -> ClinicalTable:
+def check_time_range(time_range: Sequence[float]) -> tuple[float, float]:
+    """A `--time-range-days` value: 0 < MIN < MAX, finite (InputError otherwise)."""
+    low, high = (float(v) for v in time_range)
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise InputError(f"--time-range-days {low:g} {high:g}: expected 0 < MIN < MAX, both finite")
+    return low, high
+
+
+def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
+                  time_range: Sequence[float] = TIME_RANGE_DAYS) -> ClinicalTable:
     """Read and validate a clinical CSV.
 
     Parameters
@@ -224,6 +247,8 @@ def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None)
         CSV file, one row per patient.
     column_map
         canonical name -> CSV column name, for columns not found under their usual names.
+    time_range
+        plausible survival times, days (rows outside are excluded with the reason).
 
     Raises
     ------
@@ -231,6 +256,7 @@ def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None)
         The file cannot be read, a required column is missing, or patient ids repeat.
     """
     path = Path(path)
+    time_range = check_time_range(time_range)
     if not path.is_file():
         raise ClinicalTableError(f"clinical table {path} does not exist")
     try:
@@ -254,7 +280,7 @@ def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None)
     for record in frame.to_dict("records"):
         pid = record["patient_id"]
         try:
-            rows[pid] = _validate_row(record)
+            rows[pid] = _validate_row(record, time_range)
         except ValueError as exc:
             excluded[pid] = f"{path.name}: {exc}"
     table = pd.DataFrame.from_dict(rows, orient="index", columns=list(STORED_COLUMNS), dtype="float64")

@@ -234,6 +234,7 @@ def convert(
     backend: str = "processes",
     progress: bool = True,
     pseudonymiser: Pseudonymiser | None = None,
+    time_range: Sequence[float] = clinical_mod.TIME_RANGE_DAYS,
 ) -> ConversionSummary:
     """Convert a site export into a cohort store (resumable). See the module docstring.
 
@@ -243,7 +244,7 @@ def convert(
     """
     start = time.perf_counter()
     images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
-    table = clinical_mod.read_clinical(clinical, column_map)
+    table = clinical_mod.read_clinical(clinical, column_map, time_range)
     matcher = SequenceMatcher(tuple(config.sequences), patterns)
     folders, clashes = discover_patients(images)
     excluded: dict[str, str] = dict(table.excluded)
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"map a clinical column, NAME one of {list(clinical_mod.CANONICAL)}")
     parser.add_argument("--pattern", action="append", default=[], metavar="SEQUENCE=REGEX",
                         help="file-name pattern of a sequence (full match on the lower-case name without id and extension)")
+    parser.add_argument("--time-range-days", type=float, nargs=2, default=clinical_mod.TIME_RANGE_DAYS,
+                        metavar=("MIN", "MAX"), help="plausible survival times (days); rows outside are excluded")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
     parser.add_argument("--backend", choices=("processes", "ray"), default="processes",
                         help="process pool on this machine, or Ray tasks (RAY_ADDRESS for a cluster)")
@@ -402,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             parser.error("--workers must be at least 1")
         check_output(args.out)
+        clinical_mod.check_time_range(args.time_range_days)
         config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
                                   spacing=args.spacing, clip_percentiles=tuple(args.clip))
         pseudonymiser = None
@@ -414,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert(args.images, args.clinical, args.out, config,
                           clinical_mod.parse_column_map(args.column), parse_patterns(args.pattern),
                           workers=args.workers, backend=args.backend, progress=not args.no_progress,
-                          pseudonymiser=pseudonymiser)
+                          pseudonymiser=pseudonymiser, time_range=args.time_range_days)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

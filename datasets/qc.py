@@ -95,10 +95,11 @@ def montage(path: Path, patient_id: str, image: np.ndarray, sequences: Sequence[
             if r == 0:
                 ax.text(c * (cell_w + gap) + cell_w / 2, -1, name, fontsize=9, ha="center", va="bottom")
         ax.text(-2, r * (cell_h + gap) + cell_h / 2, sequences[r] + (" (missing)" if missing[r] else ""),
-                fontsize=9, ha="right", va="center", rotation=90)
+                fontsize=9, ha="right", va="center", rotation=90, parse_math=False)
     ax.imshow(tiled, interpolation="nearest", aspect="equal")
     ax.set_axis_off()
-    fig.suptitle(f"{patient_id}  (slice through voxel {centre})", fontsize=9, y=1.0, va="top")
+    # parse_math=False: an id such as "Pat$x^$1" is text, not a formula that fails to render.
+    fig.suptitle(f"{patient_id}  (slice through voxel {centre})", fontsize=9, y=1.0, va="top", parse_math=False)
     fig.savefig(path, dpi=72)
     plt.close(fig)
 

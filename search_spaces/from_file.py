@@ -16,7 +16,9 @@ The file mirrors `SearchSpace`::
       full: {folds: 10, epochs: 200, num_samples: 20, grace_epochs: 20}
       demo: {folds: 3, epochs: 4, num_samples: 4, grace_epochs: 1, width: 0.25, depth: 0.2}
 
-YAML is read with ``safe_load`` (no object construction); every problem raises
+YAML is read with ``safe_load`` (no object construction), from a file of at most 64 KiB and
+without aliases (``*name``): a few lines of nested aliases expand to gigabytes in memory (the
+"billion laughs"), and a space file has nothing to repeat. Every problem raises
 `SearchSpaceError` naming the file and the key.
 """
 
@@ -34,6 +36,7 @@ from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Unif
 
 SPACE_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _DISTRIBUTIONS = {"loguniform": LogUniform, "uniform": Uniform, "choice": Choice}
+MAX_SPACE_FILE_BYTES = 64 * 1024
 _TOP_KEYS = {"name", "summary", "backbones", "tasks", "distributions", "reference", "protocols"}
 
 
@@ -88,6 +91,16 @@ def _protocol(path: Path, budget: str, spec: Any) -> Protocol:
         raise SearchSpaceError(f"{where}: {exc}") from exc
 
 
+def _safe_yaml(path: Path, text: str) -> Any:
+    """`yaml.safe_load`, refusing aliases before anything is constructed."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            mark = event.start_mark
+            raise SearchSpaceError(f"{path}: line {mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted "
+                                   "in a search-space file; write the values out")
+    return yaml.safe_load(text)
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file; the training parameter names are checked too."""
     from trainables.config import TrainConfig  # late: keeps search_spaces free of torch at import
@@ -95,12 +108,15 @@ def load_space(path: str | Path) -> SearchSpace:
     path = Path(path).expanduser()
     if not path.is_file():
         raise SearchSpaceError(f"--space {path}: no such search-space file")
+    size = path.stat().st_size
+    if size > MAX_SPACE_FILE_BYTES:
+        raise SearchSpaceError(f"{path}: {size} bytes; a search-space file is at most {MAX_SPACE_FILE_BYTES} bytes")
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = json.loads(text) if path.suffix.lower() == ".json" else _safe_yaml(path, text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise SearchSpaceError(f"{path}: not readable as {path.suffix.lstrip('.').upper()} "
-                               f"({str(exc).splitlines()[0]})") from exc
+                               f"({(str(exc).splitlines() or [type(exc).__name__])[0]})") from exc
     if not isinstance(data, dict):
         raise SearchSpaceError(f"{path}: expected a mapping with keys {sorted(_TOP_KEYS)}, got {type(data).__name__}")
     unknown = sorted(set(data) - _TOP_KEYS)

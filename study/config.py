@@ -55,6 +55,8 @@ class StudyConfig:
         MLflow tracking URI, Tune storage (experiment state, checkpoints), study name.
     resume
         Continue the study of that name (rerunning with the same name does the same).
+    trust_storage
+        Resume without checking Tune's state files against the digests in MLflow (`study.resume_trust`).
     seed
         Seeds folds, samplers and training.
     """
@@ -74,6 +76,7 @@ class StudyConfig:
     storage_path: str
     name: str
     resume: bool = False
+    trust_storage: bool = False
     seed: int = 0
     space_file: str | None = None
     share_volumes: bool = True
@@ -173,7 +176,8 @@ def resolve(args) -> StudyConfig:
         external=tuple(_location(p) for p in args.external),
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
-        tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume, seed=args.seed,
+        tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
+        trust_storage=args.trust_storage, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
         clinical_inputs=clinical_inputs)
 

@@ -19,6 +19,7 @@ checked first.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ def check_free_space(config, in_channels: int) -> int:
     root = Path(config.storage_path)
     while not root.exists():
         root = root.parent
+    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
+        # A read-only file system reports 0 bytes free: say what is wrong, not "need 0.1 GiB, 0.0 free".
+        raise StudyError(f"--storage-path {config.storage_path}: {root} is not a writable folder "
+                         "(a read-only file system, or no write permission)")
     free = shutil.disk_usage(root).free
     if free < needed * HEADROOM:
         raise StudyError(f"--storage-path {config.storage_path}: the study's checkpoints need about "

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or an s3:// gs:// URI")
     parser.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
     parser.add_argument("--resume", action="store_true", help="continue the study called --name")
+    parser.add_argument("--trust-storage", action="store_true",
+                        help="resume without checking Tune's state files on the storage path against the digests "
+                             "the driver recorded in MLflow (they are unpickled: only for storage only you can write)")
     parser.add_argument("--budget", choices=("demo", "full"), default=None,
                         help="protocol size (default: demo without --data, full with it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds, samplers and training")
@@ -344,6 +347,11 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
                else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
     tracker = start_tracking(config, store, journal)
+    if not config.trust_storage:  # before Tune unpickles anything, and before the journal is replayed
+        from study.resume_trust import verify_before_resume
+        from study.tuning import tune_path
+
+        verify_before_resume(tune_path(config), config.tracking_uri, config.name)
     volumes = ray.put(volumes_array) if volumes_array is not None else None
     del volumes_array  # the object store holds the one copy of this node
     record = manifest(config, store)

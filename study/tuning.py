@@ -43,6 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis import metric_names as names
 from search_spaces import Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig, fixed_parameters
+from study.resume_trust import StateRecorder
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
@@ -268,11 +269,10 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
 
     `trial_function` replaces the cross-validation trainable (`benchmarks.cluster_sim` runs the
     study's real driver, searchers, schedulers and tracking with a stand-in that sleeps)."""
-    experiment_root = f"{config.storage_path.rstrip('/')}/{config.name}"
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     function = trial_function or tune.with_parameters(cv_trainable, setup=setup)
     trainable = tune.with_resources(function, resources)
-    path = f"{experiment_root}/{EXPERIMENT}"
+    path = tune_path(config)
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
@@ -283,13 +283,19 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
                                     num_samples=len(config.cells()) * config.num_samples,
                                     reuse_actors=local_ray(config)),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=experiment_root,
-            callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints()],
+            name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
+            callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
+                       StateRecorder(tracker.tracking_uri, tracker.parent_run_id)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=0),
     )
     return tuner.fit()
+
+
+def tune_path(config: StudyConfig) -> str:
+    """The study's Tune experiment folder (a local path or a URI)."""
+    return f"{config.storage_path.rstrip('/')}/{config.name}/{EXPERIMENT}"
 
 
 def local_ray(config: StudyConfig) -> bool:

@@ -257,3 +257,22 @@ def test_report_refuses_a_negative_patient_count_before_reading_anything(tmp_pat
                         "--out", str(tmp_path / "report")]) == 2
     assert "--gradcam-random must be 0 or more, got -1" in capsys.readouterr().err
     assert not (tmp_path / "report").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_a_read_only_storage_path_is_named_as_such(small_store, workspace, monkeypatch, capsys):
+    """A read-only file system reported "need about 0.0 GiB, 0.0 GiB are free"."""
+    import os
+
+    import study.preflight
+
+    real_access = os.access
+    read_only = workspace / "ro"
+    read_only.mkdir()
+    monkeypatch.setattr(study.preflight.os, "access",
+                        lambda path, mode: False if Path(path) == read_only else real_access(path, mode))
+    code = study_main(["--data", str(small_store), "--space", "smoke", "--tasks", "os_all", "--tracking-uri",
+                 f"sqlite:///{workspace}/m.db", "--storage-path", str(read_only / "runs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{read_only} is not a writable folder (a read-only file system" in err
+    assert not (read_only / "runs").exists()

@@ -131,3 +131,21 @@ def test_kuberay_head_serves_mlflow_and_holds_the_object_store():
     images = {c["image"] for c in pod["containers"]}
     images |= {c["image"] for g in cluster["spec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]}
     assert images == {project_image()}
+
+
+def test_tracking_server_refuses_a_port_in_use_and_an_unwritable_root(tmp_path, capsys):
+    """`mlflow server` on a busy port logged the bind error and exited 0."""
+    import socket
+
+    from study.tracking.server import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--root", str(tmp_path / "srv")]) == 2
+    assert f"--port {port} on 127.0.0.1 is not free" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["serve", "--port", str(port), "--root", str(blocker / "srv")]) == 2
+    assert f"--root {blocker / 'srv'}: cannot be created" in capsys.readouterr().err

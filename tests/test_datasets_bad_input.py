@@ -79,6 +79,14 @@ EXCLUDED = [
     pytest.param(_table_edit("survival_days", "-3"), "SYN-0001", r"clinical\.csv: time '-3' is not a positive", id="negative-time"),
     pytest.param(_table_edit("survival_days", "0"), "SYN-0001", r"time '0' is not a positive", id="zero-time"),
     pytest.param(_table_edit("survival_days", ""), "SYN-0001", r"time is empty", id="empty-time"),
+    pytest.param(_table_edit("survival_days", "1e12"), "SYN-0001", r"time '1e12' days is outside the plausible 1-36525",
+                 id="time-1e12-days"),
+    pytest.param(_table_edit("survival_days", "1e-300"), "SYN-0001", r"time '1e-300' days is outside", id="time-1e-300-days"),
+    pytest.param(_table_edit("survival_days", "1_000"), "SYN-0001", r"time '1_000' is not a number as a clinical export",
+                 id="time-with-underscore"),
+    pytest.param(_table_edit("survival_days", "\u0663\u0660\u0660"), "SYN-0001", r"is not a number as a clinical export",
+                 id="time-in-arabic-indic-digits"),
+    pytest.param(_table_edit("age", "infinity"), "SYN-0001", r"age 'infinity' is not a number", id="age-infinity"),
     pytest.param(_table_edit("death", "2"), "SYN-0001", r"event '2' is not 0 or 1", id="event-not-binary"),
     pytest.param(_table_edit("death", "dead"), "SYN-0001", r"event 'dead' is not 0 or 1", id="event-text"),
     pytest.param(_table_edit("age", "fifty"), "SYN-0001", r"age 'fifty' is not a number", id="age-not-numeric"),
@@ -301,3 +309,37 @@ def test_geometry_checks_on_known_grids():
     assert "not invertible" in geometry_problem(degenerate, (240, 240, 155))
     assert "NaN" in geometry_problem(np.full((4, 4), np.nan), (240, 240, 155))
     assert "field of view" in geometry_problem(head, (240, 240, 20))
+
+
+def test_a_wider_time_range_keeps_a_long_follow_up(export_copy, tmp_path, capsys):
+    _table_edit("survival_days", "40000")(export_copy)
+
+    def run(out, *extra):
+        return main(["--images", str(export_copy / "images"), "--clinical", str(export_copy / "clinical.csv"),
+                     "--out", str(tmp_path / out), "--shape", "32x32x24", "--spacing", "2", "--workers", "1",
+                     "--no-progress", *extra])
+
+    assert run("s.zarr") == 0
+    assert "outside the plausible 1-36525 days" in capsys.readouterr().out
+    assert run("wide.zarr", "--time-range-days", "1", "50000") == 0
+    store = CohortStore(tmp_path / "wide.zarr")
+    assert store.clinical().loc["SYN-0001", "time"] == 40000
+    assert run("bad.zarr", "--time-range-days", "10", "5") == 2
+    assert "--time-range-days 10 5" in capsys.readouterr().err
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_an_id_that_is_a_formula_to_matplotlib_converts_and_shows_on_the_qc_page(export_copy, tmp_path):
+    """'Pat$x^$1' failed in the QC montage's title (mathtext), and the patient was lost."""
+    odd = "Pat$x^$1<b>"
+    images = export_copy / "images"
+    (images / "SYN-0001").rename(images / odd)
+    for path in (images / odd).iterdir():
+        path.rename(path.with_name(path.name.replace("SYN-0001", odd)))
+    table = pd.read_csv(export_copy / "clinical.csv", dtype=str)
+    table.loc[table["patient_id"] == "SYN-0001", "patient_id"] = odd
+    table.to_csv(export_copy / "clinical.csv", index=False)
+    summary = convert(images, export_copy / "clinical.csv", tmp_path / "s.zarr", TINY, progress=False)
+    assert odd in summary.converted, summary.excluded
+    page = (tmp_path / "s.zarr" / "qc" / "index.html").read_text()
+    assert "Pat$x^$1&lt;b&gt;" in page and "<b>" not in page

@@ -108,3 +108,19 @@ def test_ids_with_other_characters_are_scrubbed_as_written():
 
     for pid in ("Müller01", "Pat#001", "ID--7", "GBM 001 (a)"):
         assert spellings(pid).sub("PSN", f"/data/{pid}/{pid}_t1.nii.gz") == "/data/PSN/PSN_t1.nii.gz"
+
+
+@pytest.mark.parametrize("text, reason", [
+    # The "billion laughs": 7 lines, 9**7 strings once expanded.
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")), "aliases"),
+    ("name: big\nsummary: '" + "x" * 70_000 + "'\n", "at most 65536 bytes"),
+    ("[" * 20_000 + "]" * 20_000, "not readable as YAML"),
+])
+def test_a_space_file_that_expands_or_nests_without_bound_is_refused(tmp_path, text, reason):
+    from search_spaces.from_file import SearchSpaceError, load_space
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(SearchSpaceError, match=f"{path}.*{reason}"):
+        load_space(path)

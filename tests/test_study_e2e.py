@@ -102,6 +102,37 @@ def test_rerun_with_same_name_reuses_everything(smoke_study, small_store):
     assert sorted(r.info.run_id for r in after) == sorted(r.info.run_id for r in before)
 
 
+def test_resume_refuses_state_files_the_driver_did_not_write(smoke_study, small_store, tmp_path, capsys):
+    """Tune unpickles its state files at --resume: a planted pickle must be refused before it runs."""
+    import pickle
+    import shutil
+
+    root, _ = smoke_study
+    shutil.copytree(root / "rr", tmp_path / "rr")
+    shutil.copy(root / "mlflow.db", tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client, parents, _ = _runs(uri, "smoke")
+    recorded = {k for k in parents[0].data.tags if k.startswith("resume_state.")}
+    state = tmp_path / "rr" / "smoke" / "trials"
+    assert {f"resume_state.{p.name}" for p in state.iterdir() if p.suffix in (".pkl", ".json")} <= recorded
+    marker = tmp_path / "planted-code-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    searcher_state = sorted(state.glob("searcher-state-*.pkl"))[-1]  # the newest session's
+    searcher_state.write_bytes(pickle.dumps(Planted()))
+    command = ["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "1yr_all", "--num-samples", "2",
+               "--tracking-uri", uri, "--storage-path", str(tmp_path / "rr"), "--name", "smoke", "--resume"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert searcher_state.name in err and "--trust-storage" in err
+    assert not marker.exists(), "the planted pickle ran"
+    _, after, _ = _runs(uri, "smoke")
+    assert after[0].info.status == "FINISHED", "the refused resume touched nothing in MLflow"
+
+
 def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--backbones", "seresnext50",
