@@ -16,10 +16,10 @@ The file mirrors `SearchSpace`::
       full: {folds: 10, epochs: 200, num_samples: 20, grace_epochs: 20}
       demo: {folds: 3, epochs: 4, num_samples: 4, grace_epochs: 1, width: 0.25, depth: 0.2}
 
-YAML is read with ``safe_load`` (no object construction), from a file of at most 64 KiB and
-without aliases (``*name``): a few lines of nested aliases expand to gigabytes in memory (the
-"billion laughs"), and a space file has nothing to repeat. Every problem raises
-`SearchSpaceError` naming the file and the key.
+YAML is read with ``safe_load`` (no object construction), from a file of at most 64 KiB whose
+values, once aliases (``*name``) are expanded, number at most 10,000: a few lines of nested
+aliases expand to gigabytes in memory (the "billion laughs"), while ``demo: &p {...}`` /
+``full: *p`` stays allowed. Every problem raises `SearchSpaceError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Unif
 SPACE_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _DISTRIBUTIONS = {"loguniform": LogUniform, "uniform": Uniform, "choice": Choice}
 MAX_SPACE_FILE_BYTES = 64 * 1024
+MAX_EXPANDED_NODES = 10_000
 _TOP_KEYS = {"name", "summary", "backbones", "tasks", "distributions", "reference", "protocols"}
 
 
@@ -92,12 +93,24 @@ def _protocol(path: Path, budget: str, spec: Any) -> Protocol:
 
 
 def _safe_yaml(path: Path, text: str) -> Any:
-    """`yaml.safe_load`, refusing aliases before anything is constructed."""
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            mark = event.start_mark
-            raise SearchSpaceError(f"{path}: line {mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted "
-                                   "in a search-space file; write the values out")
+    """`yaml.safe_load`, refusing a document whose aliases expand past `MAX_EXPANDED_NODES` values
+    (counted on the composed graph, where an alias is a shared node, before anything is built)."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def expanded(node) -> int:
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # a recursive alias counts once more on the way back up
+            children = ([c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode)
+                        else node.value if isinstance(node, yaml.SequenceNode) else [])
+            sizes[id(node)] = 1 + sum(expanded(c) for c in children)
+            if sizes[id(node)] > MAX_EXPANDED_NODES:
+                raise SearchSpaceError(f"{path}: line {node.start_mark.line + 1}: the aliases expand to more than "
+                                       f"{MAX_EXPANDED_NODES} values; a search-space file has no need of so many")
+        return sizes[id(node)]
+
+    if root is not None:
+        expanded(root)
     return yaml.safe_load(text)
 
 

@@ -52,6 +52,18 @@ class TrackingIncomplete(StudyError):
     """The study ran, but some tracking records are still waiting in the journal (exit code 3)."""
 
 
+class StudyInterrupted(StudyError):
+    """Ray lost the driver's node or raylet mid-study; the study resumes from its last state (exit 3)."""
+
+
+def resume_command(arguments: Sequence[str]) -> str:
+    """The command line that resumes a study: the one that started it, plus --resume."""
+    import shlex
+
+    return " ".join(["python -m study.run", *map(shlex.quote, arguments),
+                     *([] if "--resume" in arguments else ["--resume"])])
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: ...)" unless the help text already explains the default."""
 
@@ -378,7 +390,14 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
                "trial_train_s": 0.0, "trial_reports": 0}
     try:
         tune_started = time.perf_counter()
-        grid = run_trials(config, setup, tracker)
+        try:
+            grid = run_trials(config, setup, tracker)
+        except SystemExit as exc:  # a raylet that dies under the driver: a SystemExit inside ray.wait
+            if _driver_node_alive():
+                raise
+            raise _interrupted(config, exc, time.perf_counter() - tune_started) from None
+        if not _driver_node_alive():  # Tune ended because its trials lost their node: resumable
+            raise _interrupted(config, None, time.perf_counter() - tune_started)
         timings["tune_s"] = time.perf_counter() - tune_started
         for result in grid:
             timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
@@ -424,6 +443,30 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     return StudyOutcome(table, cells, store)
 
 
+def _driver_node_alive() -> bool:
+    """Whether the Ray node the driver runs on (its raylet) still runs tasks. The cluster's view
+    of a node lags its death by the health checks' period; a task without resources does not."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe() -> bool:
+        return True
+
+    try:
+        own = ray.get_runtime_context().get_node_id()
+        if not any(node["NodeID"] == own and node["Alive"] for node in ray.nodes()):
+            return False
+        return ray.get(probe.remote(), timeout=60)
+    except Exception:
+        return False
+
+
+def _interrupted(config: StudyConfig, cause: BaseException | None, seconds: float) -> StudyInterrupted:
+    how = f" ({type(cause).__name__} {cause})" if cause is not None else ""
+    return StudyInterrupted(f"Ray lost this study's node or raylet{how} after {seconds:.0f} s of trials; finished "
+                            f"trials and the running ones' last checkpoints are kept under {config.storage_path}")
+
+
 def order_cells(config: StudyConfig, cells: list) -> list:
     """Cells in the study's order (task-major), whatever order their trials finished in."""
     rank = {cell.name: i for i, cell in enumerate(config.cells())}
@@ -467,8 +510,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             run_study(config)
     except StudyError as exc:
+        if isinstance(exc, StudyInterrupted):
+            exc = StudyInterrupted(f"{exc}. Resume with: {resume_command(sys.argv[1:] if argv is None else argv)}")
         print(f"error: {exc}", file=sys.stderr)
-        return 3 if isinstance(exc, TrackingIncomplete) else 2
+        if isinstance(exc, StudyInterrupted) and argv is None:
+            # Ray's shutdown ends a process whose raylet died with exit code 1; the command's is 3.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
+        return 3 if isinstance(exc, (TrackingIncomplete, StudyInterrupted)) else 2
     finally:
         SPACES.clear()
         SPACES.update(registry)

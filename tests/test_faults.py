@@ -189,3 +189,36 @@ def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, t
     assert_everything_tracked(server.uri, "outage2", 2)
     assert journal.read_text() == ""
 
+
+
+# -- Ray loses the driver's node ------------------------------------------------------------------
+
+def ray_processes(driver_pid: int, name: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if name in process.name() or name in " ".join(process.cmdline()[:1]):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_a_lost_raylet_ends_the_study_with_exit_3_and_the_resume_command(small_store, tmp_path):
+    """Under CPU starvation a local raylet died once, and the driver ended in a SystemExit traceback."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    log = tmp_path / "driver.log"
+    with running_study(study_command(small_store, tmp_path, "lost", uri), log) as driver:
+        wait_for(log, driver, "Training ")
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "rr").glob("lost/*/cv_trainable_*/checkpoint_*")):
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        (raylet,) = ray_processes(driver.pid, "raylet")
+        raylet.kill()
+        code = driver.wait(timeout=180)
+    text = log.read_text()
+    assert code == 3, text
+    assert "SystemExit" not in text and any(line.startswith("error: Ray lost") for line in text.splitlines()), text
+    assert "Ray lost this study's node or raylet" in text and "Resume with: python -m study.run" in text, text
+    assert "--resume" in text.rsplit("Resume with:", 1)[1]

@@ -113,7 +113,7 @@ def test_ids_with_other_characters_are_scrubbed_as_written():
 @pytest.mark.parametrize("text, reason", [
     # The "billion laughs": 7 lines, 9**7 strings once expanded.
     ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")), "aliases"),
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")), "aliases expand to more than 10000"),
     ("name: big\nsummary: '" + "x" * 70_000 + "'\n", "at most 65536 bytes"),
     ("[" * 20_000 + "]" * 20_000, "not readable as YAML"),
 ])
@@ -124,3 +124,13 @@ def test_a_space_file_that_expands_or_nests_without_bound_is_refused(tmp_path, t
     path.write_text(text)
     with pytest.raises(SearchSpaceError, match=f"{path}.*{reason}"):
         load_space(path)
+
+
+def test_a_space_file_may_share_one_protocol_between_budgets_with_an_alias(tmp_path):
+    from search_spaces.from_file import load_space
+
+    path = tmp_path / "shared.yaml"
+    path.write_text("name: shared\ndistributions: {lr: {loguniform: [1.0e-4, 1.0e-3]}}\nreference: {lr: 1.0e-4}\n"
+                    "protocols:\n  demo: &p {folds: 2, epochs: 2, num_samples: 1, grace_epochs: 1}\n  full: *p\n")
+    space = load_space(path)
+    assert space.protocols["demo"] == space.protocols["full"]
