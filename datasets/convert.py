@@ -375,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# More worker processes than this only queue for the same cores and memory (and a huge number
+# overflows the process pool's semaphore).
+MAX_WORKERS = 512
+
+
 def check_output(out: Path) -> None:
     """--out must be a folder this process can create or write (InputError otherwise), checked
     before anything is read or written."""
@@ -402,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for flag in ("images", "clinical", "out"):
             if getattr(args, flag) is None:
                 parser.error(f"--{flag} is required (or use --verify STORE)")
-        if args.workers < 1:
-            parser.error("--workers must be at least 1")
+        if not 1 <= args.workers <= MAX_WORKERS:
+            parser.error(f"--workers must be 1-{MAX_WORKERS}, got {args.workers}")
         check_output(args.out)
         clinical_mod.check_time_range(args.time_range_days)
         config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,

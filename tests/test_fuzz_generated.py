@@ -1,0 +1,307 @@
+"""Generated hostile inputs beyond tables and stores: images with random geometry, folder layouts
+of a site export, and the values of every command-line flag.
+
+Each case must end in a clean exclusion (a reason naming the patient) or exit 2, never in a
+traceback, a hang (each test has a timeout) or an unusable patient marked done. The examples are
+derandomised, so a clean clone runs the same cases every time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from datasets import CohortStore, verify_store
+from datasets.convert import convert
+from datasets.convert import main as convert_main
+from datasets.errors import InputError
+from datasets.plausibility import content_problem
+from datasets.preprocess import PreprocessConfig, preprocess_patient
+from datasets.synthetic import SyntheticConfig, generate
+
+pytestmark = pytest.mark.slow
+
+
+def cases(n: int):
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+SMALL = PreprocessConfig(sequences=("t1", "t1c"), shape=(16, 16, 12), spacing=4.0)
+
+# -- images with random geometry --------------------------------------------------------------
+
+ODD = [float("nan"), float("inf"), -float("inf"), 0.0, 1e-9, 1e12, -1e12, 3.4e38]
+
+
+@st.composite
+def geometries(draw):
+    """(shape, affine, content) of a volume: mostly head-like, with degenerate sizes, NaN, zero,
+    huge and sheared affine entries."""
+    kind = draw(st.sampled_from(["head", "head", "sizes", "entries", "shear", "content"]))
+    shape = [draw(st.integers(24, 40)) for _ in range(3)]
+    voxel = [draw(st.sampled_from([4.0, 5.0, 6.0])) for _ in range(3)]
+    affine = np.diag([*voxel, 1.0])
+    affine[:3, 3] = [-s * v / 2 for s, v in zip(shape, voxel)]
+    content = "head"
+    if kind == "sizes":
+        axis = draw(st.integers(0, 2))
+        shape[axis] = draw(st.sampled_from([1, 2, 3, 4, 5]))
+        if draw(st.booleans()):
+            voxel_scale = draw(st.sampled_from([1e-6, 1e-3, 0.05, 20.0, 1e3, 1e6]))
+            affine[:3, :3] *= voxel_scale
+    elif kind == "entries":
+        for _ in range(draw(st.integers(1, 3))):
+            affine[draw(st.integers(0, 2)), draw(st.integers(0, 3))] = draw(st.sampled_from(ODD))
+    elif kind == "shear":
+        row, column = draw(st.sampled_from([(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]))
+        affine[row, column] = draw(st.sampled_from([0.3, 1.0, 5.0, 1e3])) * affine[column, column]
+        if draw(st.booleans()):  # two columns made parallel: a degenerate grid
+            affine[:3, column] = affine[:3, row]
+    else:
+        content = draw(st.sampled_from(["head", "constant", "zeros", "speck", "noise"]))
+    return tuple(shape), affine, content
+
+
+def _volume(shape, content: str, rng: np.random.Generator) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    head = (grid ** 2).sum(axis=0) < 0.7
+    if content == "constant":
+        return np.full(shape, 300.0, np.float32)
+    if content == "zeros":
+        return np.zeros(shape, np.float32)
+    if content == "speck":
+        data = np.zeros(shape, np.float32)
+        data[tuple(s // 2 for s in shape)] = 1000.0
+        return data
+    if content == "noise":
+        return rng.uniform(0, 1000, shape).astype(np.float32)
+    return np.where(head, 600.0 + rng.normal(0, 40, shape), rng.normal(0, 5, shape)).astype(np.float32)
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """An uncompressed NIfTI with this affine as its sform and qform; where nibabel refuses to
+    write it (NaN, infinite or degenerate), with the sform rows written into the header's bytes."""
+    try:
+        with np.errstate(all="ignore"):
+            image = nib.Nifti1Image(data, affine)
+            nib.save(image, path)
+        if np.allclose(nib.load(path).affine, affine, rtol=1e-5, atol=1e-3):
+            return
+    except Exception:
+        pass
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.header.set_qform(np.eye(4), code=0)
+    image.header.set_sform(np.eye(4), code=1)
+    nib.save(image, path)
+    raw = bytearray(path.read_bytes())
+    for row in range(3):
+        raw[280 + 16 * row: 296 + 16 * row] = struct.pack("<4f", *np.float32(affine[row]))
+    path.write_bytes(bytes(raw))
+
+
+@cases(500)
+@given(geometry=geometries(), seed=st.integers(0, 2**16))
+@pytest.mark.timeout(600)
+def test_an_image_of_any_geometry_is_excluded_with_a_reason_or_converts_to_a_usable_patient(tmp_path, geometry,
+                                                                                            seed):
+    shape, affine, content = geometry
+    rng = np.random.default_rng(seed)
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    files = {}
+    for sequence in SMALL.sequences:
+        files[sequence] = folder / f"{sequence}.nii"
+        write_nifti(files[sequence], _volume(shape, content, rng), affine)
+    try:
+        patient = preprocess_patient(files, "P1", SMALL)
+    except InputError as exc:
+        assert "P1" in str(exc) or str(folder) in str(exc), str(exc)
+        event(f"excluded: {' '.join(str(exc).split(':')[-1].split()[:2])}")
+        return
+    event("converted")
+    assert np.isfinite(patient.image.astype(np.float32)).all()
+    spacing = float(np.linalg.norm(patient.affine[:3, :3], axis=0).mean())
+    assert content_problem(patient.image, patient.mask, patient.missing, spacing) is None
+
+
+# -- folder layouts --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("layouts")
+    generate(out, SyntheticConfig(n=3, voxel_size=8.0, seed=3))
+    return out
+
+
+LAYOUTS = ["dangling", "loop", "fifo", "symlink_elsewhere", "near_duplicate_case", "near_duplicate_space",
+           "nested", "empty_file", "directory_named_like_image", "two_matches", "hidden_file", "unicode_name",
+           "folder_is_file", "symlinked_folder"]
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """Copy a patient folder as it is: links as links, special files (FIFOs) left out."""
+    def special(folder, names):
+        return [n for n in names if not (Path(folder) / n).is_symlink() and not (Path(folder) / n).is_file()
+                and not (Path(folder) / n).is_dir()]
+    shutil.copytree(source, target, symlinks=True, ignore=special)
+
+
+def apply_layout(images: Path, what: str, pid: str) -> None:
+    folder = images / pid
+    regular = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.is_symlink()]
+    if not regular:  # an earlier damage left no plain file to damage
+        return
+    first = regular[0]
+    if what == "dangling":
+        first.unlink()
+        first.symlink_to(folder / "gone.nii.gz")
+    elif what == "loop":
+        first.unlink()
+        first.symlink_to(first)
+    elif what == "fifo":
+        first.unlink()
+        os.mkfifo(first)
+    elif what == "symlink_elsewhere":
+        target = images.parent / f"elsewhere-{pid}{first.name}"
+        shutil.move(first, target)
+        first.symlink_to(target)
+    elif what == "near_duplicate_case":
+        _copy_folder(folder, images / pid.lower())
+    elif what == "near_duplicate_space":
+        _copy_folder(folder, images / f"{pid} ")
+    elif what == "nested":
+        (folder / "sub").mkdir()
+        shutil.move(first, folder / "sub" / first.name)
+    elif what == "empty_file":
+        first.write_bytes(b"")
+    elif what == "directory_named_like_image":
+        first.unlink()
+        first.mkdir()
+    elif what == "two_matches":
+        shutil.copy(first, folder / f"copy_{first.name}")
+    elif what == "hidden_file":
+        (folder / f".{first.name}").write_bytes(b"junk")
+    elif what == "unicode_name":
+        first.rename(folder / first.name.replace(pid, f"{pid}_ü"))
+    elif what == "folder_is_file":
+        shutil.rmtree(folder)
+        folder.write_text("not a folder")
+    elif what == "symlinked_folder":
+        shutil.move(folder, images.parent / f"real-{pid}")
+        folder.symlink_to(images.parent / f"real-{pid}")
+
+
+@cases(100)
+@given(damages=st.lists(st.tuples(st.sampled_from(LAYOUTS), st.integers(0, 2)), min_size=1, max_size=3, unique=True))
+@pytest.mark.timeout(900)
+def test_any_folder_layout_converts_the_rest_and_marks_no_unusable_patient_done(tiny_export, tmp_path, damages):
+    export = Path(tempfile.mkdtemp(dir=tmp_path)) / "export"
+    _copy_folder(tiny_export, export)
+    images = export / "images"
+    ids = sorted(pd.read_csv(export / "clinical.csv")["patient_id"])
+    for what, which in damages:
+        if (images / ids[which]).is_dir() and not (images / ids[which]).is_symlink():
+            apply_layout(images, what, ids[which])
+    out = export.parent / "store.zarr"
+    try:
+        summary = convert(images, export / "clinical.csv", out, SMALL, progress=False)
+    except InputError as exc:
+        event("nothing convertible")
+        assert "no patient can be converted" in str(exc), str(exc)
+        return
+    event(f"{len(summary.converted)} converted")
+    assert set(summary.converted) | set(summary.excluded) >= set(ids)
+    assert all(reason for reason in summary.excluded.values())
+    assert verify_store(out) == []
+    store = CohortStore(out)
+    usable = {store.patient_ids[i] for i in store.usable()}
+    assert usable == set(summary.converted) | set(summary.skipped)
+
+
+# -- flag values -----------------------------------------------------------------------------
+
+INTS = st.one_of(st.integers(-3, 40), st.sampled_from(["-1", "0", "1e3", "10**9", "nan", "", "two", "99999999999"]))
+FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                   st.sampled_from(["0", "-1", "1e-300", "1e300", "nan", "inf", "0.5", "abc", ""]))
+TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["a" * 300, "../x", "x/y", "", " ", "é", "-", "--"]))
+
+STUDY_FLAGS = {
+    "--num-samples": INTS, "--max-concurrent": INTS, "--cpus-per-trial": INTS, "--seed": INTS,
+    "--outer-folds": INTS, "--gpus-per-trial": FLOATS, "--epoch-seconds": FLOATS, "--name": TEXT,
+    "--budget": st.sampled_from(["demo", "full", "tiny", ""]),
+    "--space": st.sampled_from(["smoke", "literature_priors", "wide", "nope", "x.yaml", ""]),
+    "--tasks": st.lists(st.sampled_from(["os_all", "1yr_gbm", "os_gbm", "1yr_all", "nope", ""]), max_size=3),
+    "--backbones": st.lists(st.sampled_from(["seresnext50", "densenet121", "resnet50_cbam", "vit", ""]), max_size=3),
+    "--inputs": st.lists(st.sampled_from(["image", "image+clinical", "clinical", ""]), max_size=2),
+    "--clinical-inputs": st.lists(st.sampled_from(["age", "idh", "kps", "mgmt", "height", ""]), max_size=3),
+    "--external": st.lists(TEXT, max_size=1),
+}
+
+
+@cases(400)
+@given(chosen=st.dictionaries(st.sampled_from(sorted(STUDY_FLAGS)), st.just(None), min_size=1, max_size=4),
+       data=st.data())
+@pytest.mark.timeout(900)
+def test_any_study_flag_value_is_a_dry_run_or_exit_2_and_writes_nothing(small_store, tmp_path, chosen, data):
+    from study.run import main
+
+    root = Path(tempfile.mkdtemp(dir=tmp_path)) / "study"
+    argv = ["--data", str(small_store), "--tracking-uri", f"sqlite:///{root}/m.db", "--storage-path",
+            str(root / "rr"), "--dry-run"]
+    for flag in chosen:
+        value = data.draw(STUDY_FLAGS[flag], label=flag)
+        argv += [flag, *map(str, value)] if isinstance(value, list) else [f"{flag}={value}"]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: a value of the wrong type or choice
+        code = exc.code
+    event(f"exit {code}")
+    assert code in (0, 2), argv
+    assert not root.exists(), f"{argv} wrote {list(root.rglob('*'))}"
+
+
+CONVERT_FLAGS = {
+    "--shape": st.one_of(st.sampled_from(["16x16x12", "0x16x12", "16x16", "1x1x1", "100000x2x2", "axbxc", "-4x4x4"]),
+                         st.tuples(*[st.integers(-2, 24)] * 3).map(lambda t: "x".join(map(str, t)))),
+    "--spacing": FLOATS,
+    "--clip": st.tuples(FLOATS, FLOATS),
+    "--workers": INTS,
+    "--time-range-days": st.tuples(FLOATS, FLOATS),
+    "--sequences": st.lists(st.sampled_from(["t1", "t1c", "t2", "flair", "dwi", "T1", ""]), min_size=1, max_size=3),
+    "--column": st.sampled_from(["time=survival_days", "time=nope", "bogus=x", "time", "=x"]),
+    "--pattern": st.sampled_from(["t1=.*_t1\\.nii", "t1=[", "t9=x", "t1c=(unclosed", "noequals"]),
+    "--backend": st.sampled_from(["processes", "threads", ""]),
+}
+
+
+@cases(150)
+@given(chosen=st.dictionaries(st.sampled_from(sorted(CONVERT_FLAGS)), st.just(None), min_size=1, max_size=3),
+       data=st.data())
+@pytest.mark.timeout(900)
+def test_any_converter_flag_value_converts_a_valid_store_or_exits_2(tiny_export, tmp_path, chosen, data, capsys):
+    out = Path(tempfile.mkdtemp(dir=tmp_path)) / "store.zarr"
+    argv = ["--images", str(tiny_export / "images"), "--clinical", str(tiny_export / "clinical.csv"), "--out", str(out),
+            "--no-progress", "--shape", "16x16x12", "--spacing", "4", "--workers", "1"]
+    for flag in chosen:
+        value = data.draw(CONVERT_FLAGS[flag], label=flag)
+        argv += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [f"{flag}={value}"]
+    try:
+        code = convert_main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    event(f"exit {code}")
+    assert code in (0, 2), (argv, capsys.readouterr())
+    if code == 0:
+        assert verify_store(out) == [], argv
+    else:
+        assert not out.exists(), f"{argv}: a refused conversion left {out}"
