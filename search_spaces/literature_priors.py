@@ -45,7 +45,8 @@ from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Unif
 
 SPACE = SearchSpace(
     name="literature_priors",
-    summary="ranges around the reference recipe (lr 1e-4, wd 1e-6, batch 64, 200 epochs, 10 folds) from 3D CNN literature",
+    summary="ranges from 3D CNN literature around the reference recipe (full budget: lr 1e-4, wd 1e-6, batch 64, "
+            "200 epochs, 10 folds)",
     distributions={
         "lr": LogUniform(1e-5, 1e-3),
         "weight_decay": LogUniform(1e-7, 1e-3),

@@ -185,6 +185,44 @@ def results_table(cells: list[CellResult]) -> pd.DataFrame:
     return table
 
 
+# The terminal's view of the table: one line per cell within 120 columns (the full table, with
+# the per-fold spread and the selected configurations, is in results.md / results.csv).
+_TERMINAL_COLUMNS = (("cell", 32), ("BBC-CV C [95% CI]", 20), ("selected C [95% CI]", 20), ("ref C", 5),
+                     ("Brier", 5), ("IBS", 5), ("oracle", 6), ("trials f/p/x", 12))
+
+
+def terminal_table(cells: list[CellResult]) -> str:
+    """The results as lines of at most 120 characters: the numbers per cell, then each cell's
+    selected configuration (wrapped), and a legend."""
+    def row(values) -> str:
+        return "  ".join(f"{str(v)[:w]:<{w}}" for v, (_, w) in zip(values, _TERMINAL_COLUMNS)).rstrip()
+
+    lines = [row([h for h, _ in _TERMINAL_COLUMNS])]
+    configurations = []
+    for cell in cells:
+        best = cell.best
+        selected = (f"{best[names.OOF_CINDEX.name]:.3f} [{best[names.OOF_CINDEX_LOW.name]:.2f}, "
+                    f"{best[names.OOF_CINDEX_HIGH.name]:.2f}]") if best else "none finished"
+        bbc = f"{cell.bbc.value:.3f} [{cell.bbc.low:.2f}, {cell.bbc.high:.2f}]" if cell.bbc is not None else ""
+        reference = f"{cell.reference[names.OOF_CINDEX.name]:.3f}" if cell.reference else "-"
+        lines.append(row([cell.label, bbc, selected, reference,
+                          f"{best[names.BRIER_365.name]:.3f}" if best else "", f"{best[names.IBS.name]:.3f}" if best else "",
+                          f"{cell.oracle['total']:.3f}" if cell.oracle.get("total") is not None else "",
+                          f"{cell.finished}/{cell.pruned}/{cell.failed}"]))
+        if cell.best_config:
+            configurations.append(f"  {cell.label}: {_fmt_config(cell.best_config)}")
+    lines.append("ref C: the reference recipe's C (- if ASHA stopped it); oracle: C of the true total predictor "
+                 "(synthetic cohorts);")
+    lines.append("trials f/p/x: finished / pruned by ASHA / failed. Selected configurations:")
+    for line in configurations:
+        while len(line) > 120:
+            cut = line.rfind(", ", 0, 119)
+            lines.append(line[:cut + 1])
+            line = "      " + line[cut + 2:]
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def write_tables(table: pd.DataFrame, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     csv, markdown = directory / "results.csv", directory / "results.md"

@@ -331,7 +331,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     import ray
 
     from analysis.oracle import oracle_cindices
-    from study.results import StudyOutcome, results_table, summarise, write_tables
+    from study.results import StudyOutcome, results_table, summarise, terminal_table, write_tables
     from study.tuning import experiment_dir, run_trials
     from trainables.trainable import TrialSetup
 
@@ -422,15 +422,12 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
         write_timings(timings, results_dir)
     print(f"\nResults of study {config.name} (per cell, the configuration with the best pooled out-of-fold C-index; "
           "headline: its BBC-CV C-index, which pays for choosing it among the cell's configurations):")
-    print(table.T.to_string() if table is not None else "no cells finished")
+    print(terminal_table(cells) if cells else "no cells finished")
     print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; {timings['wall_s']:.0f} s in all: "
           f"data {timings['data_s']:.0f} s, start-up {timings['startup_s']:.0f} s, trials {timings['tune_s']:.0f} s "
           f"(their training and validation {timings['trial_train_s']:.0f} s of trial time), tracking "
           f"{timings['tracking_s']:.1f} s (timings.json).")
-    if config.tracking_uri.startswith("sqlite:///"):
-        print(f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000")
-    else:
-        print(f"Open the MLflow UI of {config.tracking_uri} and choose experiment '{config.name}'.")
+    print(mlflow_ui_hint(config, tracker.experiment_id))
     if not delivered:
         raise TrackingIncomplete(
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
@@ -465,6 +462,19 @@ def _interrupted(config: StudyConfig, cause: BaseException | None, seconds: floa
     how = f" ({type(cause).__name__} {cause})" if cause is not None else ""
     return StudyInterrupted(f"Ray lost this study's node or raylet{how} after {seconds:.0f} s of trials; finished "
                             f"trials and the running ones' last checkpoints are kept under {config.storage_path}")
+
+
+def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:
+    """How to open the study's runs in the MLflow UI. MLflow 3 opens on its GenAI views, where an
+    experiment lands on an empty traces page: the runs page is linked directly."""
+    runs_page = f"#/experiments/{experiment_id}/runs"
+    if config.tracking_uri.startswith("sqlite:///"):
+        return (f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000\n"
+                f"  then the study's runs: http://127.0.0.1:5000/{runs_page} (study run with its trials nested "
+                "under it; pruned trials are named '... pruned@EPOCH', failed ones '... FAILED')")
+    if config.tracking_uri.startswith(("http://", "https://")):
+        return f"The study's runs in the MLflow UI: {config.tracking_uri.rstrip('/')}/{runs_page}"
+    return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({runs_page})"
 
 
 def order_cells(config: StudyConfig, cells: list) -> list:

@@ -23,6 +23,12 @@ it (Tune does not pass a stopping result to the searcher; Ray's OptunaSearch wou
 COMPLETED with its early value, so TPE would model truncated curves as final results); a diverged
 or crashed trial is FAIL. A crashed trial that a resumed study retries (``resume_errored``) and
 that then ends is added to Optuna again with its new outcome.
+
+Each cell's Optuna study is also written, trial by trial as trials end, to one Optuna journal
+file (`optuna_journal_path`: ``STORAGE/NAME/optuna.journal``, one study per cell), so that
+``optuna-dashboard`` and ``optuna.visualization`` open the searches during and after the study.
+The in-memory study that Tune saves with its experiment state stays the searcher's own: the
+journal is a copy (`StudyMirror`) that a resumed study goes on appending to, once per trial.
 """
 
 from __future__ import annotations
@@ -66,8 +72,49 @@ def trial_cell(trial_config: dict) -> str:
     return Cell.of(trial_config).name
 
 
+class StudyMirror:
+    """A cell's ended trials, copied into an Optuna journal file that Optuna's tools can open."""
+
+    def __init__(self, path: str, study_name: str):
+        self.path, self.study_name = path, study_name
+        self._study: optuna.Study | None = None
+        self._copied: set[str] = set()
+
+    def __getstate__(self):  # pickled with the searcher's state: the file is reopened on resume
+        return {"path": self.path, "study_name": self.study_name}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["study_name"])
+
+    def _open(self) -> optuna.Study:
+        if self._study is None:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(self.path))
+            self._study = optuna.create_study(storage=storage, study_name=self.study_name, direction="maximize",
+                                              load_if_exists=True)
+            self._copied = {t.user_attrs.get("tune_trial_id") for t in self._study.get_trials(deepcopy=False)}
+        return self._study
+
+    def copy(self, trial_id: str, trial: optuna.trial.FrozenTrial) -> None:
+        try:
+            study = self._open()
+            if trial_id in self._copied:
+                return
+            study.add_trial(optuna.trial.create_trial(
+                params=trial.params, distributions=trial.distributions, value=trial.value, state=trial.state,
+                intermediate_values=trial.intermediate_values, user_attrs={"tune_trial_id": trial_id}))
+            self._copied.add(trial_id)
+        except Exception as exc:  # a copy for viewing: never the reason a study stops
+            print(f"  (Optuna journal {self.path}: {type(exc).__name__}: {exc})", flush=True)
+
+
 class CellOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch with the completion policy of the module docstring."""
+
+    mirror: StudyMirror | None = None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if math.isfinite(result.get(self.metric, math.nan)):  # a diverged trial reports NaN
@@ -87,8 +134,10 @@ class CellOptunaSearch(OptunaSearch):
             self.add_evaluated_point(params, value if value is not None else math.nan, error=state == TrialState.FAIL,
                                      pruned=state == TrialState.PRUNED)
             return
-        self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
+        frozen = self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)
+        if self.mirror is not None:
+            self.mirror.copy(trial_id, frozen)
 
     def study(self) -> optuna.Study:
         return self._ot_study
@@ -108,7 +157,8 @@ class CellSearch(Searcher):
     """
 
     def __init__(self, cells: dict[str, dict], spaces: dict[str, dict], references: dict[str, dict],
-                 num_samples: int, seed: int = 0, max_concurrent: int = 0, per_cell: int = 0):
+                 num_samples: int, seed: int = 0, max_concurrent: int = 0, per_cell: int = 0,
+                 journal: str | None = None):
         super().__init__(metric=METRIC, mode=MODE)
         self._fixed = cells
         self._searches = {
@@ -116,6 +166,9 @@ class CellSearch(Searcher):
                                    points_to_evaluate=[references[cell]],
                                    sampler=optuna.samplers.TPESampler(seed=seed * 1000 + index))
             for index, cell in enumerate(cells)}
+        if journal is not None:
+            for cell, search in self._searches.items():
+                search.mirror = StudyMirror(journal, cell)
         self._num_samples = num_samples
         self._suggested = {cell: 0 for cell in cells}
         self._trial_cells: dict[str, str] = {}
@@ -241,7 +294,14 @@ def cell_search(config: StudyConfig) -> CellSearch:
         spaces[cell.name] = {k: tune_domain(d) for k, d in space.distributions_for(config.budget, cell.inputs).items()}
         references[cell.name] = space.reference_for(config.budget, cell.inputs)
     return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent or 0,
-                      per_cell_limit(config.num_samples))
+                      per_cell_limit(config.num_samples), journal=str(optuna_journal_path(config)))
+
+
+def optuna_journal_path(config: StudyConfig) -> Path:
+    """The Optuna journal of the study's searches: beside Tune's folder on a local storage path,
+    in ``NAME-results/`` of the working folder with object storage (a journal needs file locks)."""
+    local = experiment_dir(config)
+    return (local if local is not None else Path.cwd() / f"{config.name}-results") / "optuna.journal"
 
 
 def per_cell_limit(num_samples: int) -> int:

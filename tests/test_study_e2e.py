@@ -142,15 +142,18 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
     pruned = [t for t in trials if t.info.status == "KILLED"]
     finished = [t for t in trials if t.info.status == "FINISHED"]
     assert pruned and finished
+    assert {t.data.tags["outcome"] for t in finished} == {"finished"}
     epoch = names.EPOCH_CINDEX.name
     for run in pruned:
-        assert run.data.tags["pruned_at_epoch"] == "1"
+        assert run.data.tags["pruned_at_epoch"] == "1" and run.data.tags["outcome"] == "pruned"
+        assert run.info.run_name.endswith(" pruned@1")
         assert run.data.metrics["fold_epochs"] == 2  # 2 folds x 1 epoch, not 2 x 2
         assert run.data.metrics[epoch] <= max(f.data.metrics[epoch] for f in finished) + 1e-9
     # The cell's Optuna study (saved with Tune's experiment state) holds the stopped trials as PRUNED
     # and the finished ones as COMPLETE with their pooled out-of-fold C-index.
     import pickle
 
+    import optuna
     from optuna.trial import TrialState
 
     (state,) = (tmp_path / "rr" / "prune" / "trials").glob("searcher-state-*.pkl")
@@ -159,6 +162,18 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
     assert states.count(TrialState.PRUNED) == len(pruned) and states.count(TrialState.COMPLETE) == len(finished)
     assert sorted(t.value for t in study.trials if t.state == TrialState.COMPLETE) == sorted(
         f.data.metrics[names.OOF_CINDEX.name] for f in finished)
+    # The same search, persisted for Optuna's own tools (optuna-dashboard, optuna.visualization).
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "rr" / "prune" / "optuna.journal")))
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["seresnext50__os_all"]
+    persisted = optuna.load_study(study_name="seresnext50__os_all", storage=storage)
+    def described(trials):
+        return sorted((t.state, t.value or 0.0, tuple(sorted(t.params.items())),
+                       tuple(sorted(t.intermediate_values.items()))) for t in trials)
+
+    assert described(persisted.trials) == described(study.trials)
     # A stopped trial never resumes: its checkpoint (weights and optimiser states) is not kept.
     for run in pruned:
         (folder,) = (tmp_path / "rr" / "prune" / "trials").glob(f"cv_trainable_{run.data.tags['trial_id']}_*")
@@ -218,6 +233,7 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store
     failed = [t for t in trials if t.info.status == "FAILED"]
     assert failed and all("became" in t.data.tags["failure_reason"] for t in failed), [t.data.tags for t in failed]
     assert any(t.data.params["lr"] == "1000000.0" for t in failed)
+    assert all(t.data.tags["outcome"] == "failed" and t.info.run_name.endswith(" FAILED") for t in failed)
     assert parents[0].info.status == "FINISHED"
     table = pd.read_csv(tmp_path / "rr" / "diverge" / "results.csv", index_col=0)
     assert table.loc["trials (finished/pruned/failed)"].iloc[0].endswith(f"/{len(failed)}")

@@ -296,6 +296,10 @@ def _live_tracker(tracking_uri: str, study_name: str, journal: str | None) -> St
     return _LIVE.get((tracking_uri, study_name)) or StudyTracker(tracking_uri, study_name, journal)
 
 
+# How a trial run ended: "finished", "pruned" (stopped by ASHA; status KILLED) or "failed".
+OUTCOME_TAG = "outcome"
+
+
 class MlflowTrialCallback(tune.Callback):
     """Tune callback logging every trial as a nested run of the study run (via the journal)."""
 
@@ -308,14 +312,25 @@ class MlflowTrialCallback(tune.Callback):
     def _cell(trial) -> str:
         return Cell.of(trial.config).name
 
+    @staticmethod
+    def _run_name(trial) -> str:
+        cell = Cell.of(trial.config)
+        backbone = cell.backbone + ("+clinical" if cell.inputs == "image+clinical" else "")
+        return f"{backbone}/{cell.task}/{trial.trial_id}"
+
     def _key(self, trial) -> str:
         cell = Cell.of(trial.config)
         key = f"{cell.name}/{trial.trial_id}"
-        backbone = cell.backbone + ("+clinical" if cell.inputs == "image+clinical" else "")
-        self.tracker.trial_run(key, f"{backbone}/{cell.task}/{trial.trial_id}", trial.config,
+        self.tracker.trial_run(key, self._run_name(trial), trial.config,
                                {"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
                                 "trial_id": trial.trial_id})
         return key
+
+    def _outcome(self, key: str, trial, outcome: str, suffix: str = "") -> None:
+        """Tag how the trial ended and say it in the run's name: in the MLflow UI a pruned run
+        (status KILLED) and a failed one (FAILED) both show a red cross; the name tells them apart."""
+        self.tracker.set_tags(key, {OUTCOME_TAG: outcome,
+                                    "mlflow.runName": self._run_name(trial) + (f" {suffix}" if suffix else "")})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._key(trial)
@@ -342,6 +357,7 @@ class MlflowTrialCallback(tune.Callback):
         tracker = self.tracker
         if last.get(names.FAILED):
             tracker.set_tags(key, {"failure_reason": str(last[names.FAILED])[-4000:]})
+            self._outcome(key, trial, "failed", "FAILED")
             tracker.terminate(key, "FAILED")
             print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
         elif last.get(names.FINAL):
@@ -351,6 +367,7 @@ class MlflowTrialCallback(tune.Callback):
                     for name in (OOF_FILE, CURVE_FILE):
                         if (Path(directory) / name).exists():
                             tracker.log_artifact(key, Path(directory) / name)
+            self._outcome(key, trial, "finished")
             tracker.terminate(key, "FINISHED")
             collapsed = int(last.get(names.FOLDS_COLLAPSED.name, 0) or 0)
             print(f"  {self._cell(trial)}: trial {trial.trial_id} finished, out-of-fold C-index "
@@ -360,6 +377,7 @@ class MlflowTrialCallback(tune.Callback):
         else:
             epoch = last.get("epoch", 0)
             tracker.set_tags(key, {"pruned_at_epoch": str(epoch)})
+            self._outcome(key, trial, "pruned", f"pruned@{epoch}")
             tracker.terminate(key, "KILLED")
             print(f"  {self._cell(trial)}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
                   f"(mean validation C-index of the folds at that epoch {last.get(names.EPOCH_CINDEX.name, math.nan):.3f})", flush=True)
@@ -378,6 +396,7 @@ class MlflowTrialCallback(tune.Callback):
         error = trial.get_error() if hasattr(trial, "get_error") else None
         reason = str(error) if error is not None else "unknown error"
         self.tracker.set_tags(key, {"failure_reason": reason[-4000:]})
+        self._outcome(key, trial, "failed", "FAILED")
         self.tracker.terminate(key, "FAILED")
         print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {reason.strip().splitlines()[-1] if reason.strip() else ''}",
               flush=True)

@@ -1,0 +1,32 @@
+"""The study's results as the terminal shows them."""
+
+from __future__ import annotations
+
+from analysis import metric_names as names
+from analysis.metrics import Estimate
+from study.results import CellResult, terminal_table
+
+
+def _cell(backbone: str, task: str, inputs: str, finished: bool = True) -> CellResult:
+    best = {names.OOF_CINDEX.name: 0.6812, names.OOF_CINDEX_LOW.name: 0.6011, names.OOF_CINDEX_HIGH.name: 0.7533,
+            names.BRIER_365.name: 0.2012, names.IBS.name: 0.1734} if finished else {}
+    config = {"lr": 0.000123456, "weight_decay": 1.234e-06, "batch_size": 64, "dropout": 0.3141, "augmentation": 1.27,
+              "optimizer": "adamw", "clinical_hidden": 32, "clinical_dropout": 0.4242} if finished else {}
+    return CellResult(backbone, task, inputs, finished=20 if finished else 0, pruned=118, failed=12, best=best,
+                      best_config=config, reference=best, bbc=Estimate(0.6701, 0.5912, 0.7489) if finished else None,
+                      oracle={"clinical": 0.7, "imaging": 0.75, "total": 0.81})
+
+
+def test_the_terminal_table_fits_120_columns_with_the_longest_names():
+    cells = [_cell("resnet50_cbam", "1yr_gbm", "image+clinical"), _cell("seresnext50", "os_all", "image"),
+             _cell("densenet121", "os_gbm", "image+clinical", finished=False)]
+    text = terminal_table(cells)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert lines[1].split("  ")[:1] == ["resnet50_cbam+clinical / 1yr_gbm"]
+    assert "0.670 [0.59, 0.75]" in lines[1] and "0.681 [0.60, 0.75]" in lines[1]
+    assert "20/118/12" in lines[1] and "none finished" in lines[3]
+    # Every selected configuration is shown whole, wrapped, not cut.
+    joined = " ".join(line.strip() for line in lines[lines.index(next(l for l in lines if "Selected" in l)) + 1:])
+    for key in ("lr=0.000123", "weight_decay=1.23e-06", "clinical_dropout=0.424"):
+        assert key in joined
