@@ -31,6 +31,12 @@ FOLDS_STOPPED = MetricName("folds_stopped", "folds that stopped early and report
 TRAIN_LOSS = MetricName("train_loss", "mean training loss over the folds")
 FOLD_EPOCHS = MetricName("fold_epochs", "fold-epochs trained so far (the unit of compute)")
 
+# -- resource use of a trial, per epoch (sampled in the background, `trainables.resource_use`) -----
+CPU_PERCENT = MetricName("cpu_percent", "mean CPU use of the trial's process over the epoch (100 = one core busy)")
+RSS_GIB = MetricName("rss_gib", "largest resident memory of the trial's process over the epoch, GiB")
+GPU_UTIL = MetricName("gpu_util_percent", "mean utilisation of the trial's GPUs over the epoch (NVML), percent")
+GPU_MEMORY_GIB = MetricName("gpu_memory_gib", "largest GPU memory the trial's process held over the epoch, GiB")
+
 # -- final, once per finished trial -----------------------------------------------------------
 OOF_CINDEX = MetricName(
     "oof_cindex",
@@ -70,7 +76,8 @@ NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% pati
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
 
-EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS)
+RESOURCE_METRICS = (CPU_PERCENT, RSS_GIB, GPU_UTIL, GPU_MEMORY_GIB)
+EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS, *RESOURCE_METRICS)
 FINAL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, FOLDS_COLLAPSED,
                  BRIER_365, IBS, UNO_C, AUC_365)
 CELL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, BBC_CINDEX, BBC_CINDEX_LOW, BBC_CINDEX_HIGH,

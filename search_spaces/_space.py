@@ -116,6 +116,11 @@ class Cell(NamedTuple):
     def name(self) -> str:
         return cell_name(self.backbone, self.task, self.inputs)
 
+    @property
+    def label(self) -> str:
+        """How people read the cell: ``backbone/task``, ``backbone+clinical/task`` for fusion."""
+        return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''}/{self.task}"
+
     @classmethod
     def of(cls, trial_config: dict) -> Cell:
         """The cell of a trial, from its configuration (``backbone``, ``task``, ``inputs``)."""

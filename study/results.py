@@ -144,6 +144,24 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
     return list(cells.values())
 
 
+def resource_summary(grid) -> dict[str, float]:
+    """The study run's view of how busy the trials kept their hardware: the mean over trials of
+    their last epoch's CPU and GPU use, and the largest memory any trial held."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for result in grid:
+        for metric in names.RESOURCE_METRICS:
+            value = (result.metrics or {}).get(metric.name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                values[metric.name].append(float(value))
+    out = {}
+    for metric in names.RESOURCE_METRICS:
+        found = values.get(metric.name)
+        if found:
+            peak = metric in (names.RSS_GIB, names.GPU_MEMORY_GIB)
+            out[f"trials.{metric.name}_{'max' if peak else 'mean'}"] = max(found) if peak else sum(found) / len(found)
+    return out
+
+
 def _ci(value, low, high) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 

@@ -331,7 +331,8 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     import ray
 
     from analysis.oracle import oracle_cindices
-    from study.results import StudyOutcome, results_table, summarise, terminal_table, write_tables
+    from study.results import (StudyOutcome, resource_summary, results_table, summarise, terminal_table,
+                               write_tables)
     from study.tuning import experiment_dir, run_trials
     from trainables.trainable import TrialSetup
 
@@ -411,6 +412,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
         for cell in cells:
             cell.oracle = oracles.get(cell.task, {})
             tracker.log_metrics(None, cell.metrics())
+        tracker.log_metrics(None, resource_summary(grid))
         status = "FINISHED"
     finally:
         if cells:

@@ -49,6 +49,7 @@ from ray.tune.search.optuna import OptunaSearch
 from analysis import metric_names as names
 from search_spaces import Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig, fixed_parameters
+from study.progress import Progress
 from study.resume_trust import StateRecorder
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
@@ -345,7 +346,8 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
             callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
-                       StateRecorder(tracker.tracking_uri, tracker.parent_run_id)],
+                       StateRecorder(tracker.tracking_uri, tracker.parent_run_id),
+                       Progress(len(config.cells()) * config.num_samples, config.protocol.folds * config.protocol.epochs)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=0),

@@ -54,6 +54,8 @@ def test_parent_and_trial_runs(smoke_study):
     assert {t.data.tags["backbone"] for t in trials} == {"seresnext50", "resnet50_cbam", "densenet121"}
     assert {t.data.tags["task"] for t in trials} == {"os_all", "1yr_all"}
     assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
+    assert parent.data.metrics[f"trials.{names.CPU_PERCENT.name}_mean"] > 0
+    assert parent.data.metrics[f"trials.{names.RSS_GIB.name}_max"] > 0.1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"study_config.json", "manifest.json", "results.csv", "results.md"} <= artifacts
     table = pd.read_csv(root / "rr" / "smoke" / "results.csv", index_col=0)
@@ -73,7 +75,8 @@ def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
     finished = [t for t in trials if t.info.status == "FINISHED"]
     assert finished
     for run in finished:
-        assert {m.name for m in (*names.EPOCH_METRICS, *names.FINAL_METRICS)} | {names.fold_cindex(0)} <= set(
+        gpu_only = {names.GPU_UTIL.name, names.GPU_MEMORY_GIB.name}  # this machine has no GPU
+        assert {m.name for m in (*names.EPOCH_METRICS, *names.FINAL_METRICS)} - gpu_only | {names.fold_cindex(0)} <= set(
             run.data.metrics)
         assert run.data.params["backbone"] == run.data.tags["backbone"]
         history = client.get_metric_history(run.info.run_id, names.EPOCH_CINDEX.name)
@@ -90,6 +93,10 @@ def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
         assert brier_score(at, oof["event"], oof["surv_365"], 365.0)[0] == pytest.approx(
             run.data.metrics[names.BRIER_365.name], abs=1e-9)
         assert "learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        # How busy the trial kept the machine, per epoch (no GPU here: CPU and memory only).
+        cpu = client.get_metric_history(run.info.run_id, names.CPU_PERCENT.name)
+        assert len(cpu) >= 1 and all(m.value > 0 for m in cpu)
+        assert 0.1 < run.data.metrics[names.RSS_GIB.name] < 64
 
 
 def test_rerun_with_same_name_reuses_everything(smoke_study, small_store):
@@ -133,11 +140,15 @@ def test_resume_refuses_state_files_the_driver_did_not_write(smoke_study, small_
     assert after[0].info.status == "FINISHED", "the refused resume touched nothing in MLflow"
 
 
-def test_pruning_stops_bad_configurations_early(small_store, tmp_path):
+def test_pruning_stops_bad_configurations_early(small_store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("STUDY_PROGRESS_S", "1")
     uri = f"sqlite:///{tmp_path}/m.db"
     assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--backbones", "seresnext50",
                  "--num-samples", "6", "--max-concurrent", "1", "--tracking-uri", uri,
                  "--storage-path", str(tmp_path / "rr"), "--name", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert "progress " in out and " of 6 trials ended" in out and "1 running" in out, out
+    assert max(len(line) for line in out.split("Results of study")[1].splitlines()[1:-3]) <= 120
     client, _, trials = _runs(uri, "prune")
     pruned = [t for t in trials if t.info.status == "KILLED"]
     finished = [t for t in trials if t.info.status == "FINISHED"]

@@ -33,6 +33,7 @@ from trainables.config import TrainConfig
 from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
 from trainables.fold import TrainingDivergedError
 from trainables.fold_model import model_file
+from trainables.resource_use import ResourceSampler
 
 
 # Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
@@ -116,6 +117,7 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
     folds = cohort.folds(setup.folds, setup.fold_seed)
     volumes, rows = _shared_volumes(setup, cohort)
     workdir = Path(tempfile.mkdtemp(prefix="cv-trial-"))
+    resources = ResourceSampler()
     try:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
@@ -144,7 +146,7 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
                 started = time.perf_counter()
                 metrics = cv.step()
                 train_seconds += time.perf_counter() - started
-                metrics.update(node_id=node, train_seconds=train_seconds)
+                metrics.update(node_id=node, train_seconds=train_seconds, **resources.take())
             except TrainingDivergedError as exc:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).
@@ -171,4 +173,5 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
             else:
                 tune.report(metrics)
     finally:
+        resources.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -314,9 +314,7 @@ class MlflowTrialCallback(tune.Callback):
 
     @staticmethod
     def _run_name(trial) -> str:
-        cell = Cell.of(trial.config)
-        backbone = cell.backbone + ("+clinical" if cell.inputs == "image+clinical" else "")
-        return f"{backbone}/{cell.task}/{trial.trial_id}"
+        return f"{Cell.of(trial.config).label}/{trial.trial_id}"
 
     def _key(self, trial) -> str:
         cell = Cell.of(trial.config)
