@@ -55,6 +55,8 @@ class StudyConfig:
         MLflow tracking URI, Tune storage (experiment state, checkpoints), study name.
     resume
         Continue the study of that name (rerunning with the same name does the same).
+    register_models
+        Register each cell's selected fold ensemble in MLflow's model registry (`analysis.pyfunc_model`).
     trust_storage
         Resume without checking Tune's state files against the digests in MLflow (`study.resume_trust`).
     seed
@@ -77,6 +79,7 @@ class StudyConfig:
     name: str
     resume: bool = False
     trust_storage: bool = False
+    register_models: bool = False
     seed: int = 0
     space_file: str | None = None
     share_volumes: bool = True
@@ -177,7 +180,7 @@ def resolve(args) -> StudyConfig:
         backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
-        trust_storage=args.trust_storage, seed=args.seed,
+        trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
         clinical_inputs=clinical_inputs)
 

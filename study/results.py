@@ -28,6 +28,7 @@ from analysis import metric_names as names
 from analysis.metrics import Estimate, SurvivalDataError
 from analysis.selection import bbc_cv
 from search_spaces import cell_name
+from trainables.config import TrainConfig
 from trainables.cross_validation import OOF_FILE
 
 ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
@@ -48,6 +49,7 @@ class CellResult:
     best: dict = field(default_factory=dict)  # final metrics of the selected (best finished) trial
     best_config: dict = field(default_factory=dict)
     best_trial: str = ""
+    eval_times: tuple = ()  # the selected trial's survival-curve times [days]
     reference: dict = field(default_factory=dict)  # final metrics of the reference recipe's trial
     bbc: Estimate | None = None
     oracle: dict = field(default_factory=dict)  # "clinical", "imaging", "total": oracle C-index (synthetic cohorts)
@@ -131,6 +133,7 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
         if final[names.OOF_CINDEX.name] > cell.best.get(names.OOF_CINDEX.name, -math.inf):
             cell.best, cell.best_trial, cell.best_checkpoint = final, metrics.get("trial_id", ""), result.checkpoint
             cell.best_config = {k: config.get(k) for k in searched}
+            cell.eval_times = tuple(config.get("eval_times") or TrainConfig().eval_times)
     for key, results in finished.items():
         frames = [f for f in map(_oof, results) if f is not None]
         if not frames:

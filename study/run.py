@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "or an s3:// gs:// URI")
     parser.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
     parser.add_argument("--resume", action="store_true", help="continue the study called --name")
+    parser.add_argument("--register-models", action="store_true",
+                        help="register each cell's selected model (its fold ensemble, logged under the study run "
+                             "in any case) in MLflow's model registry as STUDY-CELL")
     parser.add_argument("--trust-storage", action="store_true",
                         help="resume without checking Tune's state files on the storage path against the digests "
                              "the driver recorded in MLflow (they are unpickled: only for storage only you can write)")
@@ -413,6 +416,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
             cell.oracle = oracles.get(cell.task, {})
             tracker.log_metrics(None, cell.metrics())
         tracker.log_metrics(None, resource_summary(grid))
+        log_models(config, tracker, cells, store, cohorts)
         status = "FINISHED"
     finally:
         if cells:
@@ -464,6 +468,29 @@ def _interrupted(config: StudyConfig, cause: BaseException | None, seconds: floa
     how = f" ({type(cause).__name__} {cause})" if cause is not None else ""
     return StudyInterrupted(f"Ray lost this study's node or raylet{how} after {seconds:.0f} s of trials; finished "
                             f"trials and the running ones' last checkpoints are kept under {config.storage_path}")
+
+
+def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, cohorts: dict) -> None:
+    """Each cell's selected configuration as an MLflow pyfunc model under the study run (registered
+    with --register-models); a model that cannot be logged is said, never the reason a study fails."""
+    from analysis.pyfunc_model import log_cell_model
+
+    tracker.flush(force=True)  # the study run exists in MLflow before its models are added
+    for cell in cells:
+        if cell.best_checkpoint is None:
+            continue
+        cohort, _ = cohorts[cell.task]
+        meta = {"cell": cell.cell, "task": cell.task, "inputs": cell.inputs, "folds": config.protocol.folds,
+                "eval_times": list(cell.eval_times), "sequences": list(store.sequences), "shape": list(store.shape),
+                "study": config.name, "trial_id": cell.best_trial, "configuration": cell.best_config}
+        name = f"{config.name}-{cell.cell}" if config.register_models else None
+        try:
+            with cell.best_checkpoint.as_directory() as directory:
+                uri = log_cell_model(config.tracking_uri, tracker.parent_run_id, cell.cell, Path(directory), meta,
+                                     str(config.data), list(cohort.patient_ids[:2]), name)
+            print(f"  model of {cell.label}: {uri}" + (f", registered as {name}" if name else ""), flush=True)
+        except Exception as exc:
+            print(f"  (model of {cell.label} not logged: {type(exc).__name__}: {str(exc)[:300]})", flush=True)
 
 
 def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:

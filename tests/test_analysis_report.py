@@ -31,7 +31,7 @@ def reported(learnable_store, small_store, tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     assert study_main(["--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones",
                        "seresnext50", "resnet50_cbam", "--num-samples", "2", "--inputs", "image", "image+clinical",
-                       "--tracking-uri", uri,
+                       "--tracking-uri", uri, "--register-models",
                        "--storage-path", str(root / "rr"), "--name", "rep"]) == 0
     # The same external store given twice (and once more through a relative path) appears once.
     index = build_report("rep", uri, root / "report", external=[small_store, small_store], gradcam_patients=1)
@@ -234,3 +234,31 @@ def test_missing_covariates_get_indicators_and_external_cohorts_reuse_the_develo
     assert "glioblastoma" in result.not_estimable and result.n == n
     # The DPI is scaled with the development mean and SD, not the external cohort's own.
     assert applied["dpi"].to_numpy() == pytest.approx(((external["dpi"] - design.dpi_mean) / design.dpi_sd).to_numpy())
+
+
+def test_each_cells_registered_model_reproduces_the_reports_external_predictions(reported, small_store):
+    """The selected fold ensemble as an MLflow pyfunc model, loaded back through the registry."""
+    import mlflow
+
+    _, uri, index = reported
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    table = pd.read_csv(index.parent / "external_validation.csv")
+    for _, row in table.iterrows():
+        cell = Cell(row["backbone"], row["task"], row["inputs"]).name
+        (version,) = client.search_model_versions(f"name = 'rep-{cell}'")
+        model = mlflow.pyfunc.load_model(f"models:/rep-{cell}/{version.version}")
+        assert model.metadata.signature is not None
+        predicted = model.predict(pd.DataFrame({"store": [str(small_store)]}))
+        report = pd.read_csv(index.parent / f"external_{cell}_{small_store.stem}.csv")
+        assert list(predicted["patient_id"]) == list(report["patient_id"].astype(str))
+        surv = [c for c in report.columns if c.startswith("surv_")]
+        assert set(surv) <= set(predicted.columns)
+        for column in ["dpi", *surv]:
+            assert predicted[column].to_numpy() == pytest.approx(report[column].to_numpy(), abs=1e-5), (cell, column)
+        # Two patients by id, and volumes straight from memory, give the same numbers.
+        some = report["patient_id"].astype(str).tolist()[:2]
+        picked = model.predict(pd.DataFrame({"store": [str(small_store)] * 2, "patient_id": some}))
+        assert picked["dpi"].to_numpy() == pytest.approx(report["dpi"].to_numpy()[:2], abs=1e-5)
+    with pytest.raises(Exception, match="sequences|shape|store"):
+        model.predict(pd.DataFrame({"patient": ["x"]}))

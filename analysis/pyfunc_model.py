@@ -1,0 +1,134 @@
+"""A cell's selected configuration as an MLflow model: its K fold models as one ensemble ``pyfunc``.
+
+The study logs one per cell under its study run (``models/<cell>``, `log_cell_models`) and, with
+``--register-models``, registers it in MLflow's model registry as ``<study>-<cell>``. Loaded with
+``mlflow.pyfunc.load_model``, it predicts as the report's external validation does
+(`analysis.ensemble.predict_ensemble`: DPI = mean of the folds' DPI, survival averaged over the
+folds, nothing estimated on the new data):
+
+- input: a DataFrame with a column ``store`` (a cohort store made by ``datasets.convert``, with
+  the development store's sequences and shape) and optionally ``patient_id`` (rows restrict the
+  patients; without, every patient of the store that the cell's task takes);
+- output: one row per patient: ``patient_id``, ``dpi``, ``surv_365`` and ``surv_<t>`` at the
+  trial's evaluation times (days).
+
+Volumes already in memory go through the wrapped model: ``model.unwrap_python_model()
+.predict_volumes(volumes[n, C, X, Y, Z], clinical_rows)``.
+
+The fold weights travel as the model's artifacts and the project's packages as its code, so
+the model loads wherever the project's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from datasets.errors import StudyError
+
+MODELS_DIR = "models"
+# The packages a fold model needs to be rebuilt (copied into the logged model as its code).
+_CODE = ("trainables", "datasets", "analysis", "search_spaces")
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ModelInputError(StudyError):
+    """Input the cell's model cannot predict on (a store of another shape, an unknown patient)."""
+
+
+class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from trainables.fold_model import FoldModel
+
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.models = [FoldModel.load(Path(context.artifacts[f"fold{k}"])) for k in range(self.meta["folds"])]
+
+    def predict_volumes(self, volumes: np.ndarray, clinical: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Predictions for volumes [n, C, X, Y, Z] (and their clinical rows for image+clinical cells)."""
+        from analysis.ensemble import predict_ensemble
+
+        expected = (len(self.meta["sequences"]), *self.meta["shape"])
+        if volumes.ndim != 5 or tuple(volumes.shape[1:]) != expected:
+            raise ModelInputError(f"volumes of shape {tuple(volumes.shape)}; the model takes [n, {expected}]")
+        if self.meta["inputs"] == "image+clinical" and clinical is None:
+            raise ModelInputError(f"cell {self.meta['cell']} also reads clinical values: pass their rows")
+        times = tuple(self.meta["eval_times"])
+        predicted = predict_ensemble(self.models, volumes, times, clinical)
+        return pd.DataFrame({"dpi": predicted["risk"], "surv_365": predicted["surv_365"],
+                             **{f"surv_{t:g}": predicted["curves"][:, k] for k, t in enumerate(times)}})
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from datasets import CohortStore
+        from datasets.cohort import Cohort, CohortSpec
+        from search_spaces import TASKS
+
+        frames = []
+        rows = pd.DataFrame(model_input)
+        if "store" not in rows.columns:
+            raise ModelInputError(f"input needs a column 'store' (a cohort store); got {list(rows.columns)}")
+        for store_path, group in rows.groupby("store", sort=False):
+            store = CohortStore(store_path)
+            if list(store.sequences) != list(self.meta["sequences"]) or list(store.shape) != list(self.meta["shape"]):
+                raise ModelInputError(f"{store_path}: sequences {store.sequences}, shape {list(store.shape)}; the "
+                                      f"model was trained on {self.meta['sequences']}, {self.meta['shape']}")
+            task = TASKS[self.meta["task"]]
+            cohort = Cohort(store, CohortSpec(task.filter, task.endpoint))
+            ids = list(cohort.patient_ids)
+            wanted = [p for p in group.get("patient_id", pd.Series(dtype=str)).dropna().astype(str) if p]
+            unknown = sorted(set(wanted) - set(ids))
+            if unknown:
+                raise ModelInputError(f"{store_path}: patient(s) {unknown[:5]} are not usable patients of task "
+                                      f"{self.meta['task']} in this store")
+            keep = [ids.index(p) for p in wanted] if wanted else list(range(len(ids)))
+            slots = np.asarray(cohort.slots)[keep]
+            clinical = cohort.clinical.iloc[keep].reset_index(drop=True)
+            predicted = self.predict_volumes(store.images(slots), clinical)
+            frames.append(pd.concat([pd.DataFrame({"patient_id": [ids[i] for i in keep]}), predicted], axis=1))
+        return pd.concat(frames, ignore_index=True)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in
+            ("torch", "monai", "numpy", "pandas", "zarr", "scipy", "mlflow")]
+
+
+def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Path, meta: dict, example_store: str,
+                   example_ids: list[str], register_as: str | None = None) -> str:
+    """Save the cell's fold ensemble as a pyfunc model under the run's ``models/<cell>``; register it
+    as `register_as` if given. Returns the model's URI."""
+    from mlflow import MlflowClient
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
+
+    artifacts = {f"fold{k}": str(Path(checkpoint_dir) / f"fold{k}_model.pt") for k in range(meta["folds"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        meta_file = Path(tmp) / "meta.json"
+        meta_file.write_text(json.dumps(meta, indent=1))
+        artifacts["meta"] = str(meta_file)
+        example = pd.DataFrame({"store": [example_store] * len(example_ids), "patient_id": example_ids})
+        model = FoldEnsembleModel()
+        context = type("Context", (), {"artifacts": artifacts})()
+        model.load_context(context)
+        inferred = infer_signature(example, model.predict(context, example))
+        signature = ModelSignature(Schema([ColSpec("string", "store"), ColSpec("string", "patient_id", required=False)]),
+                                   inferred.outputs)
+        path = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(path, python_model=model, artifacts=artifacts, signature=signature,
+                                 input_example=example, code_paths=[str(_PROJECT_ROOT / c) for c in _CODE],
+                                 pip_requirements=_requirements())
+        for cache in list((path / "code").rglob("__pycache__")):
+            shutil.rmtree(cache, ignore_errors=True)
+        MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=f"{MODELS_DIR}/{cell}")
+    uri = f"runs:/{run_id}/{MODELS_DIR}/{cell}"
+    if register_as:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.register_model(uri, register_as)
+    return uri
