@@ -500,7 +500,7 @@ def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:
     if config.tracking_uri.startswith("sqlite:///"):
         return (f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000\n"
                 f"  then the study's runs: http://127.0.0.1:5000/{runs_page} (study run with its trials nested "
-                "under it; pruned trials are named '... pruned@EPOCH', failed ones '... FAILED')")
+                "under it; pruned trials are named 'pruned@EPOCH ...', failed ones 'FAILED ...')")
     if config.tracking_uri.startswith(("http://", "https://")):
         return f"The study's runs in the MLflow UI: {config.tracking_uri.rstrip('/')}/{runs_page}"
     return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({runs_page})"

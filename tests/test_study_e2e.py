@@ -157,7 +157,7 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path, monkeypat
     epoch = names.EPOCH_CINDEX.name
     for run in pruned:
         assert run.data.tags["pruned_at_epoch"] == "1" and run.data.tags["outcome"] == "pruned"
-        assert run.info.run_name.endswith(" pruned@1")
+        assert run.info.run_name.startswith("pruned@1 seresnext50/os_all/")
         assert run.data.metrics["fold_epochs"] == 2  # 2 folds x 1 epoch, not 2 x 2
         assert run.data.metrics[epoch] <= max(f.data.metrics[epoch] for f in finished) + 1e-9
     # The cell's Optuna study (saved with Tune's experiment state) holds the stopped trials as PRUNED
@@ -244,7 +244,7 @@ def test_diverging_trial_fails_with_its_reason_and_the_study_goes_on(small_store
     failed = [t for t in trials if t.info.status == "FAILED"]
     assert failed and all("became" in t.data.tags["failure_reason"] for t in failed), [t.data.tags for t in failed]
     assert any(t.data.params["lr"] == "1000000.0" for t in failed)
-    assert all(t.data.tags["outcome"] == "failed" and t.info.run_name.endswith(" FAILED") for t in failed)
+    assert all(t.data.tags["outcome"] == "failed" and t.info.run_name.startswith("FAILED seresnext50/") for t in failed)
     assert parents[0].info.status == "FINISHED"
     table = pd.read_csv(tmp_path / "rr" / "diverge" / "results.csv", index_col=0)
     assert table.loc["trials (finished/pruned/failed)"].iloc[0].endswith(f"/{len(failed)}")

@@ -325,10 +325,11 @@ class MlflowTrialCallback(tune.Callback):
         return key
 
     def _outcome(self, key: str, trial, outcome: str, suffix: str = "") -> None:
-        """Tag how the trial ended and say it in the run's name: in the MLflow UI a pruned run
-        (status KILLED) and a failed one (FAILED) both show a red cross; the name tells them apart."""
+        """Tag how the trial ended and say it first in the run's name: in the MLflow UI a pruned run
+        (status KILLED) and a failed one (FAILED) both show a red cross, and the runs table cuts long
+        names at the right."""
         self.tracker.set_tags(key, {OUTCOME_TAG: outcome,
-                                    "mlflow.runName": self._run_name(trial) + (f" {suffix}" if suffix else "")})
+                                    "mlflow.runName": (f"{suffix} " if suffix else "") + self._run_name(trial)})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._key(trial)
