@@ -39,6 +39,7 @@ from datasets import clinical as clinical_mod
 from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
 from datasets.preprocessing_config import PreprocessConfig
+from datasets.raw_steps import REGISTRATIONS
 from datasets.pseudonyms import Pseudonymiser, load_or_create_key, spellings
 from datasets.sequences import DEFAULT_SEQUENCES, SequenceMatcher, parse_patterns
 from datasets.store import (
@@ -92,13 +93,21 @@ def convert_patient(task: PatientTask) -> dict:
         from datasets.preprocess import preprocess_patient  # MONAI: loaded by the workers, not the CLI
 
         torch.set_num_threads(1)
+        started = time.perf_counter()
         result = preprocess_patient({k: Path(v) for k, v in task.files.items()}, task.patient_id, task.config)
+        result.info["seconds"] = round(time.perf_counter() - started, 3)
         checksum = write_patient(Path(task.store), task.index, result.image, result.mask, result.label,
                                  result.missing, result.affine)
         montage = f"{qc.QC_DIR}/{task.index:05d}.png"
         qc.montage(Path(task.store) / montage, task.patient_id, result.image, task.config.sequences,
                    result.mask, result.label if result.has_label else None, result.missing)
-        return {"status": "ok", "checksum": checksum, "info": result.info, "montage": montage,
+        registered = result.info.get("raw_steps", {}).get("registration", {})
+        extra = {}
+        if registered:
+            extra["registration_board"] = f"{qc.QC_DIR}/{task.index:05d}_registration.png"
+            qc.registration_board(Path(task.store) / extra["registration_board"], task.patient_id, result.image,
+                                  task.config.sequences, result.info["raw_steps"]["reference"], registered)
+        return {"status": "ok", "checksum": checksum, "info": result.info, "montage": montage, **extra,
                 "missing": [k for k, m in zip(task.config.sequences, result.missing) if m],
                 "has_label": result.has_label}
     except ImageError as exc:
@@ -121,6 +130,16 @@ class ConversionSummary:
     excluded: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
     seconds: float = 0.0
+    patient_seconds: list[float] = field(default_factory=list)  # per converted patient
+    step_seconds: dict[str, list[float]] = field(default_factory=dict)  # raw-export step -> per patient
+
+    def cost(self) -> str:
+        """Per-patient cost of this run, with the raw-export steps' share ("" if nothing converted)."""
+        if not self.patient_seconds:
+            return ""
+        steps = ", ".join(f"{step} {sum(v) / len(v):.1f} s" for step, v in self.step_seconds.items())
+        return (f"per patient {sum(self.patient_seconds) / len(self.patient_seconds):.1f} s in a worker"
+                + (f" (of which {steps})" if steps else ""))
 
 
 def discover_patients(images: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -320,6 +339,9 @@ def convert(
             if record["status"] == "ok":
                 done[task.index] = True
                 summary.converted.append(task.patient_id)
+                summary.patient_seconds.append(float(record["info"].get("seconds", 0.0)))
+                for step, seconds in record["info"].get("raw_steps", {}).get("seconds", {}).items():
+                    summary.step_seconds.setdefault(step, []).append(float(seconds))
             else:
                 summary.excluded[task.patient_id] = record["reason"]
             bar.update()
@@ -362,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"map a clinical column, NAME one of {list(clinical_mod.CANONICAL)}")
     parser.add_argument("--pattern", action="append", default=[], metavar="SEQUENCE=REGEX",
                         help="file-name pattern of a sequence (full match on the lower-case name without id and extension)")
+    parser.add_argument("--preset", choices=("brats", "raw"), default="brats",
+                        help="brats: inputs already co-registered and skull-stripped (no extra step); raw: a "
+                             "scanner export (--register rigid --bias-correct --brain-mask)")
+    parser.add_argument("--register", choices=REGISTRATIONS, default=None,
+                        help="align every sequence to --reference-sequence (default: none; rigid with --preset raw)")
+    parser.add_argument("--bias-correct", action="store_true", help="N4 bias-field correction (on with --preset raw)")
+    parser.add_argument("--brain-mask", action="store_true",
+                        help="brain extraction with deepbet (pip install -e \".[raw]\"); normalise and store the "
+                             "brain, not the head (on with --preset raw)")
+    parser.add_argument("--reference-sequence", default="t1c", help="the sequence the others are registered to")
     parser.add_argument("--time-range-days", type=float, nargs=2, default=clinical_mod.TIME_RANGE_DAYS,
                         metavar=("MIN", "MAX"), help="plausible survival times (days); rows outside are excluded")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
@@ -373,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", metavar="STORE", type=Path, help="re-check an existing store and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def check_raw_steps(config: PreprocessConfig) -> None:
+    """The raw-export steps' own requirements, checked before anything is read (InputError)."""
+    import importlib.util
+
+    if config.raw_steps and importlib.util.find_spec("SimpleITK") is None:
+        raise InputError("--register/--bias-correct/--preset raw need SimpleITK: pip install -e \".[raw]\"")
+    if config.brain_mask and importlib.util.find_spec("deepbet") is None:
+        raise InputError("--brain-mask (and --preset raw) needs deepbet, a brain extraction network whose weights "
+                         "come in its wheel (MIT licence): pip install -e \".[raw]\"; or leave out --brain-mask")
+    if config.register != "none" and config.reference_sequence not in config.sequences:
+        raise InputError(f"--reference-sequence {config.reference_sequence} is not one of --sequences "
+                         f"{list(config.sequences)}")
 
 
 # More worker processes than this only queue for the same cores and memory (and a huge number
@@ -411,8 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--workers must be 1-{MAX_WORKERS}, got {args.workers}")
         check_output(args.out)
         clinical_mod.check_time_range(args.time_range_days)
+        raw = args.preset == "raw"
         config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
-                                  spacing=args.spacing, clip_percentiles=tuple(args.clip))
+                                  spacing=args.spacing, clip_percentiles=tuple(args.clip),
+                                  register=args.register or ("rigid" if raw else "none"),
+                                  bias_correct=args.bias_correct or raw, brain_mask=args.brain_mask or raw,
+                                  reference_sequence=args.reference_sequence.lower())
+        check_raw_steps(config)
         pseudonymiser = None
         if args.pseudonymise_key is not None:
             key, created = load_or_create_key(args.pseudonymise_key, args.out)
@@ -428,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{summary.store}: converted {len(summary.converted)}, already done {len(summary.skipped)}, "
-          f"excluded {len(summary.excluded)} in {summary.seconds:.1f} s")
+          f"excluded {len(summary.excluded)} in {summary.seconds:.1f} s"
+          + (f"; {summary.cost()}" if summary.cost() else ""))
     for pid, reason in sorted(summary.excluded.items()):
         print(f"  excluded {pid}: {reason}")
     print(f"QC report: {summary.report}")

@@ -49,6 +49,7 @@ from monai.transforms import (  # noqa: E402
 from monai.transforms.utils import generate_spatial_bounding_box  # noqa: E402
 
 from datasets.preprocessing_config import PreprocessConfig  # noqa: E402,F401 (re-exported)
+from datasets.raw_steps import BRAIN_MASK_KEY  # noqa: E402
 from datasets.sequences import LABEL_KEY  # noqa: E402
 
 
@@ -152,6 +153,24 @@ def _normalise(data: np.ndarray, mask: np.ndarray, percentiles: tuple[float, flo
 
 
 def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig) -> PreprocessedPatient:
+    """`preprocess_files`, after the raw-export steps (`datasets.raw_steps`) when `config` asks for them."""
+    if not config.raw_steps:
+        return preprocess_files(files, patient_id, config)
+    import tempfile
+
+    from datasets.raw_steps import prepare_raw
+
+    with tempfile.TemporaryDirectory(prefix="raw-steps-") as workdir:
+        prepared, raw_info = prepare_raw(dict(files), patient_id, config, Path(workdir))
+        patient = preprocess_files(prepared, patient_id, config)
+    flags = [f"{sequence}: registration flagged: {r['flag']}" for sequence, r in raw_info.get("registration", {}).items()
+             if r.get("flag")]
+    patient.info["problems"] += flags
+    patient.info["raw_steps"] = raw_info
+    return patient
+
+
+def preprocess_files(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig) -> PreprocessedPatient:
     """Load, align, crop, resize and normalise one patient's sequences.
 
     Parameters
@@ -213,7 +232,13 @@ def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: Prepr
     n = len(config.sequences)
     present = [i for i, k in enumerate(config.sequences) if k in grid]
     planes = [grid[k][0].numpy() if k in grid else None for k in config.sequences]
-    out_mask = _head_mask([planes[i] for i in present], config.mask_fraction)
+    if BRAIN_MASK_KEY in files:  # the brain, not the head, is what is normalised and stored
+        brain = load_volume(Path(files[BRAIN_MASK_KEY]), patient_id, "brain mask")
+        out_mask = resample_label(brain, img_dst=grid[reference_key])[0].numpy() > 0.5
+        if not out_mask.any():
+            raise ImageError(f"patient {patient_id}: the brain mask is empty")
+    else:
+        out_mask = _head_mask([planes[i] for i in present], config.mask_fraction)
     if not out_mask.any():
         raise ImageError(f"patient {patient_id}: no head foreground left after resampling")
     out = np.zeros((n, *config.shape), dtype=np.float32)

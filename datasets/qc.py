@@ -104,6 +104,40 @@ def montage(path: Path, patient_id: str, image: np.ndarray, sequences: Sequence[
     plt.close(fig)
 
 
+def registration_board(path: Path, patient_id: str, image: np.ndarray, sequences: Sequence[str], reference: str,
+                       registered: Mapping[str, Mapping]) -> None:
+    """A PNG: per registered sequence, a checkerboard of it and the reference in the three planes
+    through the volume's centre (edges that jump between squares are misalignment), titled with
+    the transform's rotation, shift and final metric, and its flag."""
+    from datasets.raw_steps import checkerboard
+
+    rows = [s for s in sequences if s in registered]
+    centre = tuple(s // 2 for s in image.shape[1:])
+    fixed = image[sequences.index(reference)].astype(np.float32)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows) + 0.3), squeeze=False)
+    for r, sequence in enumerate(rows):
+        moving = image[sequences.index(sequence)].astype(np.float32)
+        record = registered[sequence]
+        for c, name in enumerate(_PLANES):
+            ax = axes[r, c]
+            ax.imshow(checkerboard(plane(fixed, name, centre), plane(moving, name, centre)), cmap="gray",
+                      interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+        axes[r, 0].set_axis_on()
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+        axes[r, 0].set_ylabel(f"{sequence} on {reference}\nrotation {record['rotation_deg']:.1f} deg\nshift "
+                              f"{record['shift_mm']:.1f} mm, MI {record['metric']:.3f}"
+                              + (f"\nFLAGGED: {record['flag']}" if record.get("flag") else ""),
+                              fontsize=7, color="red" if record.get("flag") else "black")
+    fig.suptitle(f"{patient_id}: registration checkerboards", fontsize=9, parse_math=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
@@ -140,10 +174,26 @@ def write_report(store_path: Path, attrs: Mapping, manifest: Mapping) -> Path:
         rows.append(("output", _fmt(after.get("shape", [])), _fmt(after.get("spacing", []))))
         stats = [(k, f"{s['raw_mean']:.4g}", f"{s['raw_std']:.4g}", f"{s['raw_p_low']:.4g}", f"{s['raw_p_high']:.4g}")
                  for k, s in info.get("intensity", {}).items()]
+        raw = info.get("raw_steps", {})
+        registered = [(k, r["kind"], r["rotation_deg"], r["shift_mm"], r["metric"], r["seconds"], r.get("flag") or "")
+                      for k, r in raw.get("registration", {}).items()]
         sections += [
             f"<h3 id='{html.escape(pid)}'>{html.escape(pid)}</h3>",
             _table(["grid", "shape (voxels)", "spacing (mm)"], rows),
             _table(["sequence", "mean in mask", "sd", "clip low", "clip high"], stats),
+        ]
+        if raw:
+            steps = ", ".join(f"{k} {v:.1f} s" for k, v in raw.get("seconds", {}).items())
+            sections.append(f"<p>Raw-export steps ({html.escape(steps)}); reference sequence "
+                            f"{html.escape(str(raw.get('reference')))}"
+                            + (f"; brain mask from {html.escape(raw['brain_mask_from'])}" if raw.get("brain_mask_from")
+                               else "") + ".</p>")
+        if registered:
+            sections += [_table(["sequence", "transform", "rotation (deg)", "shift (mm)", "final MI", "seconds",
+                                 "flag"], registered),
+                         f"<img loading='lazy' src='{html.escape(Path(record.get('registration_board', '')).name)}' "
+                         f"alt='registration of {html.escape(pid)}'>"]
+        sections += [
             # The page lives in qc/ beside the montages; the manifest records paths from the store root.
             f"<img loading='lazy' src='{html.escape(Path(record.get('montage', '')).name)}' alt='montage of {html.escape(pid)}'>",
         ]

@@ -70,6 +70,11 @@ class SyntheticConfig:
         Multiplier of the imaging part of the hazard (0: images carry no extra information).
     site_shift
         Write a second site (intensity scaling, thick T2/FLAIR slices, LPS voxel order, case mix).
+    misaligned
+        Move the T1, T2 and FLAIR of every patient by a random rigid motion (up to 8 degrees and
+        8 mm, as patients move between sequences) that their affines do not record, as a raw
+        scanner export is: ``datasets.convert --register`` must undo it. The motions are in
+        ``truth.csv``.
     seed
         Random seed; the same seed gives the same cohort.
     prefix
@@ -82,6 +87,7 @@ class SyntheticConfig:
     site_shift: bool = False
     seed: int = 0
     prefix: str = "SYN"
+    misaligned: bool = False
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -262,18 +268,36 @@ def _to_lps_order(data: np.ndarray, affine: np.ndarray):
     return np.ascontiguousarray(flipped), new_affine
 
 
+def rigid_motion(data: np.ndarray, voxel: float, rng: np.random.Generator, max_deg: float = 8.0,
+                 max_mm: float = 8.0) -> tuple[np.ndarray, float, float]:
+    """The volume moved by a random rigid motion about its centre (rotation about a random axis
+    up to `max_deg`, shift up to `max_mm`); returns it with the rotation [deg] and shift [mm]."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(rng.uniform(0.5, 1.0) * max_deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    shift = rng.normal(size=3)
+    shift *= rng.uniform(0.5, 1.0) * max_mm / np.linalg.norm(shift)
+    centre = (np.array(data.shape) - 1) / 2
+    moved = ndimage.affine_transform(data, rotation, offset=centre - rotation @ centre + shift / voxel, order=1)
+    return moved, float(np.degrees(angle)), float(np.linalg.norm(shift))
+
+
 def write_patient(index: int, config: SyntheticConfig, images_dir: str) -> tuple[dict, dict]:
     patient = synthesise_patient(index, config)
     folder = Path(images_dir) / patient["id"]
     folder.mkdir(parents=True, exist_ok=True)
+    motion_rng = np.random.default_rng([config.seed, index, 7])
     for name, data in [*patient["images"].items(), ("seg", patient["seg"])]:
         affine = patient["affine"]
+        if config.misaligned and name in ("t1", "t2", "flair"):
+            data, degrees, millimetres = rigid_motion(data, config.voxel_size, motion_rng)
+            patient["truth"].update({f"motion_{name}_deg": degrees, f"motion_{name}_mm": millimetres})
         if config.site_shift:
             data, affine = _to_lps_order(data, affine)
             if name in ("t2", "flair"):
                 data, affine = _thick_slices(data, affine, 5.0, config.voxel_size)
-                if name == "seg":
-                    data = np.rint(data)
         dtype = np.uint8 if name == "seg" else np.int16
         _save(folder / f"{patient['id']}_{name}.nii.gz", np.clip(data, 0, 32767), affine, dtype)
     return patient["clinical"], patient["truth"]
@@ -343,10 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--prefix", default=None, help="patient id prefix (default SYN, or EXT with --site-shift)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("--misaligned", action="store_true",
+                        help="move T1, T2 and FLAIR by a random rigid motion their affines do not record (a raw export)")
     args = parser.parse_args(argv)
     try:
         config = SyntheticConfig(n=args.n, voxel_size=args.voxel_size, imaging_effect=args.imaging_effect,
-                                 site_shift=args.site_shift, seed=args.seed,
+                                 site_shift=args.site_shift, seed=args.seed, misaligned=args.misaligned,
                                  prefix=args.prefix or ("EXT" if args.site_shift else "SYN"))
         clinical = generate(args.out, config, workers=args.workers, progress=True)
     except InputError as exc:
