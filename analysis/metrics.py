@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from datasets.errors import InputError
 
-class SurvivalDataError(ValueError):
+
+class SurvivalDataError(InputError):
     """Survival data that a metric cannot be computed on (the message names the input)."""
 
 

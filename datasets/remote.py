@@ -15,13 +15,14 @@ S3-compatible server).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
+
+from filelock import FileLock
 
 from datasets.errors import StoreError, StudyError
 
@@ -66,8 +67,7 @@ def stage_store(location: str | os.PathLike, cache: Path | None = None) -> Path:
     if marker.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other trials wait here for this one copy
+    with FileLock(target.parent / "lock"):  # the node's other trials wait here for this one copy
         if marker.exists():
             return target
         partial = target.parent / f"partial-{uuid.uuid4().hex}"

@@ -88,7 +88,6 @@ class StudyConfig:
     outer_fold: int | None = None
     inputs: tuple[str, ...] = ("image",)
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def search_space(self) -> SearchSpace:

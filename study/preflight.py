@@ -65,8 +65,8 @@ def check_free_space(config, in_channels: int) -> int:
         root = root.parent
     if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
         # A read-only file system reports 0 bytes free: say what is wrong, not "need 0.1 GiB, 0.0 free".
-        raise StudyError(f"--storage-path {config.storage_path}: {root} is not a writable folder "
-                         "(a read-only file system, or no write permission)")
+        raise StudyError(f"--storage-path {config.storage_path}: {root} is not writable: "
+                         "not a folder, a read-only file system, or no write permission")
     free = shutil.disk_usage(root).free
     if free < needed * HEADROOM:
         raise StudyError(f"--storage-path {config.storage_path}: the study's checkpoints need about "

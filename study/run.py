@@ -263,7 +263,7 @@ def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.nd
 
 
 def write_timings(timings: dict, directory: Path) -> None:
-    """Where the study's wall time went (benchmarks/overhead.py reads it)."""
+    """Where the study's wall time went (`benchmarks.demo_study` reads it)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "timings.json").write_text(json.dumps(timings, indent=1))
 

@@ -274,5 +274,5 @@ def test_a_read_only_storage_path_is_named_as_such(small_store, workspace, monke
                  f"sqlite:///{workspace}/m.db", "--storage-path", str(read_only / "runs")])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"{read_only} is not a writable folder (a read-only file system" in err
+    assert f"{read_only} is not writable: not a folder, a read-only file system" in err
     assert not (read_only / "runs").exists()

@@ -42,7 +42,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class TrackingUnavailable(Exception):
+class TrackingUnavailable(StudyError):
     """The tracking store could not take a record (server down, network, disk)."""
 
 
