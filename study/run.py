@@ -328,27 +328,58 @@ def join_cluster(config: StudyConfig) -> tuple[StudyConfig, list]:
 
 
 def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
+    """The study, step by step: data and cluster, where its files go, tracking, trials, what the
+    cells found, then the results and how the study ended."""
+    from study.results import StudyOutcome
+
+    quiet_libraries()
+    started = time.perf_counter()
+    config, store, cohorts = open_data_and_cluster(config)
+    volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
+    timings = {"data_s": time.perf_counter() - started}  # demo cohort build (first run), staging, reading volumes
+    results_dir, journal = prepare_storage(config, store)
+    tracker = open_tracking(config, store, journal)
+    setup = trial_setup(config, store, volumes_array, volume_slots)
+    del volumes_array  # the object store holds the one copy of this node
+    timings.update(startup_s=time.perf_counter() - started - timings["data_s"], tune_s=0.0, trial_train_s=0.0,
+                   trial_reports=0)
+    cells, files, status = [], {}, "FAILED"
+    try:
+        grid = train(config, setup, tracker, timings)
+        cells = conclude_cells(config, grid, store, cohorts, tracker)
+        status = "FINISHED"
+    finally:
+        files, delivered = close_tracking(config, tracker, cells, status, results_dir)
+        timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
+        write_timings(timings, results_dir)
+    print_results(config, cells, files, timings, tracker.experiment_id)
+    check_outcome(config, cells, delivered, tracker.pending, journal)
+    return StudyOutcome(files.get("table"), cells, store)
+
+
+def quiet_libraries() -> None:
     import logging
 
     import optuna
-    import ray
-
-    from analysis.oracle import oracle_cindices
-    from study.results import (StudyOutcome, resource_summary, results_table, summarise, terminal_table,
-                               write_tables)
-    from study.tuning import experiment_dir, run_trials
-    from trainables.trainable import TrialSetup
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    started = time.perf_counter()
+
+
+def open_data_and_cluster(config: StudyConfig) -> tuple[StudyConfig, CohortStore, dict]:
+    """The store and its task cohorts, checked (external stores too); Ray joined; the study described."""
     config, store = open_data(config)
     cohorts = task_cohorts(config, store)
     check_external(config, store)
     config, _ = join_cluster(config)
     print(describe(config, store, cohorts), flush=True)
-    volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
-    data_seconds = time.perf_counter() - started  # demo cohort build (first run), staging, reading volumes
+    return config, store, cohorts
+
+
+def prepare_storage(config: StudyConfig, store: CohortStore) -> tuple[Path, Path]:
+    """Check the storage path (a study to resume, room for the checkpoints, writable); returns the
+    results folder and the tracking journal (local to the driver: it is written on every record)."""
+    from study.tuning import experiment_dir
 
     local_experiments = experiment_dir(config)
     if config.resume and local_experiments is not None and not local_experiments.is_dir():
@@ -356,20 +387,21 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     needed = check_free_space(config, len(store.sequences))
     check_writable(config.storage_path)
     print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
-    results_dir = local_experiments or Path.cwd() / f"{config.name}-results"
     if local_experiments is not None:
         local_experiments.mkdir(parents=True, exist_ok=True)
-    # The journal must be local to the driver: it is written on every record.
-    journal = (local_experiments / "tracking_journal.jsonl" if local_experiments is not None
-               else Path.cwd() / f"{config.name}-tracking_journal.jsonl")
+        return local_experiments, local_experiments / "tracking_journal.jsonl"
+    return Path.cwd() / f"{config.name}-results", Path.cwd() / f"{config.name}-tracking_journal.jsonl"
+
+
+def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
+    """The study's MLflow run, started or resumed, once Tune's state files (on a resume) are
+    found to be the driver's own: before Tune unpickles anything and before the journal is replayed."""
     tracker = start_tracking(config, store, journal)
-    if not config.trust_storage:  # before Tune unpickles anything, and before the journal is replayed
+    if not config.trust_storage:
         from study.resume_trust import verify_before_resume
         from study.tuning import tune_path
 
         verify_before_resume(tune_path(config), config.tracking_uri, config.name)
-    volumes = ray.put(volumes_array) if volumes_array is not None else None
-    del volumes_array  # the object store holds the one copy of this node
     record = manifest(config, store)
     tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
             "git_revision": record["git_revision"],
@@ -381,51 +413,82 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
+    return tracker
 
-    setup = TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
-                       folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
-                       cpus=config.cpus_per_trial,
-                       checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
-                       volume_slots=volume_slots if volumes is not None else None)
+
+def trial_setup(config: StudyConfig, store: CohortStore, volumes_array, volume_slots):
+    """What every trial needs besides its configuration; the volumes go to Ray's object store."""
+    import ray
+
+    from trainables.trainable import TrialSetup
+
+    volumes = ray.put(volumes_array) if volumes_array is not None else None
+    return TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
+                      folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
+                      cpus=config.cpus_per_trial, checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
+                      volume_slots=volume_slots if volumes is not None else None)
+
+
+def train(config: StudyConfig, setup, tracker, timings: dict):
+    """Every cell's search in one Tuner; a lost node or raylet becomes `StudyInterrupted` (exit 3)."""
+    from study.tuning import run_trials
+
     print(f"Training {len(config.cells()) * config.num_samples} trials ({len(config.cells())} cells, each its own "
           f"search), at most {config.max_concurrent} at once:", flush=True)
-    cells, table, files, status = [], None, {}, "FAILED"
-    timings = {"data_s": data_seconds, "startup_s": time.perf_counter() - started - data_seconds, "tune_s": 0.0,
-               "trial_train_s": 0.0, "trial_reports": 0}
+    started = time.perf_counter()
     try:
-        tune_started = time.perf_counter()
-        try:
-            grid = run_trials(config, setup, tracker)
-        except SystemExit as exc:  # a raylet that dies under the driver: a SystemExit inside ray.wait
-            if _driver_node_alive():
-                raise
-            raise _interrupted(config, exc, time.perf_counter() - tune_started) from None
-        if not _driver_node_alive():  # Tune ended because its trials lost their node: resumable
-            raise _interrupted(config, None, time.perf_counter() - tune_started)
-        timings["tune_s"] = time.perf_counter() - tune_started
-        for result in grid:
-            timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
-            timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
-        cells = order_cells(config, summarise(grid, config.search_space, config.budget, seed=config.seed))
-        try:
-            oracles = oracle_cindices(store, {task: cohort for task, (cohort, _) in cohorts.items()})
-        except Exception as exc:  # an extra for synthetic stores: never the reason a study fails
-            print(f"  (no oracle C-index: {type(exc).__name__}: {exc})")
-            oracles = {}
-        for cell in cells:
-            cell.oracle = oracles.get(cell.task, {})
-            tracker.log_metrics(None, cell.metrics())
-        tracker.log_metrics(None, resource_summary(grid))
-        log_models(config, tracker, cells, store, cohorts)
-        status = "FINISHED"
-    finally:
-        if cells:
-            table = results_table(cells)
-            files = write_tables(table, results_dir)
-        tracker.finish_parent(status if status == "FINISHED" else "KILLED", files)
-        delivered = tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
-        timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
-        write_timings(timings, results_dir)
+        grid = run_trials(config, setup, tracker)
+    except SystemExit as exc:  # a raylet that dies under the driver: a SystemExit inside ray.wait
+        if _driver_node_alive():
+            raise
+        raise _interrupted(config, exc, time.perf_counter() - started) from None
+    if not _driver_node_alive():  # Tune ended because its trials lost their node: resumable
+        raise _interrupted(config, None, time.perf_counter() - started)
+    timings["tune_s"] = time.perf_counter() - started
+    for result in grid:
+        timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
+        timings["trial_reports"] += int((result.metrics or {}).get("training_iteration", 0))
+    return grid
+
+
+def conclude_cells(config: StudyConfig, grid, store: CohortStore, cohorts: dict, tracker) -> list:
+    """Per cell, the selected configuration with its BBC-CV estimate and (synthetic stores) the
+    oracle C-index; logged to the study run with the trials' resource summary and each cell's model."""
+    from analysis.oracle import oracle_cindices
+    from study.results import resource_summary, summarise
+
+    cells = order_cells(config, summarise(grid, config.search_space, config.budget, seed=config.seed))
+    try:
+        oracles = oracle_cindices(store, {task: cohort for task, (cohort, _) in cohorts.items()})
+    except Exception as exc:  # an extra for synthetic stores: never the reason a study fails
+        print(f"  (no oracle C-index: {type(exc).__name__}: {exc})")
+        oracles = {}
+    for cell in cells:
+        cell.oracle = oracles.get(cell.task, {})
+        tracker.log_metrics(None, cell.metrics())
+    tracker.log_metrics(None, resource_summary(grid))
+    log_models(config, tracker, cells, store, cohorts)
+    return cells
+
+
+def close_tracking(config: StudyConfig, tracker, cells: list, status: str, results_dir: Path) -> tuple[dict, bool]:
+    """Write the results table, end the study run, and wait for the tracking store to take every
+    record (5 minutes after a finished study, 10 s after a failed one). Returns the files written
+    ("table": the DataFrame) and whether everything was delivered."""
+    from study.results import results_table, write_tables
+
+    files: dict = {}
+    if cells:
+        files["table"] = results_table(cells)
+        files.update(write_tables(files["table"], results_dir))
+    tracker.finish_parent(status if status == "FINISHED" else "KILLED",
+                          {k: v for k, v in files.items() if k != "table"})
+    return files, tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
+
+
+def print_results(config: StudyConfig, cells: list, files: dict, timings: dict, experiment_id) -> None:
+    from study.results import terminal_table
+
     print(f"\nResults of study {config.name} (per cell, the configuration with the best pooled out-of-fold C-index; "
           "headline: its BBC-CV C-index, which pays for choosing it among the cell's configurations):")
     print(terminal_table(cells) if cells else "no cells finished")
@@ -433,17 +496,20 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
           f"data {timings['data_s']:.0f} s, start-up {timings['startup_s']:.0f} s, trials {timings['tune_s']:.0f} s "
           f"(their training and validation {timings['trial_train_s']:.0f} s of trial time), tracking "
           f"{timings['tracking_s']:.1f} s (timings.json).")
-    print(mlflow_ui_hint(config, tracker.experiment_id))
+    print(mlflow_ui_hint(config, experiment_id))
+
+
+def check_outcome(config: StudyConfig, cells: list, delivered: bool, pending: int, journal: Path) -> None:
+    """Exit 3 if tracking records still wait; a study in which no trial finished is an error."""
     if not delivered:
         raise TrackingIncomplete(
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
-            f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}. Start the server again and "
+            f"{CATCH_UP_S:.0f} s after it; {pending} records wait in {journal}. Start the server again and "
             f"run the same command with --resume: it delivers them (no trial is rerun).")
     if not any(cell.finished for cell in cells):
         failed, pruned = sum(c.failed for c in cells), sum(c.pruned for c in cells)
         raise StudyError(f"no trial of study {config.name} finished ({failed} failed, {pruned} stopped by ASHA): "
                          "the reasons are the failure_reason tags of its trial runs in MLflow")
-    return StudyOutcome(table, cells, store)
 
 
 def _driver_node_alive() -> bool:
