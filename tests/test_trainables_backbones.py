@@ -8,7 +8,15 @@ import torch
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES, CBAM, ChannelAttention, SpatialAttention, build_backbone
 
-VARIANTS = [(1.0, 1.0), (0.5, 0.5), (0.25, 0.34)]
+VARIANTS = [pytest.param(1.0, 1.0, marks=pytest.mark.slow, id="full-width"), (0.5, 0.5), (0.25, 0.34)]
+
+
+def test_the_networks_built_are_the_backbones_a_space_can_name():
+    """Search spaces name backbones without importing torch; every name must build, and every
+    network must be nameable."""
+    from search_spaces import BACKBONES as NAMED
+
+    assert set(NAMED) == set(BACKBONES)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
