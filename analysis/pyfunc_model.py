@@ -76,8 +76,10 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         rows = pd.DataFrame(model_input)
         if "store" not in rows.columns:
             raise ModelInputError(f"input needs a column 'store' (a cohort store); got {list(rows.columns)}")
+        from datasets.remote import stage_store
+
         for store_path, group in rows.groupby("store", sort=False):
-            store = CohortStore(store_path)
+            store = CohortStore(stage_store(store_path))  # a URI (s3://, gs://) is copied once to a local cache
             if list(store.sequences) != list(self.meta["sequences"]) or list(store.shape) != list(self.meta["shape"]):
                 raise ModelInputError(f"{store_path}: sequences {store.sequences}, shape {list(store.shape)}; the "
                                       f"model was trained on {self.meta['sequences']}, {self.meta['shape']}")

@@ -204,6 +204,11 @@ def checkerboard(fixed: np.ndarray, moving: np.ndarray, squares: int = 8) -> np.
     return np.where(board, a, b)
 
 
+def _same_grid(a, b) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin()) and np.allclose(a.GetDirection(), b.GetDirection()))
+
+
 def prepare_raw(files: dict, patient_id: str, config, workdir: Path) -> tuple[dict, dict]:
     """Register, bias-correct and brain-mask a patient's sequences as `config` says; returns the
     files to preprocess (written in `workdir`, on the reference sequence's grid) and the record
@@ -219,6 +224,14 @@ def prepare_raw(files: dict, patient_id: str, config, workdir: Path) -> tuple[di
         images = {s: read_image(files[s]) for s in sequences}
     except RuntimeError as exc:
         raise ImageError(f"patient {patient_id}: SimpleITK cannot read a sequence ({str(exc).splitlines()[0]})") from exc
+    # An all-zero sequence is treated as missing by the common preprocessing: nothing to align or correct.
+    empty = {s for s, image in images.items() if _sitk().GetArrayViewFromImage(image).max() <= 0}
+    sequences = [s for s in sequences if s not in empty]
+    if not sequences:
+        return files, {}
+    if reference in empty:
+        reference = sequences[0]
+        info["reference"] = reference
     fixed = images[reference]
     out = dict(files)
     if config.register != "none":
@@ -245,7 +258,7 @@ def prepare_raw(files: dict, patient_id: str, config, workdir: Path) -> tuple[di
     if config.bias_correct:
         started = time.perf_counter()
         # Inside the brain when there is one: see the module docstring.
-        mask = brain if brain is not None and config.register != "none" else None
+        mask = brain if brain is not None and _same_grid(brain, fixed) and config.register != "none" else None
         for sequence in sequences:
             images[sequence] = bias_correct(images[sequence], mask)
         seconds["bias_correct"] = time.perf_counter() - started

@@ -36,8 +36,14 @@ def _duration(seconds: float) -> str:
 
 
 def default_interval() -> float:
-    if os.environ.get("STUDY_PROGRESS_S"):
-        return float(os.environ["STUDY_PROGRESS_S"])
+    value = os.environ.get("STUDY_PROGRESS_S", "")
+    try:
+        if value and float(value) >= 0:
+            return float(value)
+    except ValueError:
+        pass
+    if value:
+        print(f"  (STUDY_PROGRESS_S={value!r} is not a number of seconds >= 0: using the default)", flush=True)
     return 30.0 if sys.stdout.isatty() else 120.0
 
 
@@ -90,6 +96,12 @@ class Progress(tune.Callback):
             self._ended_fold_epochs.append(state["fold_epochs"])
 
     def on_step_end(self, iteration, trials, **info):
+        for trial in trials:  # trials that ended before a resume are counted too
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._ended:
+                last = trial.last_result or {}
+                self._ended[trial.trial_id] = ("failed" if trial.status == "ERROR" or last.get(names.FAILED)
+                                               else "finished" if last.get(names.FINAL) else "pruned")
+                self._running.pop(trial.trial_id, None)
         if time.monotonic() - self._last_print >= self.interval_s:
             self._last_print = time.monotonic()
             print("\n".join(self.lines()), flush=True)

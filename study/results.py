@@ -238,6 +238,10 @@ def terminal_table(cells: list[CellResult]) -> str:
     for line in configurations:
         while len(line) > 120:
             cut = line.rfind(", ", 0, 119)
+            if cut <= 6:  # no separator to wrap at (a long value): cut it
+                lines.append(line[:120])
+                line = "      " + line[120:]
+                continue
             lines.append(line[:cut + 1])
             line = "      " + line[cut + 2:]
         lines.append(line)

@@ -2,16 +2,17 @@
 
 Tune restores a study by unpickling the files at the top of its experiment folder on the
 storage path (``tuner.pkl``, ``experiment_state-*.json`` whose trials are pickled inside,
-``searcher-state-*.pkl``, callback states): whoever can write that bucket or shared folder can
-run code on the driver at ``--resume``. The trial folders below it hold data only (the fold
-models are read with ``torch.load(weights_only=True)``).
+``searcher-state-*.pkl``, callback states) and a failed trial's ``error.pkl`` in its folder:
+whoever can write that bucket or shared folder can run code on the driver at ``--resume``. The
+rest of the trial folders is data (the fold models are read with ``torch.load(weights_only=True)``).
 
 So the driver records, while it runs, the SHA-256 of every version of those files that it
 wrote, as tags ``resume_state.<file name>`` of the study's MLflow run (a separate trust domain:
 the tracking server, not the storage path). ``--resume`` hashes the files on the storage path
 before Tune reads any of them and refuses a file whose digest the driver never recorded.
 ``--trust-storage`` skips the check, for a storage path only you can write (for example after a
-driver that was killed before it could record its last state; the message says so).
+tracking server that was down when the driver recorded its last state, or a study started by a
+version without this check; the message says so). The check runs right before Tune restores.
 
 Records go straight to MLflow, not through the study's tracking journal: the journal may live
 on the storage path itself, and a record injected there must not vouch for a file.
@@ -30,7 +31,7 @@ from datasets.errors import StudyError
 TAG_PREFIX = "resume_state."
 # Versions of one file kept per tag: the storage copy lags the driver's by at most an upload.
 VERSIONS_KEPT = 8
-SCAN_EVERY_S = 2.0
+RETRY_AFTER_S = 30.0  # after a failed record, while the tracking store is down
 
 
 class UntrustedState(StudyError):
@@ -40,6 +41,11 @@ class UntrustedState(StudyError):
 def is_state_file(name: str) -> bool:
     """A file at the top of a Tune experiment folder that Tune reads when it restores."""
     return name.endswith((".pkl", ".json")) and not name.startswith((".", "tmp-"))
+
+
+def error_key(trial_folder: str) -> str:
+    """The record name of a trial folder's ``error.pkl`` (tag keys cannot hold a folder's '=' and ',')."""
+    return "error." + hashlib.sha256(trial_folder.encode()).hexdigest()[:20]
 
 
 def _sha256(stream) -> str:
@@ -65,6 +71,11 @@ def storage_digests(experiment_path: str, filesystem=None) -> dict[str, str]:
         if info.type == pafs.FileType.File and is_state_file(info.base_name):
             with filesystem.open_input_stream(info.path) as stream:
                 out[info.base_name] = _sha256(stream)
+        elif info.type == pafs.FileType.Directory:
+            error = filesystem.get_file_info(f"{info.path}/error.pkl")
+            if error.type == pafs.FileType.File:
+                with filesystem.open_input_stream(error.path) as stream:
+                    out[error_key(info.base_name)] = _sha256(stream)
     return out
 
 
@@ -76,7 +87,16 @@ def recorded_digests(tags: dict[str, str]) -> dict[str, list[str]]:
 def check_state(experiment_path: str, tags: dict[str, str]) -> None:
     """Raise UntrustedState unless every state file's digest is one the driver recorded."""
     recorded = recorded_digests(tags)
-    found = storage_digests(experiment_path)
+    try:
+        found = storage_digests(experiment_path)
+    except OSError as exc:
+        raise StudyError(f"--resume: the state files in {experiment_path} cannot be read ({exc})") from exc
+    if not recorded:
+        raise UntrustedState(
+            f"--resume: the study's MLflow run records no digests of Tune's state files in {experiment_path} (a "
+            "study started by a version of this tool without the check, or tracked in another store): they cannot "
+            "be checked before Tune unpickles them. If only you can write the storage path, resume with --resume "
+            "--trust-storage.")
     unknown = sorted(name for name, digest in found.items() if digest not in recorded.get(name, []))
     if unknown:
         raise UntrustedState(
@@ -91,35 +111,33 @@ def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
     """The tags of a study's MLflow run, read without changing anything ({} if there is none)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(study_name)
-    if experiment is None:
-        return {}
-    found = client.search_runs([experiment.experiment_id], "tags.study_role = 'study'", max_results=1)
+    try:
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(study_name)
+        if experiment is None:
+            return {}
+        found = client.search_runs([experiment.experiment_id], "tags.study_role = 'study'", max_results=1)
+    except Exception as exc:
+        raise StudyError(f"--resume: the digests of the study's state files cannot be read from {tracking_uri} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     return dict(found[0].data.tags) if found else {}
-
-
-def verify_before_resume(tune_path: str, tracking_uri: str, study_name: str) -> None:
-    """Check the state files of a study about to be resumed (nothing to check for a new one)."""
-    if not tune.Tuner.can_restore(tune_path):
-        return
-    check_state(tune_path, study_run_tags(tracking_uri, study_name))
 
 
 class StateRecorder(tune.Callback):
     """Records the digest of each version of Tune's state files in the study's MLflow run.
 
-    Tune writes its experiment state to a staging folder on the driver and uploads it in the
-    background; each new version is hashed there (at the end of a Tune step, right after Tune's
-    checkpoint) and tagged before the next one, so the copy on the storage path is always a
-    recorded version. ``tuner.pkl`` is written once, straight to the storage path.
+    Tune writes its experiment state to a staging folder on the driver and starts its upload in
+    the background; each new version is hashed there at the end of the same Tune step (a stat of
+    each file per step; a hash when it changed) and tagged, so the copy on the storage path is a
+    recorded version unless the driver dies within that step or the tracking store is down (then
+    ``--trust-storage``). ``tuner.pkl`` is written once per driver run, straight to the storage path.
     """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._versions: dict[str, list[str]] = {}
         self._stamps: dict[Path, tuple[int, int]] = {}
-        self._last_scan = 0.0
+        self._retry_at = 0.0
         self._tuner_recorded = False
         self._client = None
 
@@ -130,7 +148,7 @@ class StateRecorder(tune.Callback):
         self.__init__(state["tracking_uri"], state["run_id"])
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if trials and time.monotonic() - self._last_scan >= SCAN_EVERY_S:
+        if trials and time.monotonic() >= self._retry_at:
             self._scan(trials[0].storage)
 
     def on_experiment_end(self, trials: list, **info) -> None:
@@ -138,17 +156,18 @@ class StateRecorder(tune.Callback):
             self._scan(trials[0].storage)
 
     def _scan(self, storage) -> None:
-        self._last_scan = time.monotonic()
         staging = Path(storage.experiment_driver_staging_path)
         changed = {}
-        for path in sorted(staging.iterdir()) if staging.is_dir() else []:
-            if not path.is_file() or not is_state_file(path.name):
-                continue
+        files = [(p.name, p) for p in sorted(staging.iterdir()) if p.is_file() and is_state_file(p.name)] \
+            if staging.is_dir() else []
+        files += [(error_key(p.parent.name), p) for p in sorted(staging.glob("*/error.pkl"))] \
+            if staging.is_dir() else []
+        for name, path in files:
             stat = path.stat()
             if self._stamps.get(path) != (stat.st_mtime_ns, stat.st_size):
                 self._stamps[path] = (stat.st_mtime_ns, stat.st_size)
                 with open(path, "rb") as stream:
-                    changed[path.name] = _sha256(stream)
+                    changed[name] = _sha256(stream)
         if not self._tuner_recorded:  # written once per driver run, straight to the storage path
             self._tuner_recorded = True
             on_storage = storage_digests(storage.experiment_fs_path, storage.storage_filesystem)
@@ -178,6 +197,7 @@ class StateRecorder(tune.Callback):
                 self._client.log_batch(self.run_id, tags=[RunTag(TAG_PREFIX + n, ",".join(v))
                                                           for n, v in updated.items()])
                 self._versions.update(updated)
-        except Exception:  # the tracking store is down: the next scan records the newest version
+        except Exception:  # the tracking store is down: a scan after RETRY_AFTER_S records the newest version
             self._stamps.clear()
             self._tuner_recorded = False
+            self._retry_at = time.monotonic() + RETRY_AFTER_S

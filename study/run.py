@@ -394,14 +394,18 @@ def prepare_storage(config: StudyConfig, store: CohortStore) -> tuple[Path, Path
 
 
 def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
-    """The study's MLflow run, started or resumed, once Tune's state files (on a resume) are
-    found to be the driver's own: before Tune unpickles anything and before the journal is replayed."""
+    """The study's MLflow run, started or resumed. On a resume Tune's state files are checked first
+    (a refusal changes nothing in MLflow) and again right before Tune restores them
+    (`study.tuning.run_trials`)."""
+    from ray import tune
+
     tracker = start_tracking(config, store, journal)
     if not config.trust_storage:
-        from study.resume_trust import verify_before_resume
+        from study.resume_trust import check_state, study_run_tags
         from study.tuning import tune_path
 
-        verify_before_resume(tune_path(config), config.tracking_uri, config.name)
+        if tune.Tuner.can_restore(tune_path(config)):
+            check_state(tune_path(config), study_run_tags(config.tracking_uri, config.name))
     record = manifest(config, store)
     tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
             "git_revision": record["git_revision"],
@@ -442,8 +446,8 @@ def train(config: StudyConfig, setup, tracker, timings: dict):
         if _driver_node_alive():
             raise
         raise _interrupted(config, exc, time.perf_counter() - started) from None
-    if not _driver_node_alive():  # Tune ended because its trials lost their node: resumable
-        raise _interrupted(config, None, time.perf_counter() - started)
+    if any(result.error is not None for result in grid) and not _driver_node_alive():
+        raise _interrupted(config, None, time.perf_counter() - started)  # its trials lost their node: resumable
     timings["tune_s"] = time.perf_counter() - started
     for result in grid:
         timings["trial_train_s"] += float((result.metrics or {}).get("train_seconds", 0.0))
@@ -553,7 +557,7 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
         try:
             with cell.best_checkpoint.as_directory() as directory:
                 uri = log_cell_model(config.tracking_uri, tracker.parent_run_id, cell.cell, Path(directory), meta,
-                                     str(config.data), list(cohort.patient_ids[:2]), name)
+                                     str(store.path), list(cohort.patient_ids[:2]), name)
             print(f"  model of {cell.label}: {uri}" + (f", registered as {name}" if name else ""), flush=True)
         except Exception as exc:
             print(f"  (model of {cell.label} not logged: {type(exc).__name__}: {str(exc)[:300]})", flush=True)
@@ -608,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             dry_run(config, args.epoch_seconds)
             return 0
+        # Said first: Ray's core worker may end this process itself (exit 1) when its raylet dies,
+        # before the study can say anything.
+        print(f"To resume this study if it stops: {resume_command(sys.argv[1:] if argv is None else argv)}",
+              flush=True)
         if config.outer_folds:
             from study.nested import run_nested
 

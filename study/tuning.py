@@ -50,7 +50,7 @@ from analysis import metric_names as names
 from search_spaces import Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig, fixed_parameters
 from study.progress import Progress
-from study.resume_trust import StateRecorder
+from study.resume_trust import StateRecorder, check_state, study_run_tags
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
@@ -134,6 +134,8 @@ class CellOptunaSearch(OptunaSearch):
             params = self._ot_trials[trial_id].params
             self.add_evaluated_point(params, value if value is not None else math.nan, error=state == TrialState.FAIL,
                                      pruned=state == TrialState.PRUNED)
+            if self.mirror is not None:
+                self.mirror.copy(f"{trial_id}/retried", self._ot_study.trials[-1])
             return
         frozen = self._ot_study.tell(self._ot_trials[trial_id], value, state=state)
         self._completed_trials.add(trial_id)
@@ -335,6 +337,8 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
     trainable = tune.with_resources(function, resources)
     path = tune_path(config)
     if tune.Tuner.can_restore(path):
+        if not config.trust_storage:  # the last moment before Tune unpickles them
+            check_state(path, study_run_tags(tracker.tracking_uri, config.name))
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
         trainable,

@@ -30,3 +30,12 @@ def test_the_terminal_table_fits_120_columns_with_the_longest_names():
     joined = " ".join(line.strip() for line in lines[lines.index(next(l for l in lines if "Selected" in l)) + 1:])
     for key in ("lr=0.000123", "weight_decay=1.23e-06", "clinical_dropout=0.424"):
         assert key in joined
+
+
+def test_a_long_value_without_separators_is_cut_not_looped_over():
+    cell = _cell("densenet121", "os_all", "image")
+    cell.best_config = {"note": "x" * 300}
+    lines = terminal_table([cell]).splitlines()
+    assert max(len(line) for line in lines) <= 120
+    start = next(i for i, line in enumerate(lines) if "Selected configurations" in line)
+    assert sum(line.count("x") for line in lines[start + 1:]) == 300

@@ -19,17 +19,22 @@ from analysis import metric_names as names
 
 
 def _nvml_handles() -> list:
-    """NVML handles of the trial's visible GPUs, [] without NVML or GPUs."""
+    """NVML handles of the trial's visible GPUs (indices or UUIDs in CUDA_VISIBLE_DEVICES), [] without
+    NVML or GPUs; never raises (resource sampling must not fail a trial)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is None:
+            return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        handles = []
+        for device in (v.strip() for v in visible.split(",") if v.strip()):
+            handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(device)) if device.isdigit()
+                           else pynvml.nvmlDeviceGetHandleByUUID(device))
+        return handles
     except Exception:
         return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    indices = ([int(i) for i in visible.split(",") if i.strip().isdigit()] if visible
-               else range(pynvml.nvmlDeviceGetCount()))
-    return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
 
 
 class ResourceSampler:

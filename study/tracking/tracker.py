@@ -35,6 +35,7 @@ from ray import tune
 from analysis import metric_names as names
 from datasets.errors import StudyError
 from search_spaces import Cell
+from study.resume_trust import TAG_PREFIX as RESUME_TAG_PREFIX
 from trainables.cross_validation import CURVE_FILE, OOF_FILE
 
 
@@ -271,7 +272,10 @@ class StudyTracker:
                 self.client.log_batch(self._run_id(key), metrics=[
                     Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["values"].items()])
             elif op == "tags":
-                self.client.log_batch(self._run_id(key), tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+                # Digests that vouch for Tune's state files come only from the driver, never through the
+                # journal, which may sit on the storage path they protect (`study.resume_trust`).
+                tags = [RunTag(k, v) for k, v in entry["tags"].items() if not k.startswith(RESUME_TAG_PREFIX)]
+                self.client.log_batch(self._run_id(key), tags=tags)
             elif op == "artifact":
                 if Path(entry["path"]).exists():
                     self.client.log_artifact(self._run_id(key), entry["path"])
