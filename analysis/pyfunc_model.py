@@ -15,9 +15,11 @@ folds, nothing estimated on the new data):
 Volumes already in memory go through the wrapped model: ``model.unwrap_python_model()
 .predict_volumes(volumes[n, C, X, Y, Z], clinical_rows)``.
 
-The fold weights travel as the model's artifacts and the project's packages as its code, so
-the model loads wherever the project's dependencies are installed. It is saved as "models from
-code" (`analysis.pyfunc_model_code`): loading it runs that file, it unpickles no Python object.
+The fold weights travel as the model's artifacts; the code is the project's, so the model loads
+wherever the project is installed (``pip install -e .``; the model's requirements list its
+dependencies' versions). It is saved as "models from code" (`analysis.pyfunc_model_code`):
+loading it runs that file, it unpickles no Python object. The project's source is not copied into
+the model: MLflow's artifact store holds weights and predictions only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,9 +38,6 @@ from datasets.errors import StudyError
 
 MODELS_DIR = "models"
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold file otherwise
-# The packages a fold model needs to be rebuilt (copied into the logged model as its code).
-_CODE = ("trainables", "datasets", "analysis", "search_spaces")
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ModelInputError(StudyError):
@@ -132,12 +130,9 @@ def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Pa
         try:
             mlflow.pyfunc.save_model(path, python_model=str(Path(__file__).with_name("pyfunc_model_code.py")),
                                      artifacts=artifacts, signature=signature, input_example=example,
-                                     code_paths=[str(_PROJECT_ROOT / c) for c in _CODE],
                                      pip_requirements=_requirements())
         finally:
             logging.getLogger("mlflow").setLevel(quiet)
-        for cache in list((path / "code").rglob("__pycache__")):
-            shutil.rmtree(cache, ignore_errors=True)
         MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=f"{MODELS_DIR}/{cell}")
     uri = f"runs:/{run_id}/{MODELS_DIR}/{cell}"
     if register_as:

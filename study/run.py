@@ -509,7 +509,9 @@ def check_outcome(config: StudyConfig, cells: list, delivered: bool, pending: in
         raise TrackingIncomplete(
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
             f"{CATCH_UP_S:.0f} s after it; {pending} records wait in {journal}. Start the server again and "
-            f"run the same command with --resume: it delivers them (no trial is rerun).")
+            f"run the same command with --resume --trust-storage: it delivers them (no trial is rerun). "
+            "--trust-storage because the digests of Tune's last state files could not be recorded in MLflow "
+            "either: resume so only if no one else can write the storage path.")
     if not any(cell.finished for cell in cells):
         failed, pruned = sum(c.failed for c in cells), sum(c.pruned for c in cells)
         raise StudyError(f"no trial of study {config.name} finished ({failed} failed, {pruned} stopped by ASHA): "

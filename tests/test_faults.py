@@ -180,10 +180,14 @@ def test_tracking_server_down_past_the_end_is_delivered_by_resume(small_store, t
         assert driver.wait(timeout=400) == 3, log.read_text()
     text = log.read_text()
     journal = tmp_path / "rr" / "outage2" / "tracking_journal.jsonl"
-    assert f"records wait in {journal}" in text and "--resume" in text, text
+    assert f"records wait in {journal}" in text and "--resume --trust-storage" in text, text
     assert journal.read_text().count("\n") > 5
     server.start()
-    resumed = subprocess.run(command + ["--resume"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400)
+    # Without --trust-storage the resume is refused: the last state's digests never reached MLflow.
+    refused = subprocess.run(command + ["--resume"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400)
+    assert refused.returncode == 2 and "--trust-storage" in refused.stderr, refused.stdout + refused.stderr
+    resumed = subprocess.run(command + ["--resume", "--trust-storage"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "delivering" in resumed.stdout
     assert_everything_tracked(server.uri, "outage2", 2)
