@@ -121,8 +121,10 @@ class Progress(tune.Callback):
                  + (f" ({ended})" if ended else "") + f", {len(self._running)} running; study ETA ~{_duration(study_eta)}"]
         for state in sorted(self._running.values(), key=lambda s: s["started"]):
             left = max(0, self.per_trial - state["fold_epochs"])
+            cindex = state.get("cindex", math.nan)
             own = (now - state["started"]) / state["fold_epochs"] if state["fold_epochs"] else pace
             lines.append(f"  {state['name']}  fold-epochs {state['fold_epochs']}/{self.per_trial}  "
-                         f"mean val C {state.get('cindex', math.nan):.3f}  {_duration(now - state['started'])}  "
+                         f"mean val C {f'{cindex:.3f}' if math.isfinite(cindex) else '-'}  "
+                         f"{_duration(now - state['started'])}  "
                          f"ETA {_duration(left * own)}")
         return lines
