@@ -242,28 +242,42 @@ def _map_tasks(tasks: Sequence[PatientTask], workers: int, backend: str):
                 yield pending.pop(future), future.result()
 
 
-def convert(
-    images: str | Path,
-    clinical: str | Path,
-    out: str | Path,
-    config: PreprocessConfig = PreprocessConfig(),
-    column_map: Mapping[str, str] | None = None,
-    patterns: Mapping[str, str] | None = None,
-    workers: int = 1,
-    backend: str = "processes",
-    progress: bool = True,
-    pseudonymiser: Pseudonymiser | None = None,
-    time_range: Sequence[float] = clinical_mod.TIME_RANGE_DAYS,
-) -> ConversionSummary:
-    """Convert a site export into a cohort store (resumable). See the module docstring.
+@dataclass
+class StoreIds:
+    """How a source patient id appears in everything the store writes: as it is, or as its
+    pseudonym, with the source id (in every spelling) scrubbed from recorded messages and paths."""
 
-    With a `pseudonymiser`, the store, its manifest and QC report only ever see pseudonyms:
-    ids in recorded messages and source paths are replaced, and the key's fingerprint is stored
-    so that resuming with another key (or none) is refused.
-    """
-    start = time.perf_counter()
-    images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
-    table = clinical_mod.read_clinical(clinical, column_map, time_range)
+    pseudonymiser: Pseudonymiser | None = None
+
+    def __call__(self, pid: str) -> str:
+        return self.pseudonymiser(pid) if self.pseudonymiser is not None else pid
+
+    def scrub(self, text: str, pid: str) -> str:
+        return self.pseudonymiser.scrub(text, pid) if self.pseudonymiser is not None else text
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.pseudonymiser.fingerprint if self.pseudonymiser is not None else None
+
+    def source_id(self, pid: str) -> str | None:
+        """The id in the export, kept beside a pseudonym (for the worker's own scrubbing)."""
+        return pid if self.pseudonymiser is not None else None
+
+
+@dataclass
+class MatchedExport:
+    """The export's patients that have a clinical row, an image folder and readable sequence files."""
+
+    ids: list[str]  # convertible, in the clinical table's order
+    files: dict[str, dict[str, Path]]  # id -> sequence -> file
+    notes: dict[str, list[str]]
+    hashes: dict[str, dict[str, str]]  # id -> sequence -> SHA-256 of the source
+    excluded: dict[str, str]
+
+
+def match_export(images: Path, table, config: PreprocessConfig, patterns: Mapping[str, str] | None) -> MatchedExport:
+    """Pair clinical rows with image folders, find each patient's sequence files and hash them;
+    every patient that cannot be used is excluded with the reason (InputError if none is left)."""
     matcher = SequenceMatcher(tuple(config.sequences), patterns)
     folders, clashes = discover_patients(images)
     excluded: dict[str, str] = dict(table.excluded)
@@ -273,7 +287,6 @@ def convert(
     for pid in sorted(set(table.rows.index) - set(folders) - set(clashes)):
         excluded[pid] = f"clinical row in {table.source} has no image folder under {images}"
     candidates = [pid for pid in table.rows.index if pid in folders]
-
     found: dict[str, dict[str, Path]] = {}
     notes: dict[str, list[str]] = {}
     for pid in candidates:
@@ -297,40 +310,38 @@ def convert(
     if not ids:
         raise InputError(f"no patient can be converted: {len(excluded)} excluded, e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:3]))
-    # Store ids: the pseudonyms when pseudonymising (everything written below uses `alias`).
-    alias = pseudonymiser if pseudonymiser is not None else (lambda pid: pid)
-    scrub = pseudonymiser.scrub if pseudonymiser is not None else (lambda text, pid: text)
-    if pseudonymiser is not None:
-        excluded = {alias(pid): scrub(reason, pid) for pid, reason in excluded.items()}
-        rows = table.rows.copy()
-        rows.index = [alias(pid) for pid in rows.index]
-        table.rows = rows
+    return MatchedExport(ids, found, notes, hashes, excluded)
 
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    fingerprint = pseudonymiser.fingerprint if pseudonymiser is not None else None
-    group, manifest = _open_or_create(out, [alias(pid) for pid in ids], config, table.rows, created, fingerprint)
+
+def plan_tasks(matched: MatchedExport, store_ids: StoreIds, group, records: dict, out: Path, config: PreprocessConfig,
+               summary: ConversionSummary) -> list[PatientTask]:
+    """A task per patient to (re)convert; a patient whose sources are unchanged and who is done is
+    skipped. A patient to redo is unmarked first: a kill can't leave stale data marked done."""
     positions = {store_id: i for i, store_id in enumerate(group.attrs["patient_ids"])}
-    slot = {pid: positions[alias(pid)] for pid in ids}
-    records: dict = manifest.setdefault("patients", {})
-    manifest["excluded"] = excluded
     done = group["done"]
-    summary = ConversionSummary(store=out, excluded=dict(excluded))
-
-    tasks = []
     done_now = done[:]
-    for pid in ids:
-        sources = {k: {"path": scrub(str(v), pid), "sha256": hashes[pid][k]} for k, v in found[pid].items()}
-        old = records.get(alias(pid), {})
-        if done_now[slot[pid]] and old.get("status") == "ok" and old.get("sources") == sources:
-            summary.skipped.append(alias(pid))
+    tasks = []
+    for pid in matched.ids:
+        store_id, slot = store_ids(pid), positions[store_ids(pid)]
+        sources = {k: {"path": store_ids.scrub(str(v), pid), "sha256": matched.hashes[pid][k]}
+                   for k, v in matched.files[pid].items()}
+        old = records.get(store_id, {})
+        if done_now[slot] and old.get("status") == "ok" and old.get("sources") == sources:
+            summary.skipped.append(store_id)
             continue
-        done[slot[pid]] = False  # cleared before rewriting: a kill can't leave stale data marked done
-        records[alias(pid)] = {"status": "pending", "sources": sources, "notes": [scrub(n, pid) for n in notes[pid]]}
-        tasks.append(PatientTask(slot[pid], alias(pid), {k: str(v) for k, v in found[pid].items()}, str(out), config,
-                                 source_id=pid if pseudonymiser is not None else None))
-    (out / qc.QC_DIR).mkdir(exist_ok=True)
-    write_json_atomic(out / MANIFEST, manifest)
+        done[slot] = False
+        records[store_id] = {"status": "pending", "sources": sources,
+                             "notes": [store_ids.scrub(n, pid) for n in matched.notes[pid]]}
+        tasks.append(PatientTask(slot, store_id, {k: str(v) for k, v in matched.files[pid].items()}, str(out), config,
+                                 source_id=store_ids.source_id(pid)))
+    return tasks
 
+
+def run_tasks(tasks: list[PatientTask], group, manifest: dict, out: Path, workers: int, backend: str,
+              progress: bool, summary: ConversionSummary) -> None:
+    """Convert the patients (in worker processes), marking each done once its data is written; the
+    manifest is flushed every `MANIFEST_FLUSH_S` seconds and at the end, whatever happens."""
+    records, done = manifest["patients"], group["done"]
     last_flush = time.monotonic()
     bar = tqdm(total=len(tasks), desc="converting", unit="patient", disable=not progress or not tasks)
     try:
@@ -351,6 +362,45 @@ def convert(
     finally:
         bar.close()
         write_json_atomic(out / MANIFEST, manifest)
+
+
+def convert(
+    images: str | Path,
+    clinical: str | Path,
+    out: str | Path,
+    config: PreprocessConfig = PreprocessConfig(),
+    column_map: Mapping[str, str] | None = None,
+    patterns: Mapping[str, str] | None = None,
+    workers: int = 1,
+    backend: str = "processes",
+    progress: bool = True,
+    pseudonymiser: Pseudonymiser | None = None,
+    time_range: Sequence[float] = clinical_mod.TIME_RANGE_DAYS,
+) -> ConversionSummary:
+    """Convert a site export into a cohort store (resumable). See the module docstring.
+
+    With a `pseudonymiser`, the store, its manifest and QC report only ever see pseudonyms:
+    ids in recorded messages and source paths are replaced, and the key's fingerprint is stored
+    so that resuming with another key (or none) is refused.
+    """
+    start = time.perf_counter()
+    images, out = Path(images).expanduser().absolute(), Path(out).expanduser().absolute()
+    table = clinical_mod.read_clinical(clinical, column_map, time_range)
+    matched = match_export(images, table, config, patterns)
+    store_ids = StoreIds(pseudonymiser)  # everything written below uses store ids
+    excluded = {store_ids(pid): store_ids.scrub(reason, pid) for pid, reason in matched.excluded.items()}
+    rows = table.rows.copy()
+    rows.index = [store_ids(pid) for pid in rows.index]
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    group, manifest = _open_or_create(out, [store_ids(pid) for pid in matched.ids], config, rows, created,
+                                      store_ids.fingerprint)
+    manifest.setdefault("patients", {})
+    manifest["excluded"] = excluded
+    summary = ConversionSummary(store=out, excluded=dict(excluded))
+    tasks = plan_tasks(matched, store_ids, group, manifest["patients"], out, config, summary)
+    (out / qc.QC_DIR).mkdir(exist_ok=True)
+    write_json_atomic(out / MANIFEST, manifest)
+    run_tasks(tasks, group, manifest, out, workers, backend, progress, summary)
     summary.report = qc.write_report(out, dict(group.attrs), manifest)
     summary.seconds = time.perf_counter() - start
     return summary
