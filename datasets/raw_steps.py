@@ -192,6 +192,32 @@ def _bet():
     return _BET
 
 
+def known_motion(image, rotation_deg, shift_mm, spacing):
+    """`image` moved by a known rigid motion (Euler angles [deg] about its centre, shift [mm]) onto
+    another grid (voxel size and slice thickness `spacing`): the known answer of the registration
+    tests and benchmark. Returns the moved image and the transform registration should find."""
+    sitk = _sitk()
+    truth = sitk.Euler3DTransform()
+    truth.SetCenter(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
+    truth.SetRotation(*np.radians(rotation_deg))
+    truth.SetTranslation(shift_mm)
+    size = [max(8, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(image.GetOrigin())
+    grid.SetDirection(image.GetDirection())
+    return sitk.Resample(image, grid, truth.GetInverse(), sitk.sitkLinear, 0.0), truth
+
+
+def mean_displacement(image, mask: np.ndarray, found, truth, every: int = 37) -> float:
+    """Mean distance [mm] between where two transforms send the points of `mask` (x, y, z voxels
+    of `image`), over every `every`-th point."""
+    points = np.argwhere(mask)[::every]
+    physical = [image.TransformIndexToPhysicalPoint(tuple(int(v) for v in p)) for p in points]
+    return float(np.mean([np.linalg.norm(np.subtract(found.TransformPoint(p), truth.TransformPoint(p)))
+                          for p in physical]))
+
+
 def checkerboard(fixed: np.ndarray, moving: np.ndarray, squares: int = 8) -> np.ndarray:
     """A 2D checkerboard of two planes scaled to [0, 1] each: misalignment shows at the squares' edges."""
     def scale(plane):

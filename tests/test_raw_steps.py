@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datasets.raw_steps import known_motion, mean_displacement
 from tests.conftest import PROJECT_ROOT
 
 sitk = pytest.importorskip("SimpleITK")
@@ -31,28 +32,6 @@ def _synthetic_head(voxel: float = 2.0):
     return image, maps["brain"] > 0.5, maps["wm"] > 0.9
 
 
-def _moved(image, rotation_deg, shift_mm, spacing):
-    """`image` moved by a known rigid transform onto another grid (other voxel size and slice
-    thickness); returns the moved image and the transform registration should find."""
-    truth = sitk.Euler3DTransform()
-    truth.SetCenter(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
-    truth.SetRotation(*np.radians(rotation_deg))
-    truth.SetTranslation(shift_mm)
-    size = [max(8, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetSpacing(spacing)
-    grid.SetOrigin(image.GetOrigin())
-    grid.SetDirection(image.GetDirection())
-    return sitk.Resample(image, grid, truth.GetInverse(), sitk.sitkLinear, 0.0), truth
-
-
-def _mean_displacement(image, mask: np.ndarray, found, truth) -> float:
-    points = np.argwhere(mask)[::37]
-    physical = [image.TransformIndexToPhysicalPoint(tuple(int(v) for v in p)) for p in points]
-    return float(np.mean([np.linalg.norm(np.subtract(found.TransformPoint(p), truth.TransformPoint(p)))
-                          for p in physical]))
-
-
 @pytest.mark.parametrize("rotation, shift, spacing", [
     ((8.0, -5.0, 6.0), (7.0, -6.0, 5.0), (1.5, 1.5, 4.0)),
     ((0.0, 0.0, 10.0), (10.0, 0.0, 0.0), (1.0, 1.0, 5.0)),
@@ -62,9 +41,9 @@ def test_registration_undoes_a_known_rigid_motion_of_a_synthetic_head(rotation, 
     from datasets.raw_steps import register
 
     fixed, brain, _ = _synthetic_head()
-    moving, truth = _moved(fixed, rotation, shift, spacing)
+    moving, truth = known_motion(fixed, rotation, shift, spacing)
     _, found, result = register(fixed, moving, "rigid")
-    assert _mean_displacement(fixed, brain, found, truth) < 1.0
+    assert mean_displacement(fixed, brain, found, truth) < 1.0
     assert result.flag is None and result.metric < -0.3
 
 
@@ -73,10 +52,10 @@ def test_registration_undoes_a_known_motion_of_the_real_tcga_scan():
     from datasets.raw_steps import head_mask, read_image, register
 
     fixed = read_image(TCGA / "t1c.nrrd")
-    moving, truth = _moved(fixed, (0.0, 0.0, 8.0), (6.0, -5.0, 0.0), (1.0, 1.0, 6.5))
+    moving, truth = known_motion(fixed, (0.0, 0.0, 8.0), (6.0, -5.0, 0.0), (1.0, 1.0, 6.5))
     _, found, result = register(fixed, moving, "rigid")
     mask = np.transpose(sitk.GetArrayFromImage(head_mask(fixed)), (2, 1, 0)) > 0
-    assert _mean_displacement(fixed, mask, found, truth) < 1.0, result.info()
+    assert mean_displacement(fixed, mask, found, truth) < 1.0, result.info()
 
 
 def test_n4_halves_the_white_matter_variation_under_a_known_field():
