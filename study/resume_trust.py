@@ -55,14 +55,11 @@ def _sha256(stream) -> str:
     return digest.hexdigest()
 
 
-def storage_digests(experiment_path: str, filesystem=None) -> dict[str, str]:
-    """file name -> SHA-256 of the state files at the top of a Tune experiment folder (a local path
-    or a URI; or a path within `filesystem`, a pyarrow file system)."""
+def storage_digests(experiment_path: str) -> dict[str, str]:
+    """file name -> SHA-256 of the state files of a Tune experiment folder (a local path or a URI)."""
     import pyarrow.fs as pafs
 
-    if filesystem is not None:
-        root = experiment_path
-    elif "://" in experiment_path:
+    if "://" in experiment_path:
         filesystem, root = pafs.FileSystem.from_uri(experiment_path)
     else:
         filesystem, root = pafs.LocalFileSystem(), str(Path(experiment_path).absolute())
@@ -157,22 +154,30 @@ class StateRecorder(tune.Callback):
 
     def _scan(self, storage) -> None:
         staging = Path(storage.experiment_driver_staging_path)
+        if not staging.is_dir():
+            return
+        changed = self._hash_changed([(p.name, p) for p in staging.iterdir() if p.is_file() and is_state_file(p.name)])
+        if changed:  # Tune checkpointed: a trial that failed since wrote its error.pkl before that
+            changed.update(self._hash_changed([(error_key(p.parent.name), p) for p in staging.glob("*/error.pkl")]))
+        if not self._tuner_recorded:  # written once per driver run, straight to the storage path
+            self._tuner_recorded = True
+            try:
+                with storage.storage_filesystem.open_input_stream(f"{storage.experiment_fs_path}/tuner.pkl") as stream:
+                    changed["tuner.pkl"] = _sha256(stream)
+            except OSError:  # not written (yet): the resume check will name it
+                self._tuner_recorded = False
+        self._record(changed)
+
+    def _hash_changed(self, files: list[tuple[str, Path]]) -> dict[str, str]:
+        """name -> SHA-256 of the files whose modification time or size changed since the last scan."""
         changed = {}
-        files = [(p.name, p) for p in sorted(staging.iterdir()) if p.is_file() and is_state_file(p.name)] \
-            if staging.is_dir() else []
-        files += [(error_key(p.parent.name), p) for p in sorted(staging.glob("*/error.pkl"))] \
-            if staging.is_dir() else []
         for name, path in files:
             stat = path.stat()
             if self._stamps.get(path) != (stat.st_mtime_ns, stat.st_size):
                 self._stamps[path] = (stat.st_mtime_ns, stat.st_size)
                 with open(path, "rb") as stream:
                     changed[name] = _sha256(stream)
-        if not self._tuner_recorded:  # written once per driver run, straight to the storage path
-            self._tuner_recorded = True
-            on_storage = storage_digests(storage.experiment_fs_path, storage.storage_filesystem)
-            changed.update({k: v for k, v in on_storage.items() if k == "tuner.pkl"})
-        self._record(changed)
+        return changed
 
     def _record(self, digests: dict[str, str]) -> None:
         from mlflow import MlflowClient
