@@ -48,19 +48,30 @@ BACKBONE_COST = {"seresnext50": 1.0, "resnet50_cbam": 1.15, "densenet121": 0.9}
 TASK_COST = {"os_all": 1.0, "1yr_all": 1.0, "os_gbm": 0.45, "1yr_gbm": 0.45}
 
 
+def report_cost(config: dict) -> float:
+    """Relative time of one report of a trial: its backbone's cost per epoch x its task's patients."""
+    return BACKBONE_COST[config["backbone"]] * TASK_COST[config["task"]]
+
+
+def learning_curve(config: dict) -> tuple[float, list[float]]:
+    """A trial's final C and its value at each report: best near lr 10^-3.5, noisy, deterministic."""
+    rng = np.random.default_rng(zlib.crc32(repr((config["task"], config["backbone"], config["lr"])).encode()))
+    final = 0.62 + 0.08 * math.exp(-((math.log10(config["lr"]) + 3.5) ** 2)) + rng.normal(0, 0.01)
+    return final, [0.5 + (final - 0.5) * (1 - math.exp(-step / 4)) + rng.normal(0, 0.005)
+                   for step in range(1, config["epochs"] + 1)]
+
+
 def stand_in_trial(config: dict, seconds_per_unit: float) -> None:
     """Sleeps as the cost model says and reports a synthetic learning curve (see module doc)."""
     from ray import tune
 
     from analysis import metric_names as names
 
-    seconds = seconds_per_unit * BACKBONE_COST[config["backbone"]] * TASK_COST[config["task"]]
-    rng = np.random.default_rng(zlib.crc32(repr((config["task"], config["backbone"], config["lr"])).encode()))
-    final = 0.62 + 0.08 * math.exp(-((math.log10(config["lr"]) + 3.5) ** 2)) + rng.normal(0, 0.01)
+    seconds = seconds_per_unit * report_cost(config)
+    final, values = learning_curve(config)
     reports = config["epochs"]
-    for step in range(1, reports + 1):
+    for step, value in enumerate(values, start=1):
         time.sleep(seconds)
-        value = 0.5 + (final - 0.5) * (1 - math.exp(-step / 4)) + rng.normal(0, 0.005)
         result = {"epoch": step * EPOCHS_PER_REPORT, names.EPOCH_CINDEX.name: value,
                   names.FOLD_EPOCHS.name: step * EPOCHS_PER_REPORT * 10}
         if step == reports:
@@ -102,8 +113,9 @@ def run_schedule(cells, configurations, root: Path, address: str, seconds_per_un
         config = replace(config, max_concurrent=trial_slots(config, node_shapes()[0]))
         tracker = StudyTracker(config.tracking_uri, config.name, root / f"{config.name}.jsonl")
         tracker.start({"space": config.space}, {"cells": len(group)}, {})
-        grid = run_trials(config, None, tracker, tune.with_parameters(stand_in_trial,
-                                                                      seconds_per_unit=seconds_per_unit))
+        costs = {cell.name: report_cost({"backbone": cell.backbone, "task": cell.task}) for cell in config.cells()}
+        grid = run_trials(config, None, tracker, tune.with_parameters(stand_in_trial, seconds_per_unit=seconds_per_unit),
+                          cell_costs=costs)
         tracker.finish_parent("FINISHED", {})
         tracker.catch_up(30)
         for result in grid:

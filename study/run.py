@@ -345,7 +345,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
                    trial_reports=0)
     cells, files, status = [], {}, "FAILED"
     try:
-        grid = train(config, setup, tracker, timings)
+        grid = train(config, setup, tracker, timings, cohorts)
         cells = conclude_cells(config, grid, store, cohorts, tracker)
         status = "FINISHED"
     finally:
@@ -433,15 +433,17 @@ def trial_setup(config: StudyConfig, store: CohortStore, volumes_array, volume_s
                       volume_slots=volume_slots if volumes is not None else None)
 
 
-def train(config: StudyConfig, setup, tracker, timings: dict):
-    """Every cell's search in one Tuner; a lost node or raylet becomes `StudyInterrupted` (exit 3)."""
+def train(config: StudyConfig, setup, tracker, timings: dict, cohorts: dict):
+    """Every cell's search in one Tuner, the cells with most patients first; a lost node or raylet
+    becomes `StudyInterrupted` (exit 3)."""
     from study.tuning import run_trials
 
     print(f"Training {len(config.cells()) * config.num_samples} trials ({len(config.cells())} cells, each its own "
           f"search), at most {config.max_concurrent} at once:", flush=True)
     started = time.perf_counter()
     try:
-        grid = run_trials(config, setup, tracker)
+        grid = run_trials(config, setup, tracker,
+                          cell_costs={cell.name: float(len(cohorts[cell.task][0])) for cell in config.cells()})
     except SystemExit as exc:  # a raylet that dies under the driver: a SystemExit inside ray.wait
         if _driver_node_alive():
             raise

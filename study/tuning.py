@@ -13,8 +13,18 @@ local Ray instance (a workstation, the demo) trial actors are also reused (``reu
 fresh actor imports torch and all of MONAI (about 5 s on 2 cores), once per worker instead of
 once per trial. Not on a cluster: there Tune then kept a finished trial's actor waiting for the
 next trial, which ran on the same node after a long wait instead of on an idle one (seen with
-two 1-CPU nodes: 141 s instead of 12 s, both trials on one node). Cells take turns (round
-robin), so each cell's trials are spread over the study and its TPE learns from finished trials.
+two 1-CPU nodes: 141 s instead of 12 s, both trials on one node).
+
+Which cell starts the next trial (`CellSearch`): the cells are filled one after another, in
+order of their expected cost (the patients of their task: all-patient tasks before the
+glioblastoma-only ones), each up to its cap (`per_cell_limit`), and a slot that the first cells
+cannot use goes to the next. The cells therefore finish one after another and the study ends on
+its cheapest trials. Cells taking turns (round robin, as before) made every cell start its last,
+possibly 200-epoch, configurations in the study's final minutes: in the scheduling model of
+`benchmarks/schedule_policies.py` (12 cells x 20 configurations on 24 GPUs with ASHA) filling
+ends the study at 1.07x its lower bound instead of 1.20x. The price is in the search: a cell's
+TPE suggests configurations 11 to 20 having seen about 6 of the cell's trials end instead of
+13, and the cap bounds that (see `per_cell_limit` and the README's cluster section).
 
 What Optuna learns from (`CellOptunaSearch`): a finished trial is COMPLETE with its pooled
 out-of-fold C-index (the number the cell is ranked by); a trial that ASHA stopped is PRUNED,
@@ -151,17 +161,19 @@ def _finite(value) -> bool:
 
 
 class CellSearch(Searcher):
-    """One `CellOptunaSearch` per cell, asked in turn until each has suggested `num_samples`.
+    """One `CellOptunaSearch` per cell, each asked until it has suggested `num_samples`.
 
     A suggested configuration is the cell's fixed parameters, its task and the searched values.
+    The next trial goes to the first cell, in order of `costs` (largest first; ties and no costs:
+    the order of `cells`), that has configurations left and fewer than `per_cell` trials running
+    (`per_cell_limit`; see the module docstring for why cells are filled rather than take turns).
     At most `max_concurrent` trials run at once (the searcher limits this itself rather than
-    through Tune's ConcurrencyLimiter, so that it also controls how its state is saved), and at
-    most `per_cell` of one cell (`per_cell_limit`).
+    through Tune's ConcurrencyLimiter, so that it also controls how its state is saved).
     """
 
     def __init__(self, cells: dict[str, dict], spaces: dict[str, dict], references: dict[str, dict],
                  num_samples: int, seed: int = 0, max_concurrent: int = 0, per_cell: int = 0,
-                 journal: str | None = None):
+                 journal: str | None = None, costs: dict[str, float] | None = None):
         super().__init__(metric=METRIC, mode=MODE)
         self._fixed = cells
         self._searches = {
@@ -175,7 +187,7 @@ class CellSearch(Searcher):
         self._num_samples = num_samples
         self._suggested = {cell: 0 for cell in cells}
         self._trial_cells: dict[str, str] = {}
-        self._turn = 0
+        self._order = sorted(cells, key=lambda cell: -(costs or {}).get(cell, 0.0))  # stable: ties keep their order
         self._max_concurrent = max_concurrent
         self._per_cell = per_cell
         self._live: set[str] = set()
@@ -186,10 +198,8 @@ class CellSearch(Searcher):
     def suggest(self, trial_id: str):
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None  # asked again when a trial ends
-        order = list(self._fixed)
         waiting = False  # a cell with configurations left, held back by its cap: asked again later
-        for step in range(len(order)):
-            cell = order[(self._turn + step) % len(order)]
+        for cell in self._order:
             if self._suggested[cell] >= self._num_samples:
                 continue
             if self._per_cell and sum(self._trial_cells[t] == cell for t in self._live) >= self._per_cell:
@@ -198,7 +208,6 @@ class CellSearch(Searcher):
             suggestion = self._searches[cell].suggest(trial_id)
             if not isinstance(suggestion, dict):
                 continue
-            self._turn = (self._turn + step + 1) % len(order)
             self._suggested[cell] += 1
             self._trial_cells[trial_id] = cell
             self._live.add(trial_id)
@@ -289,7 +298,7 @@ class DropStoppedCheckpoints(tune.Callback):
             pass
 
 
-def cell_search(config: StudyConfig) -> CellSearch:
+def cell_search(config: StudyConfig, costs: dict[str, float] | None = None) -> CellSearch:
     fixed, spaces, references = {}, {}, {}
     space = config.search_space
     for cell in config.cells():
@@ -297,7 +306,7 @@ def cell_search(config: StudyConfig) -> CellSearch:
         spaces[cell.name] = {k: tune_domain(d) for k, d in space.distributions_for(config.budget, cell.inputs).items()}
         references[cell.name] = space.reference_for(config.budget, cell.inputs)
     return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent or 0,
-                      per_cell_limit(config.num_samples), journal=str(optuna_journal_path(config)))
+                      per_cell_limit(config.num_samples), journal=str(optuna_journal_path(config)), costs=costs)
 
 
 def optuna_journal_path(config: StudyConfig) -> Path:
@@ -310,9 +319,9 @@ def optuna_journal_path(config: StudyConfig) -> Path:
 def per_cell_limit(num_samples: int) -> int:
     """Trials of one cell at once: TPE's random start-up trials (Optuna's first 10) learn nothing
     from each other, so they may all run together; past them, at most half of the cell's budget
-    runs before its results inform the other half. With many cells (12 in a full study) the cells'
-    turns spread a cluster's GPUs anyway; the limit binds when few cells are left, where it trades
-    idle GPUs for a search that learns."""
+    runs before its results inform the other half. Cells are filled in turn (`CellSearch`), so
+    the cap binds on the first cells and decides how much a cell's TPE has seen when it suggests:
+    a lower cap lets TPE see more and leaves GPUs idle at the end (`benchmarks/schedule_policies.py`)."""
     return max(TPE_STARTUP_TRIALS, num_samples // 2)
 
 
@@ -327,9 +336,10 @@ def cell_schedule(config: StudyConfig) -> CellSchedule | None:
 
 
 def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTracker,
-               trial_function=None) -> tune.ResultGrid:
+               trial_function=None, cell_costs: dict[str, float] | None = None) -> tune.ResultGrid:
     """Run (or resume) every cell's search in one Tuner; returns Tune's results of all trials.
 
+    `cell_costs` (cell name: expected cost of its trials) orders the cells (`CellSearch`).
     `trial_function` replaces the cross-validation trainable (`benchmarks.cluster_sim` runs the
     study's real driver, searchers, schedulers and tracking with a stand-in that sleeps)."""
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
@@ -343,7 +353,7 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
     tuner = tune.Tuner(
         trainable,
         param_space={},  # every configuration comes whole from CellSearch
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=cell_search(config),
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=cell_search(config, cell_costs),
                                     scheduler=cell_schedule(config),
                                     num_samples=len(config.cells()) * config.num_samples,
                                     reuse_actors=local_ray(config)),

@@ -118,7 +118,7 @@ def test_cells_of_a_study_with_both_inputs():
     from study.config import resolve
     from study.run import build_parser
     from study.config import fixed_parameters
-    from study.tuning import cell_search
+    from study.tuning import cell_search, per_cell_limit
 
     config = resolve(build_parser().parse_args(["--space", "literature_priors", "--budget", "full",
                                                 "--inputs", "image", "image+clinical", "--tasks", "os_all",
@@ -129,8 +129,8 @@ def test_cells_of_a_study_with_both_inputs():
     assert image["inputs"] == "image" and not set(FUSION_PARAMS) & set(image)
     assert fusion["inputs"] == "image+clinical" and fusion["clinical_inputs"] == ["age", "idh"]
     search = cell_search(config)
-    first = {cell: search.suggest(f"t{cell}") for cell in range(2)}
-    by_inputs = {s["inputs"]: s for s in first.values()}
+    first = [search.suggest(f"t{i}") for i in range(per_cell_limit(config.num_samples) + 1)]  # the first cell's cap
+    by_inputs = {s["inputs"]: s for s in reversed(first)}  # each cell's first (reference) configuration
     assert "clinical_hidden" in by_inputs["image+clinical"] and "clinical_hidden" not in by_inputs["image"]
     assert Cell.of(by_inputs["image+clinical"]).name == "densenet121-clinical__os_all"
     TrainConfig.from_dict({k: v for k, v in by_inputs["image+clinical"].items() if k != "task"})

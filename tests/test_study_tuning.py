@@ -1,5 +1,5 @@
 """The per-cell searches inside one Tuner: what Optuna is told about finished, stopped and failed
-trials, round-robin cells, and the concurrency limit."""
+trials, the order in which cells are filled, and the concurrency limits."""
 
 from __future__ import annotations
 
@@ -10,24 +10,24 @@ from analysis import metric_names as names
 from study.tuning import CellSearch
 
 
-def _search(max_concurrent: int = 0) -> CellSearch:
+def _search(max_concurrent: int = 0, per_cell: int = 0) -> CellSearch:
     cells = {f"b__{t}": {"task": t, "backbone": "b", "epochs": 4} for t in ("os_all", "1yr_all")}
     space = {"lr": tune.loguniform(1e-4, 1e-2)}
     return CellSearch(cells, {c: space for c in cells}, {c: {"lr": 1e-3} for c in cells}, num_samples=3,
-                      max_concurrent=max_concurrent)
+                      max_concurrent=max_concurrent, per_cell=per_cell)
 
 
 def test_stopped_trials_are_pruned_in_optuna_and_finished_ones_complete_with_their_oof_cindex():
-    search = _search()
+    search = _search(per_cell=2)
     configs = {f"t{i}": search.suggest(f"t{i}") for i in range(4)}
-    assert [c["task"] for c in configs.values()] == ["os_all", "1yr_all", "os_all", "1yr_all"]  # cells take turns
-    assert configs["t0"]["lr"] == 1e-3 and configs["t1"]["lr"] == 1e-3  # the reference recipe first, per cell
+    assert [c["task"] for c in configs.values()] == ["os_all", "os_all", "1yr_all", "1yr_all"]  # filled to the cap
+    assert configs["t0"]["lr"] == 1e-3 and configs["t2"]["lr"] == 1e-3  # the reference recipe first, per cell
     for trial in configs:
         for epoch in (1, 2):
             search.on_trial_result(trial, {names.EPOCH_CINDEX.name: 0.5 + 0.01 * epoch, "training_iteration": epoch})
     search.on_trial_complete("t0", {names.EPOCH_CINDEX.name: 0.6, names.OOF_CINDEX.name: 0.58, names.FINAL: True})
-    search.on_trial_complete("t2", {names.EPOCH_CINDEX.name: 0.52})  # stopped by ASHA at epoch 2
-    search.on_trial_complete("t1", {names.EPOCH_CINDEX.name: float("nan"), names.FAILED: "loss became nan"})
+    search.on_trial_complete("t1", {names.EPOCH_CINDEX.name: 0.52})  # stopped by ASHA at epoch 2
+    search.on_trial_complete("t2", {names.EPOCH_CINDEX.name: float("nan"), names.FAILED: "loss became nan"})
     study = search.studies()["b__os_all"]
     states = {t.number: (t.state, t.value) for t in study.trials}
     assert states[0] == (TrialState.COMPLETE, 0.58)  # the number the cell is ranked by, not the epoch mean
@@ -35,7 +35,7 @@ def test_stopped_trials_are_pruned_in_optuna_and_finished_ones_complete_with_the
     assert study.trials[1].intermediate_values == {1: 0.51, 2: 0.52}
     assert search.studies()["b__1yr_all"].trials[0].state == TrialState.FAIL
     # A crashed trial retried on resume (resume_errored) and finished is recorded again.
-    search.on_trial_complete("t1", {names.OOF_CINDEX.name: 0.57, names.FINAL: True})
+    search.on_trial_complete("t2", {names.OOF_CINDEX.name: 0.57, names.FINAL: True})
     ended = [(t.state, t.value) for t in search.studies()["b__1yr_all"].trials if t.state != TrialState.RUNNING]
     assert ended == [(TrialState.FAIL, None), (TrialState.COMPLETE, 0.57)]
 
@@ -76,3 +76,19 @@ def test_a_cell_runs_at_most_its_cap_while_other_cells_take_the_free_slots():
     search.on_trial_complete("t0", {names.OOF_CINDEX.name: 0.6, names.FINAL: True})
     assert search.suggest("t5")["task"] == tasks[0]  # the freed cell, and only it, may start one more
     assert search.suggest("t6") is None
+
+
+def test_cells_are_filled_in_order_of_cost_so_the_study_ends_on_its_cheapest_trials():
+    cells = {f"b__{t}": {"task": t, "backbone": "b", "epochs": 4} for t in ("os_gbm", "os_all", "1yr_gbm")}
+    space = {"lr": tune.loguniform(1e-4, 1e-2)}
+    search = CellSearch(cells, {c: space for c in cells}, {c: {"lr": 1e-3} for c in cells}, num_samples=3,
+                        max_concurrent=4, per_cell=2, costs={"b__os_gbm": 480.0, "b__os_all": 1100.0,
+                                                            "b__1yr_gbm": 480.0})
+    tasks = [search.suggest(f"t{i}")["task"] for i in range(4)]
+    assert tasks == ["os_all", "os_all", "os_gbm", "os_gbm"]  # most patients first; equal costs keep their order
+    search.on_trial_complete("t0")
+    assert search.suggest("t4")["task"] == "os_all"  # a free slot goes to the first cell with work left
+    search.on_trial_complete("t2")
+    assert search.suggest("t5")["task"] == "os_gbm"  # os_all has suggested its 3
+    search.on_trial_complete("t1")
+    assert search.suggest("t6")["task"] == "1yr_gbm"  # os_gbm at its cap: the next cell takes the slot
