@@ -1,8 +1,8 @@
 """Named search spaces: distributions plus a fixed protocol; `SPACES` is the registry."""
 
 from search_spaces import literature_priors, smoke, wide
-from search_spaces._space import (BACKBONES, TASKS, Cell, Choice, LogUniform, Protocol, SearchSpace, Task, Uniform,
-                                  cell_name)
+from search_spaces._space import (REFERENCE_BACKBONES, TASKS, Cell, Choice, LogUniform, Protocol, SearchSpace,
+                                  SearchSpaceError, Task, Uniform, cell_name)
 
 _BUILTIN = (literature_priors.SPACE, wide.SPACE, smoke.SPACE)  # a new space: its module, added here
 BUILTIN_SPACES = frozenset(s.name for s in _BUILTIN)
@@ -17,5 +17,5 @@ def get_space(name: str) -> SearchSpace:
     return SPACES[name]
 
 
-__all__ = ["BACKBONES", "BUILTIN_SPACES", "SPACES", "TASKS", "Cell", "Choice", "LogUniform", "Protocol", "SearchSpace",
-           "Task", "Uniform", "cell_name", "get_space"]
+__all__ = ["BUILTIN_SPACES", "REFERENCE_BACKBONES", "SPACES", "TASKS", "Cell", "Choice", "LogUniform", "Protocol",
+           "SearchSpace", "SearchSpaceError", "Task", "Uniform", "cell_name", "get_space"]

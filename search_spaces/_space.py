@@ -13,12 +13,20 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from datasets.clinical_features import FUSION_PARAMS, INPUTS
+from datasets.errors import InputError
 
-BACKBONES = ("seresnext50", "resnet50_cbam", "densenet121")
+# The reference study's three backbones: the default of a space's `backbones`. The networks are
+# registered in `trainables.backbones.BACKBONES` (a space stays data and never imports torch);
+# `study.config.check_space` checks a space's names against that registry and the heads'.
+REFERENCE_BACKBONES = ("seresnext50", "resnet50_cbam", "densenet121")
 # Training parameters a space may neither fix nor search: the cell sets them (backbone, head,
 # inputs), the protocol's own fields (epochs, width, depth) or the study (seed, clinical inputs).
 # A `fixed:` backbone would train one network while the trial is logged and ranked as another.
 OWNED_KEYS = ("backbone", "head", "inputs", "epochs", "width", "depth", "seed", "clinical_inputs")
+
+
+class SearchSpaceError(InputError):
+    """A search space (built in or read from a file) that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class LogUniform:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and 0 < self.low < self.high):
-            raise ValueError(f"LogUniform needs finite 0 < low < high, got {self.low}, {self.high}")
+            raise SearchSpaceError(f"LogUniform needs finite 0 < low < high, got {self.low}, {self.high}")
 
     def __str__(self) -> str:
         return f"log-uniform {self.low:g}..{self.high:g}"
@@ -47,7 +55,7 @@ class Uniform:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-            raise ValueError(f"Uniform needs finite low < high, got {self.low}, {self.high}")
+            raise SearchSpaceError(f"Uniform needs finite low < high, got {self.low}, {self.high}")
 
     def __str__(self) -> str:
         return f"uniform {self.low:g}..{self.high:g}"
@@ -65,7 +73,7 @@ class Choice:
 
     def __post_init__(self) -> None:
         if not self.values:
-            raise ValueError("Choice needs at least one value")
+            raise SearchSpaceError("Choice needs at least one value")
 
     def __str__(self) -> str:
         return "one of " + "/".join(str(v) for v in self.values)
@@ -146,7 +154,8 @@ class Protocol:
     width, depth
         Backbone scaling (1.0 = the published networks).
     os_head
-        Head (loss) of the overall-survival tasks: ``cox`` or ``logistic_hazard``.
+        Head (loss) of the overall-survival tasks: ``cox``, ``logistic_hazard`` or any head of
+        `trainables.heads.HEADS` that models the ``os`` endpoint (checked by `study.config`).
     fixed
         Further training parameters held constant (`trainables.TrainConfig` names).
     checkpoint_every
@@ -185,23 +194,21 @@ class Protocol:
     def __post_init__(self) -> None:
         unknown = [i for i in self.inputs if i not in INPUTS]
         if unknown or not self.inputs:
-            raise ValueError(f"inputs must be among {list(INPUTS)}, got {list(self.inputs)}")
+            raise SearchSpaceError(f"inputs must be among {list(INPUTS)}, got {list(self.inputs)}")
         blocks = (("fixed", self.fixed), ("distributions", self.distributions), ("reference", self.reference))
         for block, keys in blocks:
             owned = sorted(set(keys) & set(OWNED_KEYS))
             if owned:
-                raise ValueError(f"{block} sets {owned}, which the study sets per cell or in the protocol "
+                raise SearchSpaceError(f"{block} sets {owned}, which the study sets per cell or in the protocol "
                                  "(backbones, tasks and inputs are chosen with --backbones, --tasks, --inputs; epochs, "
                                  "width and depth are protocol fields)")
         if self.folds < 2:
-            raise ValueError(f"folds must be at least 2, got {self.folds}")
+            raise SearchSpaceError(f"folds must be at least 2, got {self.folds}")
         if self.reduction_factor < 2:
-            raise ValueError(f"reduction_factor must be at least 2 (ASHA keeps 1/factor of the trials at each rung), "
+            raise SearchSpaceError(f"reduction_factor must be at least 2 (ASHA keeps 1/factor of the trials at each rung), "
                              f"got {self.reduction_factor}")
         if not 1 <= self.grace_epochs <= self.epochs:
-            raise ValueError(f"grace_epochs must be in [1, epochs], got {self.grace_epochs}")
-        if self.os_head not in ("cox", "logistic_hazard"):
-            raise ValueError(f"os_head must be cox or logistic_hazard, got {self.os_head!r}")
+            raise SearchSpaceError(f"grace_epochs must be in [1, epochs], got {self.grace_epochs}")
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ class SearchSpace:
     protocols
         Budget name (``demo``, ``full``) -> `Protocol`.
     backbones, tasks
-        Defaults of ``--backbones`` and ``--tasks``.
+        Defaults of ``--backbones`` and ``--tasks`` (backbone names of `trainables.backbones`).
     """
 
     name: str
@@ -227,27 +234,27 @@ class SearchSpace:
     distributions: dict[str, Distribution]
     reference: dict[str, Any]
     protocols: dict[str, Protocol]
-    backbones: tuple[str, ...] = BACKBONES
+    backbones: tuple[str, ...] = REFERENCE_BACKBONES
     tasks: tuple[str, ...] = tuple(TASKS)
 
     def __post_init__(self) -> None:
         owned = sorted((set(self.distributions) | set(self.reference)) & set(OWNED_KEYS))
         if owned:
-            raise ValueError(f"space {self.name}: distributions/reference set {owned}, which the study sets per cell "
+            raise SearchSpaceError(f"space {self.name}: distributions/reference set {owned}, which the study sets per cell "
                              "or in the protocol")
         if set(self.protocols) != {"demo", "full"}:
-            raise ValueError(f"space {self.name}: protocols must be 'demo' and 'full'")
+            raise SearchSpaceError(f"space {self.name}: protocols must be 'demo' and 'full'")
         for budget in self.protocols:
             distributions, reference = self.distributions_for(budget), self.reference_for(budget)
             missing = set(reference) ^ set(distributions)
             if missing:
-                raise ValueError(f"space {self.name}: reference and distributions differ in {sorted(missing)}")
+                raise SearchSpaceError(f"space {self.name}: reference and distributions differ in {sorted(missing)}")
             for key, value in reference.items():
                 if not distributions[key].contains(value):
-                    raise ValueError(f"space {self.name} ({budget}): reference {key}={value!r} is outside its distribution")
-        unknown = [t for t in self.tasks if t not in TASKS] + [b for b in self.backbones if b not in BACKBONES]
+                    raise SearchSpaceError(f"space {self.name} ({budget}): reference {key}={value!r} is outside its distribution")
+        unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"space {self.name}: unknown tasks/backbones {unknown}")
+            raise SearchSpaceError(f"space {self.name}: unknown tasks {unknown}; valid tasks are {list(TASKS)}")
 
     def distributions_for(self, budget: str, inputs: str | None = None) -> dict[str, Distribution]:
         """The budget's distributions (with `inputs` given, only those its cells search)."""

@@ -31,18 +31,13 @@ from typing import Any
 
 import yaml
 
-from datasets.errors import InputError
-from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Uniform
+from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, SearchSpaceError, Uniform
 
 SPACE_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _DISTRIBUTIONS = {"loguniform": LogUniform, "uniform": Uniform, "choice": Choice}
 MAX_SPACE_FILE_BYTES = 64 * 1024
 MAX_EXPANDED_NODES = 10_000
 _TOP_KEYS = {"name", "summary", "backbones", "tasks", "distributions", "reference", "protocols"}
-
-
-class SearchSpaceError(InputError):
-    """A search-space file that cannot be used."""
 
 
 def is_space_file(value: str) -> bool:
@@ -57,12 +52,11 @@ def _distribution(path: Path, key: str, spec: Any):
     kind, args = next(iter(spec.items()))
     if not isinstance(args, list) or not args:
         raise SearchSpaceError(f"{where}: {kind} needs a list, got {args!r}")
+    if kind != "choice" and (len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                                       for a in args)):
+        raise SearchSpaceError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
     try:
-        if kind == "choice":
-            return Choice(tuple(args))
-        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-            raise SearchSpaceError(f"{where}: {kind} needs [low, high] numbers, got {args!r}")
-        return _DISTRIBUTIONS[kind](float(args[0]), float(args[1]))
+        return Choice(tuple(args)) if kind == "choice" else _DISTRIBUTIONS[kind](float(args[0]), float(args[1]))
     except ValueError as exc:
         raise SearchSpaceError(f"{where}: {exc}") from exc
 
@@ -115,9 +109,8 @@ def _safe_yaml(path: Path, text: str) -> Any:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space file; the training parameter names are checked too."""
-    from trainables.config import TrainConfig  # late: keeps search_spaces free of torch at import
-
+    """Read and validate a search-space file (its names of training parameters, backbones and
+    heads are checked against the trainables by `study.config.check_space`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise SearchSpaceError(f"--space {path}: no such search-space file")
@@ -148,12 +141,6 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SearchSpaceError(f"{path}: protocols must have exactly the budgets 'demo' and 'full'")
     distributions = {k: _distribution(path, k, v) for k, v in data["distributions"].items()}
     protocols = {b: _protocol(path, b, data["protocols"][b]) for b in ("demo", "full")}
-    trainable = {f.name for f in dataclasses.fields(TrainConfig)}
-    for budget, protocol in protocols.items():
-        searched = set(distributions) | set(protocol.distributions) | set(protocol.fixed)
-        bad = sorted(searched - trainable)
-        if bad:
-            raise SearchSpaceError(f"{path}: {bad} are not training parameters; known: {sorted(trainable)}")
     lists = {}
     for key in ("backbones", "tasks"):
         if key in data:

@@ -10,7 +10,7 @@ from typing import Any
 from datasets.clinical_features import FUSION_DEFAULT, FUSION_PARAMS, INPUTS
 from datasets.errors import InputError
 from datasets.remote import is_remote
-from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, get_space
+from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, SearchSpaceError, get_space
 from search_spaces.from_file import is_space_file, load_space
 
 
@@ -113,11 +113,38 @@ def _location(value: str) -> Path | str:
     return value if is_remote(value) else Path(value).expanduser().absolute()
 
 
+def check_space(space: SearchSpace, source: str) -> None:
+    """A space's names against the trainables' registries: its searched and fixed parameters are
+    `TrainConfig` fields, its backbones are networks of `trainables.backbones`, and each budget's
+    ``os_head`` is a head of `trainables.heads` that models overall survival. (Spaces are data and
+    never import torch, so this check lives where spaces meet the trainables.)"""
+    import dataclasses
+
+    from trainables.backbones import BACKBONES
+    from trainables.config import TrainConfig
+    from trainables.heads import HEADS
+
+    trainable = {f.name for f in dataclasses.fields(TrainConfig)}
+    for budget, protocol in space.protocols.items():
+        searched = set(space.distributions) | set(protocol.distributions) | set(protocol.fixed)
+        bad = sorted(searched - trainable)
+        if bad:
+            raise SearchSpaceError(f"{source}: {bad} are not training parameters; known: {sorted(trainable)}")
+        os_heads = [name for name, head in HEADS.items() if head.endpoint == "os"]
+        if protocol.os_head not in os_heads:
+            raise SearchSpaceError(f"{source}: protocols.{budget}.os_head must be one of {os_heads}, "
+                                   f"got {protocol.os_head!r}")
+    unknown = [b for b in space.backbones if b not in BACKBONES]
+    if unknown:
+        raise SearchSpaceError(f"{source}: unknown backbones {unknown}; valid backbones are {list(BACKBONES)}")
+
+
 def resolve(args) -> StudyConfig:
     """Validate parsed CLI arguments into a `StudyConfig` (raises InputError naming the flag)."""
     space_file = None
     if is_space_file(args.space):
         space = load_space(args.space)
+        check_space(space, str(args.space))
         if space.name in BUILTIN_SPACES:
             raise InputError(f"--space {args.space}: name {space.name!r} is a built-in space; choose another name")
         SPACES[space.name] = space  # the driver looks spaces up by name from here on
@@ -127,13 +154,14 @@ def resolve(args) -> StudyConfig:
                          f"spaces are {sorted(SPACES)} (see --list-spaces)")
     else:
         space = SPACES[args.space]
+        check_space(space, f"--space {args.space}")
     budget = args.budget or ("demo" if args.data is None else "full")
     backbones = tuple(args.backbones or space.backbones)
     tasks = tuple(args.tasks or space.tasks)
     inputs = tuple(args.inputs or space.protocols[budget].inputs)
     clinical_inputs = tuple(args.clinical_inputs or FUSION_DEFAULT)
     from datasets.clinical import COVARIATES
-    from search_spaces import BACKBONES
+    from trainables.backbones import BACKBONES
 
     for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS)),
                                 ("--inputs", inputs, INPUTS), ("--clinical-inputs", clinical_inputs, COVARIATES)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,12 +13,21 @@ from trainables.backbones import BACKBONES, CBAM, ChannelAttention, SpatialAtten
 VARIANTS = [pytest.param(1.0, 1.0, marks=pytest.mark.slow, id="full-width"), (0.5, 0.5), (0.25, 0.34)]
 
 
-def test_the_networks_built_are_the_backbones_a_space_can_name():
-    """Search spaces name backbones without importing torch; every name must build, and every
-    network must be nameable."""
-    from search_spaces import BACKBONES as NAMED
+def test_every_built_in_space_names_registered_networks_heads_and_parameters():
+    """Spaces name backbones, heads and training parameters without importing torch; the study
+    checks them against the trainables' registries, and the built-in spaces pass that check."""
+    from search_spaces import BUILTIN_SPACES, REFERENCE_BACKBONES, SPACES, SearchSpaceError
+    from study.config import check_space
 
-    assert set(NAMED) == set(BACKBONES)
+    assert set(REFERENCE_BACKBONES) <= set(BACKBONES)
+    for name in BUILTIN_SPACES:
+        check_space(SPACES[name], name)
+    space = SPACES["smoke"]
+    with pytest.raises(SearchSpaceError, match="unknown backbones \\['vit'\\]"):
+        check_space(replace(space, backbones=("vit",)), "x.yaml")
+    demo = replace(space.protocols["demo"], os_head="binary")  # a 1-year head cannot model overall survival
+    with pytest.raises(SearchSpaceError, match="x.yaml: protocols.demo.os_head must be one of"):
+        check_space(replace(space, protocols={**space.protocols, "demo": demo}), "x.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -182,8 +182,7 @@ class FoldTrainer:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         # `device` (e.g. "cuda:3") overrides config.device: a multi-GPU trial places its folds.
         self.device = torch.device(device) if device else resolve_device(config.device)
-        self.head = build_head(config.head, cox_memory=config.cox_memory, intervals=config.intervals,
-                               horizon_days=config.horizon_days, cut_spacing=config.cut_spacing)
+        self.head = build_head(config.head, **config.to_dict())
         self.fit, self.select = self._selection_split()
         self.encoder, self.clinical = self._clinical_inputs()
         torch.manual_seed(self._seed(-1))

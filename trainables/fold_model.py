@@ -24,11 +24,11 @@ from datasets.clinical_features import ClinicalEncoder
 from datasets.errors import StudyError
 from trainables.backbones import Backbone
 from trainables.fusion import build_network, image_branch
-from trainables.heads import SurvivalHead, build_head
+from trainables.heads import HEAD_OPTIONS, SurvivalHead, build_head
 
 FORMAT = 1
 ARCHITECTURE_KEYS = ("backbone", "width", "depth", "dropout", "inputs", "clinical_hidden", "clinical_dropout")
-HEAD_KEYS = ("head", "cox_memory", "intervals", "horizon_days", "cut_spacing")
+HEAD_KEYS = ("head", *HEAD_OPTIONS)
 
 
 def model_file(fold: int) -> str:
@@ -104,8 +104,7 @@ class FoldModel:
         spec = payload["spec"]
         network = build_network(spec)
         network.load_state_dict(payload["weights"])
-        head = build_head(spec["head"], cox_memory=spec["cox_memory"], intervals=spec["intervals"],
-                          horizon_days=spec["horizon_days"], cut_spacing=spec["cut_spacing"])
+        head = build_head(spec["head"], **spec)
         head.load_state(payload["head"])
         encoder = ClinicalEncoder.from_state(payload["clinical"]) if payload.get("clinical") else None
         return cls(int(payload["fold"]), network.eval(), head, spec, encoder)

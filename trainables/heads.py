@@ -47,7 +47,6 @@ from datasets.cohort import ONE_YEAR_DAYS as ONE_YEAR
 from datasets.errors import InputError
 from trainables.losses import binary_nll, cox_nll, logistic_hazard_nll
 
-HEADS = ("cox", "logistic_hazard", "binary")
 CUT_SPACINGS = ("uniform", "exponential")
 
 
@@ -116,10 +115,22 @@ class BreslowBaseline:
 
 
 class SurvivalHead:
-    """Base: subclasses define `out_features`, `loss` and the prediction methods."""
+    """Base: subclasses define `out_features`, `loss` and the prediction methods.
+
+    A head also says which endpoint it models (``os``: the survival time; ``1yr``: death by day
+    365) and which training parameters configure it (`options`: `TrainConfig` fields, flat like
+    every training parameter so that a search space can search them), and is built from those
+    by `from_options`. Registered in `HEADS`.
+    """
 
     name = ""
+    endpoint = "os"
+    options: tuple[str, ...] = ()
     out_features = 1
+
+    @classmethod
+    def from_options(cls, **options) -> SurvivalHead:
+        return cls(**options)
 
     def prepare(self, time: np.ndarray, event: np.ndarray) -> None:
         """Learn what the loss needs from the fold's training outcomes (before training)."""
@@ -160,6 +171,11 @@ class SurvivalHead:
 
 class CoxHead(SurvivalHead):
     name = "cox"
+    options = ("cox_memory",)
+
+    @classmethod
+    def from_options(cls, cox_memory: int = 0) -> CoxHead:
+        return cls("efron", cox_memory)
 
     def __init__(self, ties: str = "efron", memory: int = 0):
         self.ties = ties
@@ -195,6 +211,12 @@ class CoxHead(SurvivalHead):
 
 class LogisticHazardHead(SurvivalHead):
     name = "logistic_hazard"
+    options = ("intervals", "horizon_days", "cut_spacing")
+
+    @classmethod
+    def from_options(cls, intervals: int = 19, horizon_days: float = 1825.0,
+                     cut_spacing: str = "uniform") -> LogisticHazardHead:
+        return cls(logistic_hazard_cuts(intervals, horizon_days, cut_spacing))
 
     def __init__(self, cuts: np.ndarray):
         self.cuts = np.asarray(cuts, dtype=float)
@@ -224,6 +246,7 @@ class LogisticHazardHead(SurvivalHead):
 
 class BinaryHead(SurvivalHead):
     name = "binary"
+    endpoint = "1yr"
 
     def __init__(self, horizon: float = ONE_YEAR):
         self.horizon = horizon
@@ -257,13 +280,14 @@ class BinaryHead(SurvivalHead):
         return 1.0 / (1.0 + np.exp(np.clip(outputs[:, 0].astype(float), -50, 50)))
 
 
-def build_head(name: str, cox_memory: int = 0, ties: str = "efron", intervals: int = 19,
-               horizon_days: float = 5 * 365.0, cut_spacing: str = "uniform") -> SurvivalHead:
-    """A head by name (one of `HEADS`)."""
-    if name == "cox":
-        return CoxHead(ties, cox_memory)
-    if name == "logistic_hazard":
-        return LogisticHazardHead(logistic_hazard_cuts(intervals, horizon_days, cut_spacing))
-    if name == "binary":
-        return BinaryHead()
-    raise InputError(f"unknown head {name!r}; valid heads are {list(HEADS)}")
+HEADS: dict[str, type[SurvivalHead]] = {head.name: head for head in (CoxHead, LogisticHazardHead, BinaryHead)}
+HEAD_OPTIONS = tuple(dict.fromkeys(option for head in HEADS.values() for option in head.options))
+
+
+def build_head(name: str, /, **options) -> SurvivalHead:
+    """A head by name (one of `HEADS`), from its options; options of other heads are ignored, so
+    a whole training configuration's values may be passed."""
+    if name not in HEADS:
+        raise InputError(f"unknown head {name!r}; valid heads are {list(HEADS)}")
+    head = HEADS[name]
+    return head.from_options(**{k: v for k, v in options.items() if k in head.options})
