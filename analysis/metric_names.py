@@ -76,6 +76,10 @@ NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% pati
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
 
+# Files a finished trial writes into its final checkpoint (read by `study.results`, logged by the tracker).
+OOF_FILE = "oof_predictions.csv"  # patient_id, fold, time, event, dpi, surv_<t>: the out-of-fold predictions
+CURVE_FILE = "learning_curve.png"  # per-fold training loss and validation C-index over epochs
+
 RESOURCE_METRICS = (CPU_PERCENT, RSS_GIB, GPU_UTIL, GPU_MEMORY_GIB)
 EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS, *RESOURCE_METRICS)
 FINAL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, FOLDS_COLLAPSED,

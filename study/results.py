@@ -29,7 +29,6 @@ from analysis.metrics import Estimate, SurvivalDataError
 from analysis.selection import bbc_cv
 from search_spaces import cell_name
 from trainables.config import TrainConfig
-from trainables.cross_validation import OOF_FILE
 
 ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
         "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS",
@@ -92,7 +91,7 @@ def _oof(result) -> pd.DataFrame | None:
     if checkpoint is None:
         return None
     try:
-        with checkpoint.filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{OOF_FILE}") as source:
+        with checkpoint.filesystem.open_input_file(f"{checkpoint.path.rstrip('/')}/{names.OOF_FILE}") as source:
             return pd.read_csv(io.BytesIO(source.read()))
     except (OSError, FileNotFoundError):
         return None

@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import requests
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,7 +37,6 @@ from analysis import metric_names as names
 from datasets.errors import StudyError
 from search_spaces import Cell
 from study.resume_trust import TAG_PREFIX as RESUME_TAG_PREFIX
-from trainables.cross_validation import CURVE_FILE, OOF_FILE
 
 
 def _finite(value: Any) -> bool:
@@ -289,11 +289,24 @@ class StudyTracker:
             raise TrackingUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
 
 
-def _unreachable(exc: Exception) -> bool:
-    """MLflow raises MlflowException for both a lost server and a bad request; only the first waits."""
-    text = str(exc)
-    return any(s in text for s in ("API request to", "Max retries exceeded", "Connection", "database is locked",
-                                   "OperationalError", "TEMPORARILY_UNAVAILABLE"))
+# MLflow's error codes of a server that is busy or briefly away: a locked database and HTTP 503
+# (TEMPORARILY_UNAVAILABLE), HTTP 504 (DEADLINE_EXCEEDED), HTTP 429 (RESOURCE_EXHAUSTED).
+TRANSIENT_ERROR_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+
+
+def _unreachable(exc: MlflowException) -> bool:
+    """A lost or busy tracking server (the record waits in the journal) rather than a request the
+    server refused (raised). MLflow raises MlflowException for both; they differ in its error code
+    and in what it wraps: MLflow re-raises a network error of `requests` as a plain MlflowException
+    whose cause or context is the original error."""
+    if exc.error_code in TRANSIENT_ERROR_CODES:
+        return True
+    wrapped, depth = exc.__cause__ or exc.__context__, 0
+    while wrapped is not None and depth < 8:
+        if isinstance(wrapped, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+            return True
+        wrapped, depth = wrapped.__cause__ or wrapped.__context__, depth + 1
+    return False
 
 
 def _live_tracker(tracking_uri: str, study_name: str, journal: str | None) -> StudyTracker:
@@ -367,7 +380,7 @@ class MlflowTrialCallback(tune.Callback):
             checkpoint = trial.checkpoint
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:
-                    for name in (OOF_FILE, CURVE_FILE):
+                    for name in (names.OOF_FILE, names.CURVE_FILE):
                         if (Path(directory) / name).exists():
                             tracker.log_artifact(key, Path(directory) / name)
             self._outcome(key, trial, "finished")
