@@ -31,7 +31,8 @@ from datasets.cohort import HORIZONS
 from search_spaces import TASKS
 from study.config import StudyConfig
 from study.results import write_tables
-from study.run import TrackingIncomplete, open_data, outer_assignment, run_study
+from study.data import open_data, outer_assignment
+from study.driver import TrackingIncomplete, run_study
 from study.tuning import experiment_dir
 from trainables.config import TrainConfig
 from trainables.cross_validation import cv_metrics

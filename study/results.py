@@ -77,7 +77,7 @@ class CellResult:
 
 @dataclass
 class StudyOutcome:
-    """What `study.run.run_study` returns: the results table and the cells behind it."""
+    """What `study.driver.run_study` returns: the results table and the cells behind it."""
 
     table: pd.DataFrame | None
     cells: list[CellResult]

@@ -94,7 +94,7 @@ def test_the_printed_runs_page_shows_the_study_run_with_its_trials_nested(study,
     from mlflow.tracking import MlflowClient
 
     from study.config import StudyConfig
-    from study.run import mlflow_ui_hint
+    from study.driver import mlflow_ui_hint
 
     _, uri, _ = study
     experiment = MlflowClient(uri).get_experiment_by_name("browser")

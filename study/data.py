@@ -1,0 +1,101 @@
+"""The study's data: the development store (the demo cohort without --data), each task's cohort
+and folds, the outer folds of nested CV, external stores, and the volumes read before training."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import numpy as np
+
+from datasets.clinical_features import check_clinical_inputs
+from datasets.cohort import Cohort, CohortSpec
+from datasets.errors import StudyError
+from datasets.remote import stage_store
+from datasets.store import CohortStore
+from search_spaces import TASKS
+from study.config import StudyConfig
+
+SHARE_FRACTION = 0.25  # share volumes through the object store when they fit in this much RAM
+
+OUTER_SEED = 7919  # outer folds are drawn independently of the inner ones
+
+
+def open_data(config: StudyConfig) -> tuple[StudyConfig, CohortStore]:
+    """The development store (the demo cohort, built once, without --data), staged locally."""
+    if config.data is None:
+        from study.demo import DEMO_PATIENTS, cache_root, demo_store
+
+        print(f"No --data: using the built-in demo cohort ({DEMO_PATIENTS} synthetic patients with a known hazard "
+              f"model, 32 x 32 x 24 voxels), cached under {cache_root()}; budget {config.budget}.", flush=True)
+        config = replace(config, data=demo_store(workers=min(2, os.cpu_count() or 1)))
+    return config, CohortStore(stage_store(config.data))
+
+
+def outer_assignment(store: CohortStore, k: int, seed: int) -> dict[str, int]:
+    """Nested CV: each usable patient's outer fold (stratified by death and glioblastoma flag)."""
+    cohort = Cohort(store, CohortSpec())
+    return dict(zip(cohort.patient_ids, cohort.folds(k, seed + OUTER_SEED).tolist()))
+
+
+def excluded_patients(config: StudyConfig, store: CohortStore) -> tuple[str, ...]:
+    """The patients a study must not see: its outer test fold under nested CV, else none."""
+    if config.outer_fold is None:
+        return ()
+    assignment = outer_assignment(store, config.outer_folds, config.seed)
+    return tuple(sorted(p for p, fold in assignment.items() if fold == config.outer_fold))
+
+
+def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Cohort, np.ndarray]]:
+    """Each task's cohort and folds; raises before any training if one is unusable."""
+    out, exclude = {}, excluded_patients(config, store)
+    for task in config.tasks:
+        spec = TASKS[task]
+        cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint, exclude))
+        if "image+clinical" in config.inputs:
+            check_clinical_inputs(cohort.clinical, config.clinical_inputs, f"cohort store {store.path}, task {task}")
+        out[task] = (cohort, cohort.folds(config.protocol.folds, config.seed))
+    return out
+
+
+def check_external(config: StudyConfig, store: CohortStore) -> None:
+    """External cohorts must match the development store's sequences and shape (the models' input)."""
+    for path in config.external:
+        external = CohortStore(stage_store(path))
+        if external.sequences != store.sequences or external.shape != store.shape:
+            raise StudyError(f"--external {path}: sequences {external.sequences} and shape {list(external.shape)} "
+                             f"differ from the development store's {store.sequences} {list(store.shape)}; convert it "
+                             "with the same --sequences and --shape")
+        if len(external.usable()) == 0:
+            raise StudyError(f"--external {path}: the store has no usable patients")
+        if "image+clinical" in config.inputs:  # applied unchanged, a fusion model needs their values too
+            check_clinical_inputs(external.clinical().iloc[external.usable()], config.clinical_inputs,
+                                  f"--external {path}")
+
+
+def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """Read every volume the study will train on, before anything is written anywhere.
+
+    A damaged chunk then stops the study at once, naming the patient, instead of failing trials
+    hours later. Volumes that fit in `SHARE_FRACTION` of RAM are returned for Ray's object store
+    (one copy per node); larger cohorts are only checked, and each trial reads the store itself.
+    """
+    import psutil
+
+    slots = np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
+    size = len(slots) * len(store.sequences) * int(np.prod(store.shape)) * 2
+    keep = share and size <= SHARE_FRACTION * psutil.virtual_memory().total
+    if share and not keep:
+        print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
+              "each trial reads the store itself")
+    out = np.empty((len(slots), len(store.sequences), *store.shape), dtype=np.float16) if keep else None
+    for k, slot in enumerate(slots):
+        try:
+            image = store.image(int(slot))
+        except StudyError as exc:
+            raise StudyError(f"patient {store.patient_ids[slot]}: {exc} (python -m datasets.convert --verify lists "
+                             "every damaged patient; rerun the conversion to repair them)") from exc
+        if out is not None:
+            out[k] = image
+    return out, tuple(int(s) for s in slots)
+
