@@ -1,0 +1,65 @@
+"""A new backbone or head is one registry entry: registered at run time here (as a newcomer's
+module would at import), it is accepted by the study's flags and space checks, the training
+configuration and the builders, with no other file touched (CONTRIBUTING.md walks through it)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from study.config import check_space, fixed_parameters, resolve
+from study.run import build_parser
+from trainables.backbones import BACKBONES, Backbone, BackboneSpec, build_backbone
+from trainables.config import TrainConfig
+from trainables.heads import HEADS, CoxHead, build_head
+
+
+def _tiny_net(in_channels, out_features, width, depth, dropout) -> Backbone:
+    net = nn.Sequential()
+    net.add_module("features", nn.Conv3d(in_channels, 4, 3, padding=1))
+    net.add_module("pool", nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, out_features)))
+    return Backbone(net, 1, ("features",))
+
+
+class ScaledCoxHead(CoxHead):
+    """A head with no options of its own: the Cox loss on outputs divided by 2."""
+
+    name = "scaled_cox"
+    options = ()
+
+    @classmethod
+    def from_options(cls) -> ScaledCoxHead:
+        return cls()
+
+    def loss(self, outputs, time, event):
+        return super().loss(outputs / 2, time, event)
+
+
+def test_a_backbone_registered_once_is_studied_configured_and_built(monkeypatch):
+    monkeypatch.setitem(BACKBONES, "tiny", BackboneSpec(_tiny_net, "a 3D convolution and a linear read-out"))
+    config = resolve(build_parser().parse_args(["--backbones", "tiny", "--tasks", "os_all"]))
+    (cell,) = config.cells()
+    fixed = fixed_parameters(config, cell)
+    assert fixed["backbone"] == "tiny"
+    TrainConfig.from_dict({**fixed, **config.search_space.reference_for(config.budget, cell.inputs)})
+    out = build_backbone("tiny", 4, 1)(torch.zeros(2, 4, 8, 8, 8))
+    assert out.shape == (2, 1)
+
+
+def test_a_head_registered_once_is_checked_configured_and_built(monkeypatch):
+    monkeypatch.setitem(HEADS, ScaledCoxHead.name, ScaledCoxHead)
+    config = resolve(build_parser().parse_args(["--space", "smoke", "--tasks", "os_all"]))
+    space = config.search_space
+    demo = replace(space.protocols["demo"], os_head="scaled_cox")
+    check_space(replace(space, protocols={**space.protocols, "demo": demo}), "x.yaml")  # an OS head: accepted
+    head = build_head("scaled_cox", **TrainConfig(head="scaled_cox").to_dict())
+    time, event = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 0.0])
+    outputs = torch.tensor([[2.0], [0.0], [-2.0]])
+    assert torch.isclose(head.loss(outputs, time, event), CoxHead().loss(outputs / 2, time, event))
+    assert np.allclose(head.score(outputs.numpy()), [2.0, 0.0, -2.0])
+    with pytest.raises(Exception, match="unknown head 'vit_head'"):
+        TrainConfig(head="vit_head")
