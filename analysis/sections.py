@@ -167,7 +167,15 @@ def externals(study: Study, extra: Sequence) -> list[CohortStore]:
 
 
 class Report:
-    """The report's sections, written into `out` as they are computed; `html` collects the page."""
+    """The report's sections, written into `out` as they are computed; `html` collects the page.
+
+    The page is fragments appended as each section computes (prose, `pandas.DataFrame.to_html`
+    tables, which escape their cells, and figures), not a Jinja2 template: a template would hold
+    every section's results until the end and split each section's prose from the code that
+    knows what it says. Every string a user or an export controls (study name, store path,
+    patient ids, covariate names) goes through `html.escape`, as on the QC page, where a patient id
+    with markup is tested (`tests/test_datasets_bad_input.py`).
+    """
 
     def __init__(self, study: Study, store: CohortStore, externals: list[CohortStore], out: Path,
                  clinical: Sequence[str] | None = None):

@@ -11,10 +11,11 @@ import torch
 from analysis import metric_names as names
 from analysis.metrics import harrell_c
 from datasets.cohort import truncate
+from trainables.config import TrainConfig
 from trainables.cross_validation import cv_metrics
 from trainables.heads import BinaryHead, BreslowBaseline, CoxHead, LogisticHazardHead, logistic_hazard_cuts
 
-EVAL_TIMES = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
+EVAL_TIMES = TrainConfig().eval_times  # the study's default evaluation times, defined once
 
 
 def _cohort(n: int = 600, seed: int = 0):
