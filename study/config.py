@@ -41,6 +41,10 @@ class StudyConfig:
         study has or its autoscaler may add (`study.preflight.trial_slots`). A trial is one
         resource bundle, so it always runs on one node; with several GPUs its folds train in
         parallel on them (`trainables.cross_validation`).
+    per_cell_concurrent
+        Trials of one cell at once (None: `study.tuning.per_cell_limit`, 10 or half the cell's
+        configurations); fewer lets each cell's TPE learn from more ended trials, more keeps GPUs
+        busy (README, "Every GPU busy").
     share_volumes
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
     pruning
@@ -88,6 +92,7 @@ class StudyConfig:
     outer_fold: int | None = None
     inputs: tuple[str, ...] = ("image",)
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
+    per_cell_concurrent: int | None = None
 
     @property
     def search_space(self) -> SearchSpace:
@@ -185,6 +190,8 @@ def resolve(args) -> StudyConfig:
     max_concurrent = args.max_concurrent  # None: every trial slot of the cluster (study.preflight.trial_slots)
     if max_concurrent is not None and max_concurrent < 1:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    if args.per_cell_concurrent is not None and args.per_cell_concurrent < 1:
+        raise InputError(f"--per-cell-concurrent must be at least 1, got {args.per_cell_concurrent}")
     for path in [args.data, *args.external]:
         if path is not None and not is_remote(path) and not Path(path).exists():
             raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
@@ -209,7 +216,7 @@ def resolve(args) -> StudyConfig:
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
         trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
-        clinical_inputs=clinical_inputs)
+        clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent)
 
 
 def head_for(config: StudyConfig, task: str) -> str:

@@ -306,7 +306,8 @@ def cell_search(config: StudyConfig, costs: dict[str, float] | None = None) -> C
         spaces[cell.name] = {k: tune_domain(d) for k, d in space.distributions_for(config.budget, cell.inputs).items()}
         references[cell.name] = space.reference_for(config.budget, cell.inputs)
     return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent or 0,
-                      per_cell_limit(config.num_samples), journal=str(optuna_journal_path(config)), costs=costs)
+                      config.per_cell_concurrent or per_cell_limit(config.num_samples),
+                      journal=str(optuna_journal_path(config)), costs=costs)
 
 
 def optuna_journal_path(config: StudyConfig) -> Path:

@@ -236,7 +236,8 @@ FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
 TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["a" * 300, "../x", "x/y", "", " ", "é", "-", "--"]))
 
 STUDY_FLAGS = {
-    "--num-samples": INTS, "--max-concurrent": INTS, "--cpus-per-trial": INTS, "--seed": INTS,
+    "--num-samples": INTS, "--max-concurrent": INTS, "--per-cell-concurrent": INTS, "--cpus-per-trial": INTS,
+    "--seed": INTS,
     "--outer-folds": INTS, "--gpus-per-trial": FLOATS, "--epoch-seconds": FLOATS, "--name": TEXT,
     "--budget": st.sampled_from(["demo", "full", "tiny", ""]),
     "--space": st.sampled_from(["smoke", "literature_priors", "wide", "nope", "x.yaml", ""]),

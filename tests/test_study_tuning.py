@@ -92,3 +92,20 @@ def test_cells_are_filled_in_order_of_cost_so_the_study_ends_on_its_cheapest_tri
     assert search.suggest("t5")["task"] == "os_gbm"  # os_all has suggested its 3
     search.on_trial_complete("t1")
     assert search.suggest("t6")["task"] == "1yr_gbm"  # os_gbm at its cap: the next cell takes the slot
+
+
+def test_the_per_cell_cap_is_the_flag_or_ten_or_half_the_configurations():
+    import pytest
+
+    from datasets.errors import InputError
+    from study.config import resolve
+    from study.run import build_parser
+    from study.tuning import cell_search
+
+    def cap(*flags):
+        return cell_search(resolve(build_parser().parse_args(["--space", "smoke", *flags])))._per_cell
+
+    assert cap("--num-samples", "20") == 10 and cap("--num-samples", "40") == 20
+    assert cap("--num-samples", "20", "--per-cell-concurrent", "3") == 3
+    with pytest.raises(InputError, match="--per-cell-concurrent must be at least 1, got 0"):
+        cap("--per-cell-concurrent", "0")
