@@ -112,79 +112,6 @@ def test_early_stopping(learnable_store):
     assert trainer.epoch - 1 - trainer.best_epoch == 2
 
 
-def test_folds_on_parallel_devices_equal_sequential_folds(small_store, tmp_path):
-    """A multi-GPU trial steps its folds in threads, one lane per device; shown here with two
-    CPU lanes: the same predictions as one lane (dropout 0, so no shared RNG is drawn)."""
-    from trainables.cross_validation import CohortArrays, CrossValidation
-
-    cohort = Cohort(small_store, CohortSpec())
-    folds = cohort.folds(2, seed=0)
-    config = TrainConfig(epochs=2, **{**TINY, "augmentation": 0.0})
-    results = []
-    for name, devices in (("one", None), ("two", ["cpu", "cpu"])):
-        cv = CrossValidation(CohortArrays(cohort), folds, config, tmp_path / name, devices)
-        assert [str(t.device) for t in cv.trainers] == ["cpu", "cpu"]
-        while not cv.finished:
-            cv.step()
-        predictions = pd.concat([r.predictions for r in cv.results()])
-        results.append(predictions.sort_values("patient_id").reset_index(drop=True))
-    pd.testing.assert_frame_equal(results[0], results[1])
-
-
-def test_batch_augmentation_is_seeded_shape_preserving_and_identity_at_zero():
-    import torch
-
-    from trainables.batches import BatchAugmentation
-
-    images = torch.randn(16, 2, 12, 10, 8)
-    assert BatchAugmentation(0.0)(images, torch.Generator().manual_seed(0)) is images
-    first = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(3))
-    again = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(3))
-    other = BatchAugmentation(1.0)(images, torch.Generator().manual_seed(4))
-    assert first.shape == images.shape and first.dtype == images.dtype
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    changed = [not torch.allclose(first[i], images[i]) for i in range(16)]
-    assert 4 <= sum(changed) <= 16
-
-
-def test_batch_augmentation_flips_left_right_only_and_identity_affine_is_exact():
-    import torch
-
-    from trainables.batches import BatchAugmentation, _rotation
-
-    assert torch.allclose(_rotation(torch.zeros(2, 3)), torch.eye(3).expand(2, 3, 3))
-    images = torch.randn(64, 1, 6, 5, 4)
-    # Strength tiny: affine/intensity/noise nearly identity, flips still happen with p 0.5.
-    out = BatchAugmentation(1e-6)(images, torch.Generator().manual_seed(1))
-    flipped = [torch.allclose(out[i], images[i].flip(1), atol=1e-4) for i in range(64)]
-    kept = [torch.allclose(out[i], images[i], atol=1e-4) for i in range(64)]
-    assert all(f or k for f, k in zip(flipped, kept))
-    assert 20 <= sum(flipped) <= 44
-
-
-def test_in_memory_batches_equal_the_store(small_store):
-    import torch
-
-    from trainables.batches import InMemoryBatches, VolumeCache
-
-    data = _fold_data(small_store, k=2)
-    data.volumes.flags.writeable = False  # as the node's shared copy from Ray's object store
-    cache = VolumeCache(data.volumes, "cpu")
-    assert not cache.on_device  # the CPU reads the host array in place
-    batches = InMemoryBatches(cache, data.volume_rows)
-    positions = data.train[:3]
-    expected = np.stack([data.store.image(int(s)) for s in data.slots[positions]]).astype(np.float32)
-    first = batches.images(positions)
-    assert first.dtype == torch.float32 and np.array_equal(first.numpy(), expected)
-    batches.images(data.train[3:6])
-    assert np.array_equal(first.numpy(), expected), "a later gather overwrote an earlier batch"
-    rows = np.arange(len(data.slots))[::-1].copy()  # a cohort that is a reordered subset of the cache
-    reordered = InMemoryBatches(cache, rows)
-    assert np.array_equal(reordered.images(np.array([0, 1])).numpy(), data.volumes[rows[:2]].astype(np.float32))
-    order = InMemoryBatches.order(10, 4, torch.Generator().manual_seed(0), drop_last=True)
-    assert [len(o) for o in order] == [4, 4] and len(set(np.concatenate(order))) == 8
-
-
 def test_unknown_placement_or_precision_is_refused():
     from trainables.batches import VolumeCache
 
@@ -205,46 +132,6 @@ def test_auto_precision_is_bf16_on_a_gpu_and_float32_on_a_cpu():
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
     assert resolve_precision("fp32", torch.device("cuda")) == torch.float32
-
-
-def test_volumes_go_to_the_gpu_only_within_the_trials_share_of_its_memory():
-    from trainables.batches import fits_on_device
-
-    gib = 2**30
-    assert fits_on_device(10 * gib, free=79 * gib, total=80 * gib)  # the reference cohort on an idle H100
-    assert not fits_on_device(10 * gib, free=30 * gib, total=80 * gib)  # most of it taken by others
-    # Four trials on one GPU start together and each sees it empty: each may take a quarter of its quarter.
-    assert not fits_on_device(10 * gib, free=80 * gib, total=80 * gib, gpu_fraction=0.25)
-    assert fits_on_device(5 * gib, free=80 * gib, total=80 * gib, gpu_fraction=0.25)
-    assert fits_on_device(10 * gib, free=80 * gib, total=80 * gib, gpu_fraction=2.0)  # two whole GPUs: each is whole
-
-
-def test_folds_on_one_device_share_one_volume_cache(small_store, tmp_path):
-    from trainables.cross_validation import CohortArrays, CrossValidation
-
-    cohort = Cohort(small_store, CohortSpec())
-    cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(3, seed=0),
-                         TrainConfig(epochs=1, **TINY), tmp_path)
-    assert len({id(t.memory.cache) for t in cv.trainers}) == 1
-
-
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh runs it)")
-@pytest.mark.parametrize("placement", ["auto", "device", "host"])
-def test_volume_cache_on_a_gpu_gives_the_host_values(small_store, placement):
-    import torch
-
-    from trainables.batches import VolumeCache
-
-    cohort = Cohort(small_store, CohortSpec())
-    volumes = cohort.store.images(cohort.slots)
-    cache = VolumeCache(volumes, "cuda", placement)
-    assert cache.on_device == (placement != "host")  # a small cohort always fits
-    rows = np.array([3, 0, 3, 1])
-    first = cache.gather(rows)
-    second = cache.gather(rows[::-1].copy())  # on the host path: the staging buffer is reused
-    assert first.device.type == "cuda" and first.dtype == torch.float32
-    assert np.array_equal(first.cpu().numpy(), volumes[rows].astype(np.float32))
-    assert np.array_equal(second.cpu().numpy(), volumes[rows[::-1]].astype(np.float32))
 
 
 @pytest.mark.parametrize("head, endpoint", [("cox", "os"), ("logistic_hazard", "os"), ("binary", "1yr")])
