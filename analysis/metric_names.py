@@ -77,7 +77,7 @@ FINAL = "final"  # True on the last report of a finished trial (it carries FINAL
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
 
 # Files a finished trial writes into its final checkpoint (read by `study.results`, logged by the tracker).
-OOF_FILE = "oof_predictions.csv"  # patient_id, fold, time, event, dpi, surv_<t>: the out-of-fold predictions
+OOF_FILE = "oof_predictions.csv"  # patient_id, fold, time, event, risk (the DPI), surv_365, surv_t<t>: out-of-fold
 CURVE_FILE = "learning_curve.png"  # per-fold training loss and validation C-index over epochs
 
 RESOURCE_METRICS = (CPU_PERCENT, RSS_GIB, GPU_UTIL, GPU_MEMORY_GIB)

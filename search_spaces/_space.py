@@ -200,13 +200,13 @@ class Protocol:
             owned = sorted(set(keys) & set(OWNED_KEYS))
             if owned:
                 raise SearchSpaceError(f"{block} sets {owned}, which the study sets per cell or in the protocol "
-                                 "(backbones, tasks and inputs are chosen with --backbones, --tasks, --inputs; epochs, "
-                                 "width and depth are protocol fields)")
+                                       "(backbones, tasks and inputs are chosen with --backbones, --tasks, "
+                                       "--inputs; epochs, width and depth are protocol fields)")
         if self.folds < 2:
             raise SearchSpaceError(f"folds must be at least 2, got {self.folds}")
         if self.reduction_factor < 2:
-            raise SearchSpaceError(f"reduction_factor must be at least 2 (ASHA keeps 1/factor of the trials at each rung), "
-                             f"got {self.reduction_factor}")
+            raise SearchSpaceError("reduction_factor must be at least 2 (ASHA keeps 1/factor of the trials at each "
+                                   f"rung), got {self.reduction_factor}")
         if not 1 <= self.grace_epochs <= self.epochs:
             raise SearchSpaceError(f"grace_epochs must be in [1, epochs], got {self.grace_epochs}")
 
@@ -240,8 +240,8 @@ class SearchSpace:
     def __post_init__(self) -> None:
         owned = sorted((set(self.distributions) | set(self.reference)) & set(OWNED_KEYS))
         if owned:
-            raise SearchSpaceError(f"space {self.name}: distributions/reference set {owned}, which the study sets per cell "
-                             "or in the protocol")
+            raise SearchSpaceError(f"space {self.name}: distributions/reference set {owned}, which the study sets "
+                                   "per cell or in the protocol")
         if set(self.protocols) != {"demo", "full"}:
             raise SearchSpaceError(f"space {self.name}: protocols must be 'demo' and 'full'")
         for budget in self.protocols:
@@ -251,7 +251,8 @@ class SearchSpace:
                 raise SearchSpaceError(f"space {self.name}: reference and distributions differ in {sorted(missing)}")
             for key, value in reference.items():
                 if not distributions[key].contains(value):
-                    raise SearchSpaceError(f"space {self.name} ({budget}): reference {key}={value!r} is outside its distribution")
+                    raise SearchSpaceError(f"space {self.name} ({budget}): reference {key}={value!r} is outside its "
+                                           "distribution")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise SearchSpaceError(f"space {self.name}: unknown tasks {unknown}; valid tasks are {list(TASKS)}")

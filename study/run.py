@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--per-cell-concurrent", type=int, default=None, metavar="N",
                         help="trials of one cell at once: fewer lets each cell's search learn from more ended trials, "
-                             "more keeps GPUs busy (default: 10 or half the cell's configurations, whichever is more)")
+                             "more keeps GPUs busy (default: 10 or half the cell's configurations, whichever is more; "
+                             "set when the study starts: --resume keeps it)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
     parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True,

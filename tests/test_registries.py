@@ -45,6 +45,7 @@ def test_a_backbone_registered_once_is_studied_configured_and_built(monkeypatch)
     (cell,) = config.cells()
     fixed = fixed_parameters(config, cell)
     assert fixed["backbone"] == "tiny"
+    check_space(replace(config.search_space, backbones=("tiny",)), "x.yaml")  # a space may name it too
     TrainConfig.from_dict({**fixed, **config.search_space.reference_for(config.budget, cell.inputs)})
     out = build_backbone("tiny", 4, 1)(torch.zeros(2, 4, 8, 8, 8))
     assert out.shape == (2, 1)
@@ -63,3 +64,36 @@ def test_a_head_registered_once_is_checked_configured_and_built(monkeypatch):
     assert np.allclose(head.score(outputs.numpy()), [2.0, 0.0, -2.0])
     with pytest.raises(Exception, match="unknown head 'vit_head'"):
         TrainConfig(head="vit_head")
+
+
+class ClippedCoxHead(CoxHead):
+    """A head with an option of its own. Its option is a TrainConfig field that no built-in head
+    reads (`grad_clip`), standing in for the new field a real head would add."""
+
+    name = "clipped_cox"
+    options = ("grad_clip",)
+
+    def __init__(self, clip: float = 1.0):
+        super().__init__()
+        self.clip = clip
+
+    @classmethod
+    def from_options(cls, grad_clip: float = 1.0) -> ClippedCoxHead:
+        return cls(grad_clip)
+
+    def loss(self, outputs, time, event):
+        return super().loss(outputs.clamp(-self.clip, self.clip), time, event)
+
+
+def test_a_registered_heads_options_are_saved_with_its_fold_model_and_reloaded(monkeypatch, tmp_path):
+    from trainables.fold_model import FoldModel, network_spec
+    from trainables.fusion import build_network
+
+    monkeypatch.setitem(HEADS, ClippedCoxHead.name, ClippedCoxHead)
+    config = TrainConfig(head="clipped_cox", grad_clip=3.0, width=0.25, depth=0.34)
+    head = build_head(config.head, **config.to_dict())
+    head.fit(np.array([[0.1], [0.2], [0.3]]), np.array([100.0, 200.0, 400.0]), np.array([1, 1, 0]))
+    network = build_network(network_spec(config, 4, head.out_features, None))
+    FoldModel.from_training(0, config, 4, network.state_dict(), head).save(tmp_path / "fold0_model.pt")
+    loaded = FoldModel.load(tmp_path / "fold0_model.pt")
+    assert isinstance(loaded.head, ClippedCoxHead) and loaded.head.clip == 3.0  # not the default 1.0

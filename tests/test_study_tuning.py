@@ -109,3 +109,20 @@ def test_the_per_cell_cap_is_the_flag_or_ten_or_half_the_configurations():
     assert cap("--num-samples", "20", "--per-cell-concurrent", "3") == 3
     with pytest.raises(InputError, match="--per-cell-concurrent must be at least 1, got 0"):
         cap("--per-cell-concurrent", "0")
+
+
+def test_a_searcher_saved_before_cells_were_filled_by_cost_resumes(tmp_path):
+    """Studies started when cells took turns saved `_turn` and no `_order`; --resume must go on."""
+    import pickle
+
+    search = _search(max_concurrent=2)
+    assert search.suggest("a")
+    state = search.__dict__.copy()
+    state.pop("_order")
+    state["_turn"] = 1
+    path = tmp_path / "searcher-state.pkl"
+    path.write_bytes(pickle.dumps(state))
+    restored = _search(max_concurrent=2)
+    del restored.__dict__["_order"]  # as unpickled from an old tuner.pkl
+    restored.restore(str(path))
+    assert "_turn" not in restored.__dict__ and restored.suggest("b")["task"] == "os_all"

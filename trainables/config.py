@@ -25,7 +25,8 @@ class TrainConfig:
     backbone, width, depth, dropout
         Network (see `trainables.backbones`).
     head
-        ``cox`` | ``logistic_hazard`` | ``binary`` (see `trainables.heads`).
+        A name of `trainables.heads.HEADS` (``cox``, ``logistic_hazard``, ``binary``); the head's
+        own options are the fields below (`cox_memory`; `intervals`, `horizon_days`, `cut_spacing`).
     inputs
         ``image`` (the backbone alone) or ``image+clinical`` (`trainables.fusion`).
     clinical_inputs, clinical_hidden, clinical_dropout

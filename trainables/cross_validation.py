@@ -40,7 +40,6 @@ from trainables.batches import VolumeCache  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
 from trainables.fold import FoldData, FoldResult, FoldTrainer, resolve_device  # noqa: E402
 
-OOF_FILE, CURVE_FILE = names.OOF_FILE, names.CURVE_FILE
 
 
 

@@ -24,11 +24,10 @@ from datasets.clinical_features import ClinicalEncoder
 from datasets.errors import StudyError
 from trainables.backbones import Backbone
 from trainables.fusion import build_network, image_branch
-from trainables.heads import HEAD_OPTIONS, SurvivalHead, build_head
+from trainables.heads import HEADS, SurvivalHead, build_head
 
 FORMAT = 1
 ARCHITECTURE_KEYS = ("backbone", "width", "depth", "dropout", "inputs", "clinical_hidden", "clinical_dropout")
-HEAD_KEYS = ("head", *HEAD_OPTIONS)
 
 
 def model_file(fold: int) -> str:
@@ -39,7 +38,13 @@ def network_spec(config, in_channels: int, out_features: int, encoder: ClinicalE
     """What `trainables.fusion.build_network` needs, from a `TrainConfig` (plain values: saved as is)."""
     return {"in_channels": in_channels, "out_features": out_features,
             "clinical_features": len(encoder) if encoder is not None else 0,
-            **{k: getattr(config, k) for k in ARCHITECTURE_KEYS + HEAD_KEYS}}
+            **{k: getattr(config, k) for k in ARCHITECTURE_KEYS + head_keys(config.head)}}
+
+
+def head_keys(head: str) -> tuple[str, ...]:
+    """The head's name and its own options (`trainables.heads`), looked up when a model is saved so
+    that a head registered after import keeps its options too."""
+    return ("head", *HEADS[head].options)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class FoldModel:
     head
         The survival head, fitted on the fold's training patients.
     spec
-        in_channels, out_features, clinical_features and the `ARCHITECTURE_KEYS` / `HEAD_KEYS`
+        in_channels, out_features, clinical_features and the `ARCHITECTURE_KEYS` / `head_keys`
         values it was built with.
     encoder
         The clinical encoding of an ``image+clinical`` network (None for an image-only one).

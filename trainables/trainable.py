@@ -30,7 +30,7 @@ from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import InputError
 from datasets.remote import stage_store
 from trainables.config import TrainConfig
-from trainables.cross_validation import CURVE_FILE, OOF_FILE, CohortArrays, CrossValidation, cv_metrics
+from trainables.cross_validation import CohortArrays, CrossValidation, cv_metrics
 from trainables.fold import TrainingDivergedError
 from trainables.fold_model import model_file
 from trainables.resource_use import ResourceSampler
@@ -156,8 +156,8 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
             if cv.finished:
                 results = cv.results()
                 oof = pd.concat([r.predictions for r in results], ignore_index=True)
-                oof.to_csv(workdir / OOF_FILE, index=False)
-                cv.write_learning_curve(workdir / CURVE_FILE)
+                oof.to_csv(workdir / names.OOF_FILE, index=False)
+                cv.write_learning_curve(workdir / names.CURVE_FILE)
                 # The final checkpoint keeps what analysis needs (fold models, predictions), not the
                 # trainers' optimizer states: a finished trial is never resumed.
                 for result in results:
