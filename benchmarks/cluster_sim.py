@@ -53,6 +53,11 @@ def report_cost(config: dict) -> float:
     return BACKBONE_COST[config["backbone"]] * TASK_COST[config["task"]]
 
 
+def cell_costs(config) -> dict[str, float]:
+    """What the study's driver orders cells by: the patients of each cell's task (relative)."""
+    return {cell.name: TASK_COST[cell.task] for cell in config.cells()}
+
+
 def learning_curve(config: dict) -> tuple[float, list[float]]:
     """A trial's final C and its value at each report: best near lr 10^-3.5, noisy, deterministic."""
     rng = np.random.default_rng(zlib.crc32(repr((config["task"], config["backbone"], config["lr"])).encode()))
@@ -113,7 +118,7 @@ def run_schedule(cells, configurations, root: Path, address: str, seconds_per_un
         config = replace(config, max_concurrent=trial_slots(config, node_shapes()[0]))
         tracker = StudyTracker(config.tracking_uri, config.name, root / f"{config.name}.jsonl")
         tracker.start({"space": config.space}, {"cells": len(group)}, {})
-        costs = {cell.name: report_cost({"backbone": cell.backbone, "task": cell.task}) for cell in config.cells()}
+        costs = cell_costs(config)
         grid = run_trials(config, None, tracker, tune.with_parameters(stand_in_trial, seconds_per_unit=seconds_per_unit),
                           cell_costs=costs)
         tracker.finish_parent("FINISHED", {})

@@ -8,11 +8,12 @@ Ray's own ASHA bracket (`ray.tune.schedulers.async_hyperband._Bracket`, one per 
 which trials start and which stop; time is simulated. Trials are those of
 `benchmarks.cluster_sim`: one report stands for 10 epochs (20 reports for 200 epochs), each
 costs its backbone's and task's relative time (`report_cost`), and their C follows
-`learning_curve` (best near lr 10^-3.5). Start-up costs `--startup` report units per trial (0 on
-a real cluster, where a trial's minutes of start-up are small against its hours of training).
+`learning_curve` (best near lr 10^-3.5). A trial's start-up costs 0 report units (a real cluster,
+where a trial's minutes of start-up are small against its hours of training) or 0.6 (about what
+a trial start costs in `benchmarks.cluster_sim` on 2 cores at 5 s per report).
 
 Compared: **taking turns** (round robin over the cells, the study's former policy) and **filling**
-(cells in order of cost, each up to its cap: the study's policy), with per-cell caps of 10 (the
+(cells in order of their task's patients, each up to its cap: the study's policy), with per-cell caps of 10 (the
 default for 20 configurations, `per_cell_limit`) and 5. Reported per policy, as means over seeds:
 - makespan / lower bound (the trials' summed time / GPUs) and GPU utilisation (its inverse);
 - what TPE had seen: the cell's ended trials when it suggested its configurations 11 to 20;
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks._machine import describe, markdown_table, write_result
-from benchmarks.cluster_sim import BACKBONE_COST, TASK_COST, learning_curve, report_cost, study_config
+from benchmarks.cluster_sim import BACKBONE_COST, TASK_COST, cell_costs, learning_curve, report_cost, study_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BEST_REACHABLE = 0.70  # learning_curve's final C at its best learning rate, without noise
@@ -75,18 +76,17 @@ def simulate(policy: str, cap: int, seed: int, gpus: int, configurations: int, s
 
     config = replace(study_config(f"sim{seed}", list(TASK_COST), list(BACKBONE_COST), configurations,
                                   Path("unused"), "unused", None), seed=seed, max_concurrent=gpus)
-    costs = {cell.name: report_cost({"backbone": cell.backbone, "task": cell.task}) for cell in config.cells()}
-    search = cell_search(config, costs)
+    search = cell_search(config, cell_costs(config))
     search._per_cell = cap
     for s in search._searches.values():
         s.mirror = None  # no Optuna journal file
     if policy == "taking turns":
         taking_turns(search)
     protocol = config.protocol
-    brackets = {cell: _Bracket(protocol.grace_epochs, protocol.epochs, protocol.reduction_factor, 0)
-                for cell in costs}
+    brackets = {cell.name: _Bracket(protocol.grace_epochs, protocol.epochs, protocol.reduction_factor, 0)
+                for cell in config.cells()}
     events, busy, ended, seen, best, truth = [], 0.0, 0.0, [], {}, {}
-    done = {cell: 0 for cell in costs}
+    done = {cell: 0 for cell in brackets}
     counter = 0
 
     def start(now: float) -> bool:
