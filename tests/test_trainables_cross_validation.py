@@ -15,7 +15,7 @@ from datasets import Cohort, CohortSpec
 from trainables import TrainConfig
 from trainables.cross_validation import CohortArrays, CrossValidation, alive_past_horizon, collapsed_folds, cv_metrics
 
-EVAL_TIMES = (90.0, 180.0, 270.0, 365.0, 540.0, 730.0)
+EVAL_TIMES = TrainConfig().eval_times
 # The tiny network of tests/test_trainables_fold.py: a CPU epoch on the 12-patient store in well under a second.
 TINY = {"backbone": "seresnext50", "width": 0.25, "depth": 0.34, "batch_size": 8, "warmup_epochs": 1, "lr": 1e-3,
         "weight_decay": 1e-4, "augmentation": 0.5, "cox_memory": 0}
