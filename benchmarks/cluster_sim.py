@@ -77,8 +77,10 @@ def stand_in_trial(config: dict, seconds_per_unit: float) -> None:
     reports = config["epochs"]
     for step, value in enumerate(values, start=1):
         time.sleep(seconds)
+        # "epoch" in real epochs (the pruning messages read as a real study's); fold-epochs in the
+        # protocol's units (one report = one of its epochs x 10 folds), as the progress lines count them.
         result = {"epoch": step * EPOCHS_PER_REPORT, names.EPOCH_CINDEX.name: value,
-                  names.FOLD_EPOCHS.name: step * EPOCHS_PER_REPORT * 10}
+                  names.FOLD_EPOCHS.name: step * 10}
         if step == reports:
             result.update({names.FINAL: True, names.OOF_CINDEX.name: final, names.OOF_CINDEX_LOW.name: final - 0.03,
                            names.OOF_CINDEX_HIGH.name: final + 0.03})
