@@ -112,7 +112,11 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space file (its names of training parameters, backbones and
     heads are checked against the trainables by `study.config.check_space`)."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system, say
+        raise SearchSpaceError(f"--space {str(path)[:80]}...: not a usable path ({exc.strerror})") from None
+    if not found:
         raise SearchSpaceError(f"--space {path}: no such search-space file")
     size = path.stat().st_size
     if size > MAX_SPACE_FILE_BYTES:

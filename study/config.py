@@ -192,8 +192,15 @@ def resolve(args) -> StudyConfig:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     if args.per_cell_concurrent is not None and args.per_cell_concurrent < 1:
         raise InputError(f"--per-cell-concurrent must be at least 1, got {args.per_cell_concurrent}")
-    for path in [args.data, *args.external]:
-        if path is not None and not is_remote(path) and not Path(path).exists():
+    for flag, path in [("--data", args.data), *(("--external", p) for p in args.external)]:
+        if path is None or is_remote(path):
+            continue
+        try:
+            exists = Path(path).exists()
+        except OSError as exc:  # a name too long for the file system, say
+            raise InputError(f"{flag} {path[:80]}{'...' if len(path) > 80 else ''}: not a usable path "
+                             f"({exc.strerror})") from None
+        if not exists:
             raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
     outer_folds = args.outer_folds
     if outer_folds == 1 or outer_folds < 0:

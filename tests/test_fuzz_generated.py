@@ -240,7 +240,7 @@ STUDY_FLAGS = {
     "--seed": INTS,
     "--outer-folds": INTS, "--gpus-per-trial": FLOATS, "--epoch-seconds": FLOATS, "--name": TEXT,
     "--budget": st.sampled_from(["demo", "full", "tiny", ""]),
-    "--space": st.sampled_from(["smoke", "literature_priors", "wide", "nope", "x.yaml", ""]),
+    "--space": st.sampled_from(["smoke", "literature_priors", "wide", "nope", "x.yaml", "", "a" * 300 + ".yaml"]),
     "--tasks": st.lists(st.sampled_from(["os_all", "1yr_gbm", "os_gbm", "1yr_all", "nope", ""]), max_size=3),
     "--backbones": st.lists(st.sampled_from(["seresnext50", "densenet121", "resnet50_cbam", "vit", ""]), max_size=3),
     "--inputs": st.lists(st.sampled_from(["image", "image+clinical", "clinical", ""]), max_size=2),

@@ -111,3 +111,11 @@ def test_asha_and_slot_arithmetic():
     assert trial_slots(SimpleNamespace(cpus_per_trial=1, gpus_per_trial=0.25, num_samples=1, cells=lambda: [0] * 99),
                        [NodeShape(8, 2)]) == 8
     assert per_cell_limit(20) == 10 and per_cell_limit(2) == 10 and per_cell_limit(40) == 20
+
+
+@pytest.mark.parametrize("flag", ["--data", "--external", "--space"])
+def test_a_path_too_long_for_the_file_system_is_named_and_exits_2(flag, capsys):
+    """Found by the generated flag values: a 300-character name raised OSError out of main."""
+    value = "a" * 300 + (".yaml" if flag == "--space" else "")
+    assert main([flag, value, "--dry-run"]) == 2
+    assert f"{flag} {'a' * 80}...: not a usable path (File name too long)" in capsys.readouterr().err
