@@ -120,9 +120,8 @@ def run_schedule(cells, configurations, root: Path, address: str, seconds_per_un
         config = replace(config, max_concurrent=trial_slots(config, node_shapes()[0]))
         tracker = StudyTracker(config.tracking_uri, config.name, root / f"{config.name}.jsonl")
         tracker.start({"space": config.space}, {"cells": len(group)}, {})
-        costs = cell_costs(config)
-        grid = run_trials(config, None, tracker, tune.with_parameters(stand_in_trial, seconds_per_unit=seconds_per_unit),
-                          cell_costs=costs)
+        trial = tune.with_parameters(stand_in_trial, seconds_per_unit=seconds_per_unit)
+        grid = run_trials(config, None, tracker, trial, cell_costs=cell_costs(config))
         tracker.finish_parent("FINISHED", {})
         tracker.catch_up(30)
         for result in grid:

@@ -75,9 +75,9 @@ def simulate(policy: str, cap: int, seed: int, gpus: int, configurations: int, s
     from study.tuning import cell_search
 
     config = replace(study_config(f"sim{seed}", list(TASK_COST), list(BACKBONE_COST), configurations,
-                                  Path("unused"), "unused", None), seed=seed, max_concurrent=gpus)
+                                  Path("unused"), "unused", None), seed=seed, max_concurrent=gpus,
+                     per_cell_concurrent=cap)
     search = cell_search(config, cell_costs(config))
-    search._per_cell = cap
     for s in search._searches.values():
         s.mirror = None  # no Optuna journal file
     if policy == "taking turns":

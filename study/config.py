@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +130,12 @@ def check_space(space: SearchSpace, source: str) -> None:
     from trainables.heads import HEADS
 
     trainable = {f.name for f in dataclasses.fields(TrainConfig)}
+    os_heads = [name for name, head in HEADS.items() if head.endpoint == "os"]
     for budget, protocol in space.protocols.items():
         searched = set(space.distributions) | set(protocol.distributions) | set(protocol.fixed)
         bad = sorted(searched - trainable)
         if bad:
             raise SearchSpaceError(f"{source}: {bad} are not training parameters; known: {sorted(trainable)}")
-        os_heads = [name for name, head in HEADS.items() if head.endpoint == "os"]
         if protocol.os_head not in os_heads:
             raise SearchSpaceError(f"{source}: protocols.{budget}.os_head must be one of {os_heads}, "
                                    f"got {protocol.os_head!r}")

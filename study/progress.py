@@ -47,6 +47,14 @@ def default_interval() -> float:
     return 30.0 if sys.stdout.isatty() else 120.0
 
 
+def _outcome(last_result: dict | None, errored: bool = False) -> str:
+    """How an ended trial ended, from its last report: finished, pruned (stopped by ASHA) or failed."""
+    last = last_result or {}
+    if errored or last.get(names.FAILED):
+        return "failed"
+    return "finished" if last.get(names.FINAL) else "pruned"
+
+
 class Progress(tune.Callback):
     def __init__(self, total_trials: int, fold_epochs_per_trial: int, interval_s: float | None = None):
         self.total, self.per_trial = total_trials, fold_epochs_per_trial
@@ -82,9 +90,7 @@ class Progress(tune.Callback):
         state["cindex"] = result.get(names.EPOCH_CINDEX.name, math.nan)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        outcome = "failed" if last.get(names.FAILED) else "finished" if last.get(names.FINAL) else "pruned"
-        self._end(trial, outcome)
+        self._end(trial, _outcome(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "failed")
@@ -96,14 +102,12 @@ class Progress(tune.Callback):
             self._ended_fold_epochs.append(state["fold_epochs"])
 
     def on_step_end(self, iteration, trials, **info):
-        for trial in trials:  # trials that ended before a resume are counted too
-            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._ended:
-                last = trial.last_result or {}
-                self._ended[trial.trial_id] = ("failed" if trial.status == "ERROR" or last.get(names.FAILED)
-                                               else "finished" if last.get(names.FINAL) else "pruned")
-                self._running.pop(trial.trial_id, None)
         if time.monotonic() - self._last_print >= self.interval_s:
             self._last_print = time.monotonic()
+            for trial in trials:  # trials that ended before a resume are counted too
+                if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._ended:
+                    self._ended[trial.trial_id] = _outcome(trial.last_result, trial.status == "ERROR")
+                    self._running.pop(trial.trial_id, None)
             print("\n".join(self.lines()), flush=True)
 
     def lines(self) -> list[str]:

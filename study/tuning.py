@@ -326,8 +326,9 @@ def per_cell_limit(num_samples: int) -> int:
     """Trials of one cell at once: TPE's random start-up trials (Optuna's first 10) learn nothing
     from each other, so they may all run together; past them, at most half of the cell's budget
     runs before its results inform the other half. Cells are filled one after another
-    (`CellSearch`), so the cap binds on the first cells and decides how much a cell's TPE has seen when it suggests:
-    a lower cap lets TPE see more and leaves GPUs idle at the end (`benchmarks/schedule_policies.py`)."""
+    (`CellSearch`), so the cap binds on the first cells and decides how much a cell's TPE has
+    seen when it suggests: a lower cap lets TPE see more and leaves GPUs idle at the end
+    (`benchmarks/schedule_policies.py`; ``--per-cell-concurrent`` overrides it)."""
     return max(TPE_STARTUP_TRIALS, num_samples // 2)
 
 
