@@ -17,13 +17,11 @@ delivered when it is back (or by ``--resume`` if it stayed down past the end of 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
+import secrets
 import tempfile
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from analysis import metric_names as names
 from datasets.errors import StudyError
 from search_spaces import Cell
 from study.resume_trust import TAG_PREFIX as RESUME_TAG_PREFIX
+from study.tracking.journal import KEY_TAG, TrackingJournal, UntrustedJournal, sha256_file
 
 
 def _finite(value: Any) -> bool:
@@ -56,29 +55,43 @@ class StudyTracker:
     """The study's MLflow experiment and parent run, and a journal that outlives tracking outages.
 
     Every record about a trial (its run, metrics, tags, artifacts, end) and the parent run's
-    end is appended to a JSON-lines journal first and delivered from it in order. If the tracking
-    store is unreachable, records wait in the journal (artifacts copied beside it) while the
-    study goes on; delivery is retried every `retry_s` seconds and at the end of the study; a
-    later run of the study (``--resume``) delivers whatever is left.
+    end is appended to the journal (`study.tracking.journal`: signed, flushed to disk) first and
+    delivered from it in order. If the tracking store is unreachable, records wait in the journal
+    while the study goes on; delivery is retried every `retry_s` seconds and at the end of the
+    study; a later run of the study (``--resume``) delivers whatever is left.
+
+    Delivery is at least once (a record is removed from the journal only after MLflow took it),
+    so every record is idempotent: a trial's run is found by its ``trial_key`` tag before one is
+    created (a second run that a retried request created is deleted) and its parameters are logged
+    on every delivery of its record; metrics carry their step and the timestamp of their first
+    recording (MLflow's SQL stores keep one row per key, value, step and timestamp); tags, artifacts
+    (same path) and run ends overwrite themselves.
+
+    `fault_hook`, when set (tests), is called with the name of every MLflow call and its number
+    before the call is made.
     """
 
-    def __init__(self, tracking_uri: str, study_name: str, journal: Path | None = None, retry_s: float = 15.0):
+    def __init__(self, tracking_uri: str, study_name: str, journal: Path | None = None, retry_s: float = 15.0,
+                 trust_storage: bool = False):
         self.tracking_uri, self.study_name, self.retry_s = tracking_uri, study_name, retry_s
-        self.journal = Path(journal) if journal is not None else None
+        self.trust_storage = trust_storage
+        self.journal = TrackingJournal(journal) if journal is not None else None
         self._client: MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._trial_runs: dict[str, str] = {}
+        self._announced: set[str] = set()  # trial keys whose run this driver has recorded
         self._pending: list[dict] = []
         self._down_since: float | None = None
         self._last_try = 0.0
+        self._calls = 0
+        self.fault_hook: Callable[[str, int], None] | None = None
         self.seconds = 0.0  # spent talking to the tracking store (the study's tracking overhead)
-        if self.journal is not None and self.journal.exists():
-            self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
         _LIVE[(tracking_uri, study_name)] = self
 
     def __reduce__(self):
-        return _live_tracker, (self.tracking_uri, self.study_name, str(self.journal) if self.journal else None)
+        return _live_tracker, (self.tracking_uri, self.study_name,
+                               str(self.journal.path) if self.journal else None, self.trust_storage)
 
     @property
     def client(self) -> MlflowClient:
@@ -103,13 +116,14 @@ class StudyTracker:
         with back-off for minutes before failing.
         """
         if self.tracking_uri.startswith(("http://", "https://")):
-            import requests
-
             requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
         self.client.search_experiments(max_results=1)
 
     def start(self, tags: dict[str, str], params: dict[str, Any], files: dict[str, str]) -> str:
-        """Create or reuse the study's parent run, then deliver what an earlier run left in the journal."""
+        """Create or reuse the study's parent run, then deliver what an earlier run left in the journal.
+
+        A journal whose records the study's key does not vouch for is refused (`UntrustedJournal`)
+        before anything changes in MLflow, unless the storage is trusted (``--trust-storage``)."""
         experiment = self.client.get_experiment_by_name(self.study_name)
         if experiment is None:
             # The kind tag makes MLflow 3's UI open the experiment in its model-training view.
@@ -117,22 +131,29 @@ class StudyTracker:
                 self.study_name, self._artifact_location(), tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             self.experiment_id = experiment.experiment_id
-        found = self.client.search_runs([self.experiment_id], "tags.study_role = 'study'", max_results=1)
-        if found:
-            logged = found[0].data.params
-            changed = {k: (logged[k], str(v)[:6000]) for k, v in params.items() if k in logged and logged[k] != str(v)[:6000]}
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        found = self._find_run("tags.study_role = 'study'")
+        if found is not None:
+            logged = found.data.params
+            changed = {k: (logged[k], v) for k, v in values.items() if k in logged and logged[k] != v}
             if changed:
                 details = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
                 raise StudyError(f"study {self.study_name!r} already exists with other settings ({details}); "
                                  "resume it with its original settings or choose another --name")
-            self.parent_run_id = found[0].info.run_id
+            key = found.data.tags.get(KEY_TAG) or secrets.token_hex(32)
+            self._load_journal(key)
+            self.parent_run_id = found.info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
+            tags = {**tags, KEY_TAG: key}
         else:
+            key = secrets.token_hex(32)
+            self._load_journal(key)
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={"study_role": "study", **tags})
+                                         tags={"study_role": "study", KEY_TAG: key, **tags})
             self.parent_run_id = run.info.run_id
-            self.client.log_batch(self.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        self.client.log_batch(self.parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        # Logged on every start: a start that died between creating the run and this call left none.
+        self.client.log_batch(self.parent_run_id, params=[Param(k, v) for k, v in values.items()],
+                              tags=[RunTag(k, str(v)) for k, v in tags.items()])
         with tempfile.TemporaryDirectory() as tmp:
             for name, text in files.items():
                 (Path(tmp) / name).write_text(text)
@@ -142,21 +163,64 @@ class StudyTracker:
             self.flush(force=True)
         return self.parent_run_id
 
+    def _load_journal(self, key: str) -> None:
+        """Take the journal's records that the study's key vouches for (all with --trust-storage)."""
+        if self.journal is None:
+            return
+        self.journal.set_key(key)
+        lines = self.journal.read()
+        untrusted = [line.number for line in lines if not line.trusted]
+        if untrusted and not self.trust_storage:
+            shown = ", ".join(map(str, untrusted[:10])) + (" ..." if len(untrusted) > 10 else "")
+            raise UntrustedJournal(
+                f"the tracking journal {self.journal.path} holds {len(untrusted)} record(s) that this study's driver "
+                f"did not write (line {shown}: no valid signature under the key kept in the study's MLflow run). "
+                "They are not delivered: someone who can write the storage path could upload files or forge results "
+                "through them. Find out who changed it; if only you can write the storage path (a journal left by a "
+                "version of this tool without signatures), --resume --trust-storage delivers them, still only "
+                "with artifacts from the journal's own folder.")
+        records = []
+        for line in lines:
+            if line.record is None:
+                print(f"  (tracking journal {self.journal.path}: line {line.number} is not a record; skipped)", flush=True)
+                continue
+            record = line.record if line.trusted else self._adopt(line.record)
+            if record is not None:
+                records.append(record)
+        self._pending = records
+
+    def _adopt(self, record: dict) -> dict | None:
+        """A record the user vouched for (--trust-storage), signed with the study's key. An artifact
+        record of an earlier version (an absolute ``path``) is kept only if it names a copy in the
+        journal's own folder; any other is dropped, said."""
+        record = {k: v for k, v in record.items() if k != "mac"}
+        if record.get("op") == "artifact" and "file" not in record:
+            path = Path(str(record.pop("path", "")))
+            record["file"] = f"{path.parent.name}/{path.name}"
+            kept = self.journal.files / record["file"]
+            if path != kept or not kept.is_file() or kept.is_symlink():
+                print(f"  (tracking record of artifact {str(path)[:200]!r} dropped: not a copy in {self.journal.files})",
+                      flush=True)
+                return None
+            record["sha256"] = sha256_file(kept)
+        return self.journal.sign(record)
+
     # -- records (journalled, delivered in order) -------------------------------------------
 
     def record(self, op: str, key: str | None = None, **fields: Any) -> None:
         """Queue one record (``key``: the trial's key; None: the parent run) and try to deliver."""
         entry = {"op": op, "key": key, **fields}
-        if op == "artifact":
-            entry["path"] = self._keep_artifact(Path(fields["path"]))
-        self._pending.append(entry)
         if self.journal is not None:
-            with open(self.journal, "a") as out:
-                out.write(json.dumps(entry) + "\n")
+            if op == "artifact":
+                entry.update(self.journal.keep(Path(entry.pop("path"))))
+            entry = self.journal.sign(entry)
+            self.journal.append(entry)
+        self._pending.append(entry)
         self.flush()
 
     def trial_run(self, key: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        if key not in self._trial_runs:
+        if key not in self._announced:
+            self._announced.add(key)
             self.record("trial", key, run_name=run_name, params={k: str(v) for k, v in params.items()}, tags=tags)
 
     def log_metrics(self, key: str | None, values: dict[str, Any], step: int = 0) -> None:
@@ -197,8 +261,9 @@ class StudyTracker:
         except TrackingUnavailable as exc:
             if self._down_since is None:
                 self._down_since = time.monotonic()
+                where = self.journal.path if self.journal is not None else "memory"
                 print(f"  tracking store {self.tracking_uri} unreachable ({exc}); the study goes on and its records "
-                      f"wait in {self.journal or 'memory'}", flush=True)
+                      f"wait in {where}", flush=True)
             return False
         finally:
             if delivered:
@@ -219,32 +284,42 @@ class StudyTracker:
         return True
 
     def _drop_delivered(self, count: int) -> None:
-        for entry in self._pending[:count]:
-            if entry["op"] == "artifact" and self.journal is not None:
-                shutil.rmtree(Path(entry["path"]).parent, ignore_errors=True)
-        self._pending = self._pending[count:]
+        """Forget delivered records: the journal is rewritten first, then their artifact copies are
+        deleted (a crash between the two leaves a copy, never a record without its file)."""
+        delivered, self._pending = self._pending[:count], self._pending[count:]
         if self.journal is not None:
-            tmp = self.journal.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self._pending))
-            os.replace(tmp, self.journal)
+            self.journal.rewrite(self._pending)
+            for entry in delivered:
+                if entry["op"] == "artifact":
+                    self.journal.discard(entry)
 
-    def _keep_artifact(self, path: Path) -> str:
-        """Copy an artifact beside the journal: Tune may delete its checkpoint before delivery."""
-        if self.journal is None:
-            return str(path)
-        folder = self.journal.parent / f"{self.journal.name}.files" / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        shutil.copy2(path, folder / path.name)
-        return str(folder / path.name)
+    # -- delivery ----------------------------------------------------------------------------
+
+    def _call(self, name: str, *args, **kwargs):
+        self._calls += 1
+        if self.fault_hook is not None:
+            self.fault_hook(name, self._calls)
+        return getattr(self.client, name)(*args, **kwargs)
+
+    def _find_run(self, query: str):
+        """The run of this experiment matching `query`, the oldest if a retried request made two
+        (the others are deleted: a create whose answer was lost and was sent again)."""
+        runs = self._call("search_runs", [self.experiment_id], query, max_results=50)
+        if not runs:
+            return None
+        runs = sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        for extra in runs[1:]:
+            self._call("delete_run", extra.info.run_id)
+        return runs[0]
 
     def _run_id(self, key: str | None) -> str:
         if key is None:
             return self.parent_run_id
         if key not in self._trial_runs:
-            found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{key}'", max_results=1)
-            if not found:
+            found = self._find_run(f"tags.trial_key = '{key}'")
+            if found is None:
                 raise KeyError(f"no trial run {key!r} in study {self.study_name!r}")
-            self._trial_runs[key] = found[0].info.run_id
+            self._trial_runs[key] = found.info.run_id
         return self._trial_runs[key]
 
     def _apply(self, entry: dict) -> None:
@@ -258,29 +333,37 @@ class StudyTracker:
         try:
             op, key = entry["op"], entry["key"]
             if op == "trial":
-                if key in self._trial_runs:
-                    return
-                found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{key}'", max_results=1)
-                if found:
-                    self._trial_runs[key] = found[0].info.run_id
-                    return
-                run = self.client.create_run(self.experiment_id, run_name=entry["run_name"], tags={
-                    "mlflow.parentRunId": self.parent_run_id, "study_role": "trial", "trial_key": key, **entry["tags"]})
-                self._trial_runs[key] = run.info.run_id
-                self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(entry["params"].items())])
+                if key not in self._trial_runs:
+                    found = self._find_run(f"tags.trial_key = '{key}'")
+                    if found is None:
+                        self._call("create_run", self.experiment_id, run_name=entry["run_name"], tags={
+                            "mlflow.parentRunId": self.parent_run_id, "study_role": "trial", "trial_key": key,
+                            **entry["tags"]})
+                        # Looked up again: a create whose answer was lost and that MLflow's client sent
+                        # again made two runs; the oldest is kept.
+                        found = self._find_run(f"tags.trial_key = '{key}'")
+                    self._trial_runs[key] = found.info.run_id
+                # Every delivery: the run may exist without them (created just before an outage).
+                self._call("log_batch", self._trial_runs[key],
+                           params=[Param(k, v) for k, v in sorted(entry["params"].items())])
             elif op == "metrics":
-                self.client.log_batch(self._run_id(key), metrics=[
+                self._call("log_batch", self._run_id(key), metrics=[
                     Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["values"].items()])
             elif op == "tags":
-                # Digests that vouch for Tune's state files come only from the driver, never through the
-                # journal, which may sit on the storage path they protect (`study.resume_trust`).
-                tags = [RunTag(k, v) for k, v in entry["tags"].items() if not k.startswith(RESUME_TAG_PREFIX)]
-                self.client.log_batch(self._run_id(key), tags=tags)
+                # Digests that vouch for Tune's state files and the journal's key come only from the
+                # driver, never through the journal, which may sit on the storage path they protect.
+                tags = [RunTag(k, v) for k, v in entry["tags"].items()
+                        if not k.startswith(RESUME_TAG_PREFIX) and k != KEY_TAG]
+                self._call("log_batch", self._run_id(key), tags=tags)
             elif op == "artifact":
-                if Path(entry["path"]).exists():
-                    self.client.log_artifact(self._run_id(key), entry["path"])
+                path = self.journal.artifact(entry) if self.journal is not None else Path(entry["path"])
+                if path is None:
+                    print(f"  (tracking record of artifact {str(entry.get('file'))[:200]!r} skipped: its copy in "
+                          f"{self.journal.files} is gone or changed)", flush=True)
+                    return
+                self._call("log_artifact", self._run_id(key), str(path))
             elif op == "terminate":
-                self.client.set_terminated(self._run_id(key), status=entry["status"])
+                self._call("set_terminated", self._run_id(key), status=entry["status"])
             else:
                 raise ValueError(f"unknown tracking record {op!r}")
         except (ConnectionError, OSError, MlflowException) as exc:
@@ -309,8 +392,9 @@ def _unreachable(exc: MlflowException) -> bool:
     return False
 
 
-def _live_tracker(tracking_uri: str, study_name: str, journal: str | None) -> StudyTracker:
-    return _LIVE.get((tracking_uri, study_name)) or StudyTracker(tracking_uri, study_name, journal)
+def _live_tracker(tracking_uri: str, study_name: str, journal: str | None, trust_storage: bool = False) -> StudyTracker:
+    return _LIVE.get((tracking_uri, study_name)) or StudyTracker(tracking_uri, study_name, journal,
+                                                                  trust_storage=trust_storage)
 
 
 # How a trial run ended: "finished", "pruned" (stopped by ASHA; status KILLED) or "failed".
