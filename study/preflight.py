@@ -152,3 +152,65 @@ def trial_slots(config, shapes: list[NodeShape]) -> int:
             return total
         slots += per_node * shape.count
     return max(1, min(total, slots))
+
+
+PROBE_TIMEOUT_S = 45.0
+
+
+def node_type(node: dict) -> str:
+    """A node's type as its cluster names it (the autoscaler's group label), else its resources."""
+    labels = node.get("Labels") or {}
+    for label in ("ray.io/node-group", "ray.io/node-type", "ray.io/group"):
+        if labels.get(label):
+            return labels[label]
+    resources = node["Resources"]
+    accelerator = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), None)
+    return (f"{resources.get('GPU', 0):g} GPU{f' ({accelerator})' if accelerator else ''}, "
+            f"{resources.get('CPU', 0):g} CPU")
+
+
+def probe_gpu_nodes(config) -> None:
+    """Before the first trial, a short Ray task on one node of each GPU node type (asking for a
+    trial's GPUs) checks that it can train there (`trainables.devices.gpu_problem`); raise
+    StudyError (exit 2) naming the node type and the reason if it cannot, unless the user allows
+    CPU training (--cpu-fallback). Nodes the autoscaler adds later are checked by their trials."""
+    if config.gpus_per_trial <= 0:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from trainables.devices import node_problem
+
+    chosen: dict[str, dict] = {}
+    for node in ray.nodes():
+        if node.get("Alive") and node["Resources"].get("GPU", 0) >= config.gpus_per_trial:
+            chosen.setdefault(node_type(node), node)
+    if not chosen:
+        return
+    probe = ray.remote(node_problem)
+    pending = {kind: probe.options(num_cpus=0, num_gpus=config.gpus_per_trial, max_retries=0,
+                                   scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                                   ).remote(config.gpus_per_trial)
+               for kind, node in chosen.items()}
+    ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+    problems = []
+    for kind, ref in pending.items():
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            print(f"  warning: GPU node type {kind!r} could not be probed within {PROBE_TIMEOUT_S:.0f} s (its GPUs "
+                  "busy?): its trials check their GPUs themselves", flush=True)
+            continue
+        try:
+            where, problem = ray.get(ref)
+        except Exception as exc:  # the probe could not run there (an import error, a lost node)
+            where, problem = chosen[kind]["NodeManagerAddress"], f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        if problem:
+            problems.append(f"GPU node type {kind!r} (node {where}) cannot train: {problem}")
+        else:
+            print(f"  GPU node type {kind!r}: CUDA works (probed on node {where})", flush=True)
+    if problems and config.cpu_fallback:
+        print("  warning: " + "; ".join(problems) + "; its trials train on the CPU (--cpu-fallback)", flush=True)
+    elif problems:
+        raise StudyError("; ".join(problems) + ". Its trials would train on the CPU at a fraction of the speed. Fix the "
+                         "node's NVIDIA driver or install torch's CUDA build there, or pass --cpu-fallback to train on "
+                         "CPUs anyway")

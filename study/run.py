@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "set when the study starts: --resume keeps it)")
     parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
     parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
+    parser.add_argument("--cpu-fallback", action="store_true",
+                        help="train on the CPU (slowly) when a trial's GPUs cannot be used; without it such a trial "
+                             "fails at once, and a GPU node type that cannot train stops the study before its first "
+                             "trial (exit 2)")
     parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True,
                         help="stop poor configurations early with ASHA (default); --no-pruning runs every "
                              "configuration for all its epochs")

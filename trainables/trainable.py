@@ -17,7 +17,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from datasets.errors import InputError
 from datasets.remote import stage_store
 from trainables.config import TrainConfig
 from trainables.cross_validation import CohortArrays, CrossValidation, cv_metrics
+from trainables.devices import node_problem
 from trainables.fold import TrainingDivergedError
 from trainables.fold_model import model_file
 from trainables.resource_use import ResourceSampler
@@ -67,6 +68,8 @@ class TrialSetup:
         Optional Ray object reference to float16 volumes of `volume_slots` (one copy per node).
     volume_slots
         Store slots of the rows of `volumes` (sorted).
+    cpu_fallback
+        Train on the CPU when the GPUs Ray assigned cannot be used (else the trial fails at once).
     """
 
     store: str
@@ -79,6 +82,7 @@ class TrialSetup:
     bootstrap: int = 1000
     volumes: Any = None
     volume_slots: tuple[int, ...] | None = None
+    cpu_fallback: bool = False
 
     def cohort_spec(self, task: str) -> CohortSpec:
         for name, filter_, endpoint in self.tasks:
@@ -97,6 +101,26 @@ def _shared_volumes(setup: TrialSetup, cohort: Cohort) -> tuple[np.ndarray | Non
     return volumes, rows
 
 
+def _usable_device(train_config: TrainConfig, setup: TrialSetup) -> TrainConfig | None:
+    """The trial's configuration if it can train on what Ray gave it; None after reporting the
+    trial failed (GPUs it cannot use, `trainables.devices`), or on the CPU with ``cpu_fallback``."""
+    import ray
+    from ray import tune
+
+    assigned = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+    if not assigned or train_config.device == "cpu":
+        return train_config
+    where, problem = node_problem(len(assigned))
+    if problem is None:
+        return train_config
+    message = f"node {where} was given GPU {', '.join(map(str, assigned))} but cannot train on it: {problem}"
+    if setup.cpu_fallback:
+        print(f"warning: {message}; training on the CPU (--cpu-fallback)", flush=True)
+        return replace(train_config, device="cpu")
+    tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: message})
+    return None
+
+
 def cv_trainable(config: dict, setup: TrialSetup) -> None:
     """Ray Tune function trainable (see the module docstring)."""
     from ray import tune
@@ -112,6 +136,9 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
         # A configuration that cannot train fails the same way on every retry: end the trial as
         # failed with the reason (study.config refuses such spaces at load; this is the last guard).
         tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: f"configuration: {exc}"})
+        return
+    train_config = _usable_device(train_config, setup)
+    if train_config is None:
         return
     cohort = Cohort(stage_store(setup.store), setup.cohort_spec(task))
     folds = cohort.folds(setup.folds, setup.fold_seed)
