@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ class StudyConfig:
         Register each cell's selected fold ensemble in MLflow's model registry (`analysis.pyfunc_model`).
     trust_storage
         Resume without checking Tune's state files against the digests in MLflow (`study.resume_trust`).
+    cpu_fallback
+        Train on the CPU when a trial's GPUs cannot be used (False: such a trial fails, and a GPU node
+        type that cannot train stops the study before its first trial; `trainables.devices`).
     seed
         Seeds folds, samplers and training.
     """
@@ -93,6 +97,7 @@ class StudyConfig:
     inputs: tuple[str, ...] = ("image",)
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     per_cell_concurrent: int | None = None
+    cpu_fallback: bool = False
 
     @property
     def search_space(self) -> SearchSpace:
@@ -206,9 +211,10 @@ def resolve(args) -> StudyConfig:
     if outer_folds == 1 or outer_folds < 0:
         raise InputError(f"--outer-folds must be 0 (no nested CV) or at least 2, got {outer_folds}")
     storage = args.storage_path
-    if "://" not in storage:
+    if not is_remote(storage):
         storage = str(Path(storage).expanduser().absolute())
-    tracking = args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    check_not_in_job_folder(storage, tracking)
     name = args.name or f"{space.name}-{budget}"
     if len(name) > MAX_NAME:
         raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
@@ -223,7 +229,27 @@ def resolve(args) -> StudyConfig:
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
         trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
-        clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent)
+        clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
+        cpu_fallback=args.cpu_fallback)
+
+
+# Set by Ray's job supervisor in the environment of a job's entrypoint (`ray job submit`).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_not_in_job_folder(storage: str, tracking: str) -> None:
+    """Under ``ray job submit`` the working folder is Ray's unpacked copy of ``--working-dir``,
+    deleted after the job: a study must not keep its records or its MLflow database there."""
+    if RAY_JOB_ENV not in os.environ:
+        return
+    here = Path.cwd().absolute()
+    if not is_remote(storage) and Path(storage).is_relative_to(here):
+        raise InputError(f"--storage-path {storage} lies in this Ray job's working folder, which Ray deletes after the "
+                         "job: give the cluster's shared folder or an s3:// gs:// URI")
+    if tracking.startswith("sqlite:///") and Path(tracking[len("sqlite:///"):]).absolute().is_relative_to(here):
+        raise InputError(f"--tracking-uri {tracking} lies in this Ray job's working folder, which Ray deletes after "
+                         "the job: give the cluster's tracking server (--tracking-uri http://127.0.0.1:5000 on the "
+                         "head) or set MLFLOW_TRACKING_URI")
 
 
 def head_for(config: StudyConfig, task: str) -> str:

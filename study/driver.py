@@ -50,6 +50,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     """The study, step by step: data and cluster, where its files go, tracking, trials, what the
     cells found, then the results and how the study ended."""
     from study.results import StudyOutcome
+    from study.study_folder import open_folder
 
     quiet_libraries()
     started = time.perf_counter()
@@ -71,8 +72,9 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
         files, delivered = close_tracking(config, tracker, cells, status, results_dir)
         timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
         write_timings(timings, results_dir)
+        open_folder(config.storage_path, config.name).push(force=True)
     print_results(config, cells, files, timings, tracker.experiment_id)
-    check_outcome(config, cells, delivered, tracker.pending, journal)
+    check_outcome(config, cells, delivered, tracker.pending, open_folder(config.storage_path, config.name).where(journal))
     return StudyOutcome(files.get("table"), cells, store)
 
 
@@ -98,13 +100,14 @@ def open_data_and_cluster(config: StudyConfig) -> tuple[StudyConfig, CohortStore
 def join_cluster(config: StudyConfig) -> tuple[StudyConfig, list]:
     """Start or join Ray, say what it has, refuse a trial no node can hold (exit 2), and fill in
     --max-concurrent (every trial slot of the nodes) when it was not given."""
-    from study.preflight import check_trial_fits, describe_cluster, node_shapes, trial_slots
+    from study.preflight import check_trial_fits, describe_cluster, node_shapes, probe_gpu_nodes, trial_slots
     from study.tuning import local_ray
 
     start_ray(config)
     shapes, autoscaler_known = node_shapes()
     print(describe_cluster(shapes), flush=True)
     check_trial_fits(config, shapes, autoscaler_known, local_ray(config))
+    probe_gpu_nodes(config)
     if config.max_concurrent is None:
         # Where the autoscaler keeps its node types to itself (the launcher's), the nodes up now are
         # not the cluster: no limit, so that pending trials ask it for more nodes.
@@ -171,8 +174,10 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
 
 
 def prepare_storage(config: StudyConfig, store: CohortStore) -> tuple[Path, Path]:
-    """Check the storage path (a study to resume, room for the checkpoints, writable); returns the
-    results folder and the tracking journal (local to the driver: it is written on every record)."""
+    """Check the storage path (a study to resume, room for the checkpoints, writable) and open the
+    study's folder on it (`study.study_folder`); returns the folder the driver writes the results
+    to and the tracking journal (written on every record: driver-local, uploaded with object storage)."""
+    from study.study_folder import open_folder
     from study.tuning import experiment_dir
 
     local_experiments = experiment_dir(config)
@@ -181,10 +186,8 @@ def prepare_storage(config: StudyConfig, store: CohortStore) -> tuple[Path, Path
     needed = check_free_space(config, len(store.sequences))
     check_writable(config.storage_path)
     print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
-    if local_experiments is not None:
-        local_experiments.mkdir(parents=True, exist_ok=True)
-        return local_experiments, local_experiments / "tracking_journal.jsonl"
-    return Path.cwd() / f"{config.name}-results", Path.cwd() / f"{config.name}-tracking_journal.jsonl"
+    folder = open_folder(config.storage_path, config.name)
+    return folder.local, folder.tracking_journal
 
 
 def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
@@ -218,7 +221,7 @@ def start_tracking(config: StudyConfig, store: CohortStore, journal: Path):
     """The study's MLflow experiment and parent run (resumed if it exists)."""
     from study.tracking import StudyTracker
 
-    tracker = StudyTracker(config.tracking_uri, config.name, journal)
+    tracker = StudyTracker(config.tracking_uri, config.name, journal, trust_storage=config.trust_storage)
     try:
         tracker.check()
     except Exception as exc:
@@ -254,7 +257,7 @@ def trial_setup(config: StudyConfig, store: CohortStore, volumes_array, volume_s
     return TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
                       folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
                       cpus=config.cpus_per_trial, checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
-                      volume_slots=volume_slots if volumes is not None else None)
+                      volume_slots=volume_slots if volumes is not None else None, cpu_fallback=config.cpu_fallback)
 
 
 def train(config: StudyConfig, setup, tracker, timings: dict, cohorts: dict):
@@ -381,7 +384,11 @@ def print_results(config: StudyConfig, cells: list, files: dict, timings: dict, 
     print(f"\nResults of study {config.name} (per cell, the configuration with the best pooled out-of-fold C-index; "
           "headline: its BBC-CV C-index, which pays for choosing it among the cell's configurations):")
     print(terminal_table(cells) if cells else "no cells finished")
-    print(f"\nWritten to {files.get('markdown', '')} and {files.get('csv', '')}; {timings['wall_s']:.0f} s in all: "
+    from study.study_folder import open_folder
+
+    folder = open_folder(config.storage_path, config.name)
+    written = [folder.where(Path(files[k])) for k in ("markdown", "csv") if k in files]
+    print(f"\nWritten to {' and '.join(written)}; {timings['wall_s']:.0f} s in all: "
           f"data {timings['data_s']:.0f} s, start-up {timings['startup_s']:.0f} s, trials {timings['tune_s']:.0f} s "
           f"(their training and validation {timings['trial_train_s']:.0f} s of trial time), tracking "
           f"{timings['tracking_s']:.1f} s (timings.json).")
@@ -401,7 +408,7 @@ def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:
     return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({runs_page})"
 
 
-def check_outcome(config: StudyConfig, cells: list, delivered: bool, pending: int, journal: Path) -> None:
+def check_outcome(config: StudyConfig, cells: list, delivered: bool, pending: int, journal: str) -> None:
     """Exit 3 if tracking records still wait; a study in which no trial finished is an error."""
     if not delivered:
         raise TrackingIncomplete(

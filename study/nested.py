@@ -33,6 +33,7 @@ from study.config import StudyConfig
 from study.results import write_tables
 from study.data import open_data, outer_assignment
 from study.driver import TrackingIncomplete, run_study
+from study.study_folder import open_folder
 from study.tuning import experiment_dir
 from trainables.config import TrainConfig
 from trainables.cross_validation import cv_metrics
@@ -101,24 +102,28 @@ def run_nested(config: StudyConfig) -> pd.DataFrame:
             metrics[names.cell_metric(cell, metric)] = scores[key.name]
     table = pd.DataFrame(rows)
     name = f"{config.name}-nested{k}"
-    directory = Path(config.storage_path) / name if "://" not in config.storage_path else Path.cwd() / name
+    folder = open_folder(config.storage_path, name)
+    directory = folder.local
     files = write_tables(table, directory)
     for cell, frames in predictions.items():
         pd.concat(frames, ignore_index=True).to_csv(directory / f"outer_predictions_{cell}.csv", index=False)
-    _track(replace(config, name=name), metrics, files, directory)
+    try:
+        _track(replace(config, name=name), metrics, files, folder)
+    finally:
+        folder.push(force=True)
     print(f"\nNested cross-validation of study {config.name} ({k} outer folds; each cell's selected configuration "
           "tested on patients its search never saw):")
     print(table.T.to_string())
-    print(f"\nWritten to {files['markdown']} (MLflow experiment {name}); the {k} inner studies are the experiments "
+    print(f"\nWritten to {folder.where(files['markdown'])} (MLflow experiment {name}); the {k} inner studies are the experiments "
           f"{config.name}-outer0of{k} .. {config.name}-outer{k - 1}of{k}.")
     return table
 
 
-def _track(config: StudyConfig, metrics: dict, files: dict, directory: Path) -> None:
+def _track(config: StudyConfig, metrics: dict, files: dict, folder) -> None:
     """A study run in the experiment NAME carrying the nested estimates."""
     from study.tracking import StudyTracker
 
-    tracker = StudyTracker(config.tracking_uri, config.name, directory / "tracking_journal.jsonl")
+    tracker = StudyTracker(config.tracking_uri, config.name, folder.tracking_journal, trust_storage=config.trust_storage)
     tracker.start({"space": config.space, "budget": config.budget, "nested_outer_folds": str(config.outer_folds)},
                   {"space": config.space, "budget": config.budget, "outer_folds": config.outer_folds,
                    "tasks": ",".join(config.tasks), "backbones": ",".join(config.backbones)},
@@ -126,6 +131,6 @@ def _track(config: StudyConfig, metrics: dict, files: dict, directory: Path) -> 
     tracker.log_metrics(None, metrics)
     tracker.finish_parent("FINISHED", files)
     if not tracker.catch_up(300.0):
-        raise TrackingIncomplete(f"the nested estimates are written to {directory}, but {tracker.pending} tracking "
-                                 f"records wait in {directory / 'tracking_journal.jsonl'}; rerun with --resume to "
+        raise TrackingIncomplete(f"the nested estimates are written to {folder.uri}, but {tracker.pending} tracking "
+                                 f"records wait in {folder.where(folder.tracking_journal)}; rerun with --resume to "
                                  "deliver them")

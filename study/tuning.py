@@ -57,10 +57,12 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from analysis import metric_names as names
+from datasets.remote import is_remote
 from search_spaces import Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig, fixed_parameters
 from study.progress import Progress
 from study.resume_trust import StateRecorder, check_state, study_run_tags
+from study.study_folder import SyncStudyFolder
 from study.tracking import MlflowTrialCallback, StudyTracker
 from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
 
@@ -316,10 +318,11 @@ def cell_search(config: StudyConfig, costs: dict[str, float] | None = None) -> C
 
 
 def optuna_journal_path(config: StudyConfig) -> Path:
-    """The Optuna journal of the study's searches: beside Tune's folder on a local storage path,
-    in ``NAME-results/`` of the working folder with object storage (a journal needs file locks)."""
-    local = experiment_dir(config)
-    return (local if local is not None else Path.cwd() / f"{config.name}-results") / "optuna.journal"
+    """The Optuna journal of the study's searches, in the study's folder (`study.study_folder`:
+    ``STORAGE/NAME/optuna.journal``; with object storage the driver's local copy, uploaded there)."""
+    from study.study_folder import open_folder
+
+    return open_folder(config.storage_path, config.name).optuna_journal
 
 
 def per_cell_limit(num_samples: int) -> int:
@@ -368,7 +371,8 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
             name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
             callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
                        StateRecorder(tracker.tracking_uri, tracker.parent_run_id),
-                       Progress(len(config.cells()) * config.num_samples, config.protocol.folds * config.protocol.epochs)],
+                       Progress(len(config.cells()) * config.num_samples, config.protocol.folds * config.protocol.epochs),
+                       SyncStudyFolder(config.storage_path, config.name)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=0),
@@ -387,6 +391,6 @@ def local_ray(config: StudyConfig) -> bool:
 
 
 def experiment_dir(config: StudyConfig) -> Path | None:
-    if "://" in config.storage_path:
+    if is_remote(config.storage_path):
         return None
     return Path(config.storage_path) / config.name
