@@ -135,7 +135,15 @@ def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Pa
             logging.getLogger("mlflow").setLevel(quiet)
         MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=f"{MODELS_DIR}/{cell}")
     uri = f"runs:/{run_id}/{MODELS_DIR}/{cell}"
-    if register_as:
+    if register_as and not _registered(tracking_uri, register_as, run_id):  # a resumed study logs it again
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.register_model(uri, register_as)
     return uri
+
+
+def _registered(tracking_uri: str, name: str, run_id: str) -> bool:
+    """Whether a version of registered model `name` already comes from the study run `run_id`."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    return any(v.run_id == run_id for v in versions)

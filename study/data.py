@@ -73,6 +73,24 @@ def check_external(config: StudyConfig, store: CohortStore) -> None:
                                   f"--external {path}")
 
 
+def study_slots(cohorts) -> np.ndarray:
+    """The store slots of every patient some task of the study trains on (sorted)."""
+    return np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
+
+
+def volume_bytes(store: CohortStore, cohorts) -> int:
+    """Bytes of the study's volumes in memory (float16): patients x sequences x voxels x 2. At the
+    full shape (4 x 120 x 120 x 78) 1,000 patients take 9.0 GB (8.4 GiB)."""
+    return len(study_slots(cohorts)) * len(store.sequences) * int(np.prod(store.shape)) * 2
+
+
+def shares_volumes(share: bool, size: int) -> bool:
+    """Whether the volumes go to Ray's object store: asked for, and within `SHARE_FRACTION` of RAM."""
+    import psutil
+
+    return share and size <= SHARE_FRACTION * psutil.virtual_memory().total
+
+
 def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.ndarray | None, tuple[int, ...]]:
     """Read every volume the study will train on, before anything is written anywhere.
 
@@ -80,11 +98,9 @@ def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.nd
     hours later. Volumes that fit in `SHARE_FRACTION` of RAM are returned for Ray's object store
     (one copy per node); larger cohorts are only checked, and each trial reads the store itself.
     """
-    import psutil
-
-    slots = np.unique(np.concatenate([c.slots for c, _ in cohorts.values()]))
-    size = len(slots) * len(store.sequences) * int(np.prod(store.shape)) * 2
-    keep = share and size <= SHARE_FRACTION * psutil.virtual_memory().total
+    slots = study_slots(cohorts)
+    size = volume_bytes(store, cohorts)
+    keep = shares_volumes(share, size)
     if share and not keep:
         print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
               "each trial reads the store itself")

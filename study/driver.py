@@ -74,7 +74,7 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
         write_timings(timings, results_dir)
         open_folder(config.storage_path, config.name).push(force=True)
     print_results(config, cells, files, timings, tracker.experiment_id)
-    check_outcome(config, cells, delivered, tracker.pending, open_folder(config.storage_path, config.name).where(journal))
+    check_outcome(config, cells, delivered, tracker, open_folder(config.storage_path, config.name).where(journal))
     return StudyOutcome(files.get("table"), cells, store)
 
 
@@ -93,6 +93,11 @@ def open_data_and_cluster(config: StudyConfig) -> tuple[StudyConfig, CohortStore
     cohorts = task_cohorts(config, store)
     check_external(config, store)
     config, _ = join_cluster(config)
+    from study.data import shares_volumes, study_slots, volume_bytes
+    from study.preflight import check_object_stores
+
+    size = volume_bytes(store, cohorts)
+    check_object_stores(config, size, len(study_slots(cohorts)), shares_volumes(config.share_volumes, size))
     print(describe(config, store, cohorts), flush=True)
     return config, store, cohorts
 
@@ -336,10 +341,19 @@ def order_cells(config: StudyConfig, cells: list) -> list:
 
 def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, cohorts: dict) -> None:
     """Each cell's selected configuration as an MLflow pyfunc model under the study run (registered
-    with --register-models); a model that cannot be logged is said, never the reason a study fails."""
-    from analysis.pyfunc_model import log_cell_model
+    with --register-models). Models go straight to MLflow, not through the journal (they are
+    folders of fold models): a tracking store that is down gets the same wait as the end of the
+    study, and models it still cannot take are left to ``--resume`` (exit 3, `check_outcome`). A
+    model that cannot be logged for another reason is said, never the reason a study fails."""
+    from mlflow.exceptions import MlflowException
 
-    tracker.flush(force=True)  # the study run exists in MLflow before its models are added
+    from analysis.pyfunc_model import log_cell_model
+    from study.tracking.tracker import _unreachable
+
+    if not tracker.catch_up(CATCH_UP_S):  # the study run and its trials exist in MLflow before its models
+        tracker.models_waiting = [cell.label for cell in cells if cell.best_checkpoint is not None]
+        print(f"  (models not logged: the tracking store {config.tracking_uri} is unreachable)", flush=True)
+        return
     for cell in cells:
         if cell.best_checkpoint is None:
             continue
@@ -354,6 +368,8 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
                                      str(store.path), list(cohort.patient_ids[:2]), name)
             print(f"  model of {cell.label}: {uri}" + (f", registered as {name}" if name else ""), flush=True)
         except Exception as exc:
+            if isinstance(exc, (OSError, ConnectionError)) or (isinstance(exc, MlflowException) and _unreachable(exc)):
+                tracker.models_waiting.append(cell.label)
             print(f"  (model of {cell.label} not logged: {type(exc).__name__}: {str(exc)[:300]})", flush=True)
 
 
@@ -367,9 +383,16 @@ def close_tracking(config: StudyConfig, tracker, cells: list, status: str, resul
     if cells:
         files["table"] = results_table(cells)
         files.update(write_tables(files["table"], results_dir))
+    from study.resume_trust import catch_up_states
+
     tracker.finish_parent(status if status == "FINISHED" else "KILLED",
                           {k: v for k, v in files.items() if k != "table"})
-    return files, tracker.catch_up(CATCH_UP_S if status == "FINISHED" else 10.0)
+    wait = CATCH_UP_S if status == "FINISHED" else 10.0
+    started = time.monotonic()
+    delivered = tracker.catch_up(wait)
+    # The digests of Tune's last state files wait for the store too: recorded, a plain --resume trusts them.
+    states = catch_up_states(tracker.parent_run_id, max(1.0, wait - (time.monotonic() - started)))
+    return files, delivered and states
 
 
 def write_timings(timings: dict, directory: Path) -> None:
@@ -408,12 +431,14 @@ def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:
     return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({runs_page})"
 
 
-def check_outcome(config: StudyConfig, cells: list, delivered: bool, pending: int, journal: str) -> None:
-    """Exit 3 if tracking records still wait; a study in which no trial finished is an error."""
-    if not delivered:
+def check_outcome(config: StudyConfig, cells: list, delivered: bool, tracker, journal: str) -> None:
+    """Exit 3 if tracking records or models still wait; a study in which no trial finished is an error."""
+    waiting = tracker.models_waiting
+    if not delivered or waiting:
+        models = (f" (and the models of {', '.join(waiting)}, which it could not take)" if waiting else "")
         raise TrackingIncomplete(
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
-            f"{CATCH_UP_S:.0f} s after it; {pending} records wait in {journal}. Start the server again and "
+            f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}{models}. Start the server again and "
             f"run the same command with --resume --trust-storage: it delivers them (no trial is rerun). "
             "--trust-storage because the digests of Tune's last state files could not be recorded in MLflow "
             "either: resume so only if no one else can write the storage path.")

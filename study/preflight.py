@@ -214,3 +214,35 @@ def probe_gpu_nodes(config) -> None:
         raise StudyError("; ".join(problems) + ". Its trials would train on the CPU at a fraction of the speed. Fix the "
                          "node's NVIDIA driver or install torch's CUDA build there, or pass --cpu-fallback to train on "
                          "CPUs anyway")
+
+
+# The object store also holds Tune's and Ray's own objects, and Ray spills to disk near its limit.
+OBJECT_STORE_HEADROOM = 1.25
+
+
+def check_object_stores(config, volume_bytes: int, patients: int, shared: bool) -> None:
+    """With shared volumes the driver puts one copy of the cohort in its node's object store and
+    every node that runs trials maps a copy of its own: refuse (StudyError, exit 2) a cohort that
+    does not fit a node's object store, with the numbers, instead of Ray spilling it to disk or
+    failing trials hours later. Nodes the autoscaler adds later are not known yet."""
+    if not shared:
+        return
+    import ray
+
+    own = ray.get_runtime_context().get_node_id()
+    short = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        runs_trials = NodeShape(node["Resources"].get("CPU", 0.0), node["Resources"].get("GPU", 0.0)).trials(
+            config.cpus_per_trial, config.gpus_per_trial) > 0
+        capacity = node["Resources"].get("object_store_memory", 0.0)
+        if (runs_trials or node["NodeID"] == own) and capacity < volume_bytes * OBJECT_STORE_HEADROOM:
+            short.append(f"{node['NodeManagerAddress']} {capacity / 2**30:.1f} GiB")
+    if short:
+        raise StudyError(
+            f"the cohort's volumes take {volume_bytes / 2**30:.2f} GiB ({patients} patients, float16) and every node "
+            f"that runs trials (and the driver's) keeps one copy in Ray's object store, which needs "
+            f"{volume_bytes * OBJECT_STORE_HEADROOM / 2**30:.2f} GiB with headroom; too small on: {', '.join(short)}. "
+            "Give Ray more object store memory on those nodes (ray start --object-store-memory, a larger /dev/shm), "
+            "or pass --no-share-volumes (each trial then reads its own copy from the store)")

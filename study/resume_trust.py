@@ -120,23 +120,34 @@ def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
     return dict(found[0].data.tags) if found else {}
 
 
+# The driver's live recorder per study run: Tune pickles callbacks into its experiment state and
+# unpickles them on restore; the driver finds the one that runs (`catch_up_states`).
+_LIVE: dict[str, StateRecorder] = {}
+
+
 class StateRecorder(tune.Callback):
     """Records the digest of each version of Tune's state files in the study's MLflow run.
 
     Tune writes its experiment state to a staging folder on the driver and starts its upload in
     the background; each new version is hashed there at the end of the same Tune step (a stat of
     each file per step; a hash when it changed) and tagged, so the copy on the storage path is a
-    recorded version unless the driver dies within that step or the tracking store is down (then
-    ``--trust-storage``). ``tuner.pkl`` is written once per driver run, straight to the storage path.
+    recorded version unless the driver dies within that step. ``tuner.pkl`` is written once per
+    driver run, straight to the storage path. Digests the tracking store could not take wait and
+    are recorded when it is back: at a later step (at most every `RETRY_AFTER_S`), and at the end
+    of the study, when the driver waits for the store (`catch_up_states`) as it does for its
+    tracking journal: the last state of a study whose server was down at its end is then recorded
+    too, and a plain ``--resume`` trusts it.
     """
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self._versions: dict[str, list[str]] = {}
+        self._unrecorded: dict[str, str] = {}  # name -> newest digest the store has not taken yet
         self._stamps: dict[Path, tuple[int, int]] = {}
         self._retry_at = 0.0
         self._tuner_recorded = False
         self._client = None
+        _LIVE[run_id] = self
 
     def __getstate__(self):  # pickled into tuner.pkl: only what identifies the run
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
@@ -145,12 +156,17 @@ class StateRecorder(tune.Callback):
         self.__init__(state["tracking_uri"], state["run_id"])
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if trials and time.monotonic() >= self._retry_at:
+        if trials:
             self._scan(trials[0].storage)
 
     def on_experiment_end(self, trials: list, **info) -> None:
         if trials:
             self._scan(trials[0].storage)
+
+    @property
+    def waiting(self) -> int:
+        """Digests not yet recorded (the tracking store was down)."""
+        return len(self._unrecorded)
 
     def _scan(self, storage) -> None:
         staging = Path(storage.experiment_driver_staging_path)
@@ -160,13 +176,15 @@ class StateRecorder(tune.Callback):
         if changed:  # Tune checkpointed: a trial that failed since wrote its error.pkl before that
             changed.update(self._hash_changed([(error_key(p.parent.name), p) for p in staging.glob("*/error.pkl")]))
         if not self._tuner_recorded:  # written once per driver run, straight to the storage path
-            self._tuner_recorded = True
             try:
                 with storage.storage_filesystem.open_input_stream(f"{storage.experiment_fs_path}/tuner.pkl") as stream:
                     changed["tuner.pkl"] = _sha256(stream)
+                self._tuner_recorded = True
             except OSError:  # not written (yet): the resume check will name it
-                self._tuner_recorded = False
-        self._record(changed)
+                pass
+        self._unrecorded.update(changed)
+        if self._unrecorded and time.monotonic() >= self._retry_at:
+            self.record()
 
     def _hash_changed(self, files: list[tuple[str, Path]]) -> dict[str, str]:
         """name -> SHA-256 of the files whose modification time or size changed since the last scan."""
@@ -179,12 +197,14 @@ class StateRecorder(tune.Callback):
                     changed[name] = _sha256(stream)
         return changed
 
-    def _record(self, digests: dict[str, str]) -> None:
+    def record(self) -> bool:
+        """Record the waiting digests in the study run; False if the tracking store is down (they
+        keep waiting, and the next attempt comes after `RETRY_AFTER_S` at the earliest)."""
         from mlflow import MlflowClient
         from mlflow.entities import RunTag
 
-        if not any(d not in self._versions.get(n, []) for n, d in digests.items()):
-            return
+        if not self._unrecorded:
+            return True
         try:
             if self._client is None:
                 client = MlflowClient(self.tracking_uri)
@@ -194,7 +214,7 @@ class StateRecorder(tune.Callback):
                                                 for n, v in self._versions.items()}}
                 self._client = client
             updated = {}
-            for name, digest in digests.items():
+            for name, digest in self._unrecorded.items():
                 versions = self._versions.get(name, [])
                 if digest not in versions:
                     updated[name] = (versions + [digest])[-VERSIONS_KEPT:]
@@ -202,7 +222,22 @@ class StateRecorder(tune.Callback):
                 self._client.log_batch(self.run_id, tags=[RunTag(TAG_PREFIX + n, ",".join(v))
                                                           for n, v in updated.items()])
                 self._versions.update(updated)
-        except Exception:  # the tracking store is down: a scan after RETRY_AFTER_S records the newest version
-            self._stamps.clear()
-            self._tuner_recorded = False
+            self._unrecorded.clear()
+            return True
+        except Exception:  # the tracking store is down: the digests wait
             self._retry_at = time.monotonic() + RETRY_AFTER_S
+            return False
+
+
+def catch_up_states(run_id: str, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for the tracking store to take the digests that the study run's live
+    recorder holds back; True when none wait (or there is no recorder)."""
+    recorder = _LIVE.get(run_id)
+    if recorder is None:
+        return True
+    deadline = time.monotonic() + timeout_s
+    while not recorder.record():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+    return True

@@ -33,13 +33,17 @@ RAY = str(Path(sys.executable).parent / "ray")
 class LocalCluster:
     """Two Ray nodes started with the `ray` CLI, each with 1 CPU and a marker resource."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, token: Path | None = None, env: dict | None = None):
+        """`token`: the cluster's token file (as `ray get-auth-token --generate` writes it and the
+        launcher syncs it to every node; default: a new one); `env`: more for the nodes' environment
+        (credentials that a cloud node has from its instance profile)."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{free_port()}"
-        token = root / "ray_token"
-        token.write_text(secrets.token_hex(32))
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        if token is None:
+            token = root / "ray_token"
+            token.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         self.session: str | None = None
 
     def _ray(self, *args: str) -> None:

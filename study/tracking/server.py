@@ -37,7 +37,8 @@ def server_environment(root: Path, backend_store_uri: str | None) -> dict[str, s
     return {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_store_uri or f"sqlite:///{root.absolute() / 'mlflow.db'}"}
 
 
-DATABASES = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://")
+DATABASES = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://", "mysql://",
+             "mysql+pymysql://")
 
 
 def backend_problem(uri: str) -> str | None:
@@ -58,7 +59,7 @@ def backend_problem(uri: str) -> str | None:
         engine.dispose()
     except ModuleNotFoundError as exc:
         return (f"--backend-store-uri: the database driver {exc.name!r} is not installed (pip install "
-                "'glioma-survival-study[cluster]' installs psycopg2 for PostgreSQL)")
+                "'glioma-survival-study[cluster]' installs psycopg for PostgreSQL)")
     except Exception as exc:  # the database's own reason: refused, unknown host, authentication
         shown = str(exc).strip().splitlines()[0][:300]
         return f"--backend-store-uri {uri.split('@')[-1]}: cannot connect ({shown})"

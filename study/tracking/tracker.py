@@ -87,6 +87,7 @@ class StudyTracker:
         self._calls = 0
         self.fault_hook: Callable[[str, int], None] | None = None
         self.seconds = 0.0  # spent talking to the tracking store (the study's tracking overhead)
+        self.models_waiting: list[str] = []  # cells whose model the store could not take (`study.driver.log_models`)
         _LIVE[(tracking_uri, study_name)] = self
 
     def __reduce__(self):
