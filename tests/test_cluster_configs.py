@@ -494,3 +494,17 @@ def test_steps_study_commands_parse():
             assert args.tracking_uri == "http://127.0.0.1:5000"
             found += 1
     assert found >= 6, "a dry run and a study on each of the three clusters"
+
+
+def test_tracking_server_refuses_a_database_or_bucket_it_cannot_use(tmp_path, capsys):
+    """Checked before MLflow starts: its own server retries and logs a traceback per worker."""
+    from tests.services import free_port
+    from study.tracking.server import main
+
+    port = str(free_port())
+    assert main(["serve", "--root", str(tmp_path), "--port", port, "--backend-store-uri", "mongodb://db/x"]) == 2
+    assert "not a database URI" in capsys.readouterr().err
+    assert main(["serve", "--root", str(tmp_path), "--port", port, "--backend-store-uri",
+                 f"postgresql://mlflow:SECRET@127.0.0.1:{free_port()}/mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "SECRET" not in err, "the password is never printed"

@@ -119,3 +119,47 @@ def test_a_path_too_long_for_the_file_system_is_named_and_exits_2(flag, capsys):
     value = "a" * 300 + (".yaml" if flag == "--space" else "")
     assert main([flag, value, "--dry-run"]) == 2
     assert f"{flag} {'a' * 80}...: not a usable path (File name too long)" in capsys.readouterr().err
+
+
+def test_a_ray_job_keeps_nothing_in_its_working_folder(small_store, tmp_path, monkeypatch, capsys):
+    """Under `ray job submit` the working folder is Ray's copy of --working-dir, deleted after the job."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--dry-run"]
+    assert main(args + ["--tracking-uri", "http://127.0.0.1:9"]) == 2  # the default storage: ./ray_results
+    assert "--storage-path" in capsys.readouterr().err
+    assert main(args + ["--storage-path", "s3://bucket/studies"]) == 2  # the default tracking: ./mlflow.db
+    assert "--tracking-uri sqlite:///" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the variable MLflow users set is honoured
+    assert main(args + ["--storage-path", str(tmp_path.parent / "elsewhere")]) == 0
+    assert "tracking: http://127.0.0.1:9" in capsys.readouterr().out
+
+
+def test_a_cohort_that_cannot_fit_the_object_stores_is_refused_with_the_numbers(small_store, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    code = f"""
+import ray
+from study.config import StudyConfig
+from study.preflight import check_object_stores
+from datasets.errors import StudyError
+ray.init(num_cpus=1, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="ERROR")
+config = StudyConfig(space="smoke", budget="demo", data=None, external=(), backbones=("seresnext50",), tasks=("os_all",),
+                     num_samples=1, max_concurrent=None, cpus_per_trial=1, gpus_per_trial=0, address=None,
+                     tracking_uri="sqlite:///x", storage_path="/tmp/x", name="x")
+check_object_stores(config, 60 * 2**20, 100, shared=True)   # fits with headroom
+check_object_stores(config, 10 * 2**30, 1000, shared=False)  # not shared: each trial reads the store
+try:
+    check_object_stores(config, 9 * 2**30, 1000, shared=True)
+except StudyError as exc:
+    print("REFUSED", exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    refused = run.stdout.split("REFUSED ", 1)[1]
+    assert "9.00 GiB (1000 patients, float16)" in refused and "needs 11.25 GiB" in refused
+    assert "0.1 GiB" in refused and "--no-share-volumes" in refused
