@@ -7,6 +7,7 @@ other node."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -166,7 +167,8 @@ def test_ray_job_submit_as_the_readme_says(cluster, server, small_store, tmp_pat
     the server."""
     nodes = cluster.node_ids()
     readme = (PROJECT_ROOT / "README.md").read_text()
-    assert "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n    python -m study.run" in readme
+    assert re.search(r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. -- \\\n\s+python -m study\.run",
+                     readme)
     # `python` is the user's activated environment: the one running these tests.
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
