@@ -17,6 +17,7 @@ study's parent MLflow run under ``report/``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +43,10 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
             raise InputError(f"--clinical: unknown covariates {unknown}; valid covariates are {list(CLINICAL)}")
     study = read_study(study_name, tracking_uri)
     store = CohortStore(stage_store(study.config["data"]))
+    external_stores = externals(study, store, external)  # checked before anything is written
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(study, store, externals(study, external), out, clinical)
+    report = Report(study, store, external_stores, out, clinical)
     report.header()
     report.leaderboard()
     cells = load_cells(study, store)
@@ -66,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--study", required=True, help="study name (the MLflow experiment)")
-    parser.add_argument("--tracking-uri", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}", help="MLflow tracking URI")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"),
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: report-STUDY)")
     parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (paths or s3:// gs:// URIs)")
     parser.add_argument("--clinical", nargs="+", default=None, metavar="COVARIATE",

@@ -26,6 +26,7 @@ from analysis.study_reader import Study, Trial, oof_predictions
 from datasets.clinical_features import FUSION_DEFAULT
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
+from datasets.file_names import safe_name
 from datasets.remote import stage_store
 from datasets.store import CohortStore
 from search_spaces import TASKS, Cell
@@ -150,19 +151,30 @@ def choose_patients(oof: pd.DataFrame, n_random: int = 2, seed: int = 0) -> dict
     return chosen
 
 
+def img_tag(source: str, width: int = 480, title: str = "") -> str:
+    """An image of the page; every attribute escaped (a file name or title may hold a patient id)."""
+    return (f"<img src='{html.escape(source)}' width='{int(width)}'" + (f" title='{html.escape(title)}'" if title else "")
+            + ">")
+
+
 def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="t", na_rep="")
 
 
-def externals(study: Study, extra: Sequence) -> list[CohortStore]:
-    """The study's external stores and the report's, each once (by resolved location)."""
+def externals(study: Study, development: CohortStore, extra: Sequence) -> list[CohortStore]:
+    """The study's external stores and the report's, each once (by resolved location), each checked
+    to take the development store's models (`datasets.external`)."""
+    from datasets.external import check_external
+
     seen, out = set(), []
     for location in [*study.config.get("external", []), *map(str, extra)]:
         path = stage_store(location)
         key = str(Path(path).resolve())
         if key not in seen:
             seen.add(key)
-            out.append(CohortStore(path))
+            store = CohortStore(path)
+            check_external(store, development, "--external")
+            out.append(store)
     return out
 
 
@@ -184,7 +196,7 @@ class Report:
         self.html: list[str] = []
 
     def figure(self, name: str, width: int = 480, title: str = "") -> None:
-        self.html.append(f"<img src='{name}' width='{width}'" + (f" title='{html.escape(title)}'" if title else "") + ">")
+        self.html.append(img_tag(name, width, title))
 
     def table(self, frame: pd.DataFrame, csv: str | None = None) -> None:
         if csv:
@@ -194,7 +206,8 @@ class Report:
     def header(self) -> None:
         study, config = self.study, self.study.config
         self.html += [f"<h1>Study {html.escape(study.name)}</h1>",
-                      f"<p>Space {config['space']}, budget {config['budget']}, data {html.escape(str(self.store.path))} "
+                      f"<p>Space {html.escape(str(config['space']))}, budget {html.escape(str(config['budget']))}, "
+                      f"data {html.escape(str(self.store.path))} "
                       f"({len(self.store.usable())} patients), {config['protocol']['folds']}-fold CV; "
                       f"{len(study.trials)} trials ({len(study.finished())} finished).</p>"]
 
@@ -232,7 +245,7 @@ class Report:
                 frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
                                       "dpi": pred["risk"], "surv_365": pred["surv_365"],
                                       **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(times)}})
-                frame.to_csv(self.out / f"external_{cell.cell}_{ext.path.stem}.csv", index=False)
+                frame.to_csv(self.out / f"external_{cell.cell}_{safe_name(ext.path.stem)}.csv", index=False)
                 predictions[(cell.cell, ext.path.name)] = pd.concat(
                     [frame, cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)
         if rows:
@@ -338,7 +351,7 @@ class Report:
             # The cut-off is fixed here, on development data, and reused unchanged for external cohorts.
             cutoff = float(np.median(oof["dpi"]))
             groups = [("development", "dev", oof["time"], oof["event"], oof["dpi"])]
-            groups += [(name, Path(name).stem, f["time"], f["event"], f["dpi"])
+            groups += [(name, safe_name(Path(name).stem), f["time"], f["event"], f["dpi"])
                        for (key, name), f in external.items() if key == cell.cell]
             for cohort, stem, time, event, dpi in groups:
                 figure = f"km_{cell.cell}_{stem}.png"
@@ -356,7 +369,7 @@ class Report:
         with tumour labels, the attention's enrichment on tumour + oedema (`attention_in_region`)."""
         best: dict[str, CellAnalysis] = {}
         for cell in cells:
-            if cell.task not in best or cell.trial.oof_cindex > best[cell.task].trial.oof_cindex:
+            if cell.task not in best or cell.trial.ranks_above(best[cell.task].trial):
                 best[cell.task] = cell
         store, rows, shown = self.store, [], []
         for task, cell in best.items():
@@ -378,7 +391,7 @@ class Report:
                 reasons = [reason for reason, r in chosen.items() if r == row]
                 if not reasons:
                     continue
-                name = f"gradcam_{cell.cell}_{pid}"
+                name = f"gradcam_{cell.cell}_{safe_name(pid)}"
                 overlay(image, store.sequences, cam, mask, label,
                         f"{cell.cell}: {pid} ({reasons[0]}; DPI {oof.loc[row, 'dpi']:+.2f}, "
                         f"{'death' if oof.loc[row, 'event'] else 'censored'} at {oof.loc[row, 'time']:.0f} d)",

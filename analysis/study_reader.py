@@ -32,6 +32,11 @@ class Trial:
     start_time: int = 0
     inputs: str = "image"
 
+    def ranks_above(self, other: "Trial") -> bool:
+        """Higher pooled out-of-fold C-index; a tie goes to the lower trial id, as in the driver's
+        selection (`study.results.summarise`), whatever order the runs are read in."""
+        return (self.oof_cindex, other.trial_id) > (other.oof_cindex, self.trial_id)
+
     @property
     def cell(self) -> str:
         return cell_name(self.backbone, self.task, self.inputs)
@@ -59,7 +64,7 @@ class Study:
         best: dict[Cell, Trial] = {}
         for trial in self.finished():
             key = Cell(trial.backbone, trial.task, trial.inputs)
-            if key not in best or trial.oof_cindex > best[key].oof_cindex:
+            if key not in best or trial.ranks_above(best[key]):
                 best[key] = trial
         return dict(sorted(best.items(), key=lambda kv: (kv[0].task, kv[0].inputs, kv[0].backbone)))
 

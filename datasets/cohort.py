@@ -180,12 +180,22 @@ class Cohort:
         return self.event * 10 + gbm + 1
 
     def folds(self, k: int, seed: int = 0) -> np.ndarray:
-        """Fold number per patient; raises if a validation fold would have no event."""
+        """Fold number per patient; raises (InputError, before anything trains) if a validation fold
+        could not be scored: fewer than two patients, no event, or no pair of patients whose order of
+        death it could judge (Harrell's C undefined)."""
+        where = f"cohort {self.spec.filter!r}/{self.spec.endpoint} ({len(self)} patients, {int(self.event.sum())} events)"
+        if len(self) < 2 * k:
+            raise InputError(f"{where}: {k} folds would hold fewer than two patients each; use fewer folds "
+                             f"(at most {len(self) // 2}) or more patients")
         folds = stratified_folds(self.patient_ids, self.strata(), k, seed)
         for fold in range(k):
-            if self.event[folds == fold].sum() == 0:
-                raise InputError(f"cohort {self.spec.filter!r}/{self.spec.endpoint}: fold {fold} of {k} has no "
-                                 f"event ({int(self.event.sum())} events among {len(self)} patients); use fewer folds")
+            event, time = self.event[folds == fold], self.time[folds == fold]
+            if event.sum() == 0:
+                raise InputError(f"{where}: fold {fold} of {k} has no event; use fewer folds")
+            if not (event.astype(bool) & (time < time.max())).any():
+                raise InputError(f"{where}: fold {fold} of {k} has no pair of patients whose order of death can be "
+                                 "judged (no death before the fold's last time), so its C-index is undefined; use "
+                                 "fewer folds")
         return folds
 
     def describe(self) -> dict:

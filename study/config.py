@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets.clinical_features import FUSION_DEFAULT, FUSION_PARAMS, INPUTS
+from datasets.environment import seconds
 from datasets.errors import InputError
 from datasets.remote import is_remote
 from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, SearchSpaceError, get_space
@@ -215,6 +216,9 @@ def resolve(args) -> StudyConfig:
         storage = str(Path(storage).expanduser().absolute())
     tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     check_not_in_job_folder(storage, tracking)
+    seconds("STUDY_TRACKING_CATCH_UP_S", 300.0)  # read at the end of the study: a bad value stops it now
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        check_ray_address(args.address or os.environ["RAY_ADDRESS"], "--address" if args.address else "RAY_ADDRESS")
     name = args.name or f"{space.name}-{budget}"
     if len(name) > MAX_NAME:
         raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
@@ -231,6 +235,31 @@ def resolve(args) -> StudyConfig:
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
         clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
         cpu_fallback=args.cpu_fallback)
+
+
+RAY_PROBE_S = 10.0
+
+
+def check_ray_address(address: str, source: str) -> None:
+    """Refuse (InputError, exit 2, within seconds) an address Ray could not join: not host:port, a
+    dashboard URL (which `ray job submit` takes, the driver does not), or nothing listening there.
+    Ray itself raises on the first and retries an unreachable one for over a minute."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise InputError(f"{source} {address}: a dashboard URL; the study joins a cluster at its GCS address "
+                         "host:port (port 6379 by default), or through RAY_ADDRESS as `ray job submit` sets it")
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"{source} {address!r}: not a Ray address (host:port, e.g. 10.0.0.5:6379; or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_S).close()
+    except OSError as exc:
+        raise InputError(f"{source} {address}: nothing answers there ({exc.strerror or exc}): is the Ray head "
+                         "running, and is this the address `ray start --head` printed?") from None
 
 
 # Set by Ray's job supervisor in the environment of a job's entrypoint (`ray job submit`).

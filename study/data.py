@@ -12,7 +12,7 @@ from datasets.clinical_features import check_clinical_inputs
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
 from datasets.remote import stage_store
-from datasets.store import CohortStore
+from datasets.store import CohortStore, array_checksum
 from search_spaces import TASKS
 from study.config import StudyConfig
 
@@ -60,14 +60,11 @@ def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Coh
 
 def check_external(config: StudyConfig, store: CohortStore) -> None:
     """External cohorts must match the development store's sequences and shape (the models' input)."""
+    from datasets.external import check_external as check_compatible
+
     for path in config.external:
         external = CohortStore(stage_store(path))
-        if external.sequences != store.sequences or external.shape != store.shape:
-            raise StudyError(f"--external {path}: sequences {external.sequences} and shape {list(external.shape)} "
-                             f"differ from the development store's {store.sequences} {list(store.shape)}; convert it "
-                             "with the same --sequences and --shape")
-        if len(external.usable()) == 0:
-            raise StudyError(f"--external {path}: the store has no usable patients")
+        check_compatible(external, store, "--external")
         if "image+clinical" in config.inputs:  # applied unchanged, a fusion model needs their values too
             check_clinical_inputs(external.clinical().iloc[external.usable()], config.clinical_inputs,
                                   f"--external {path}")
@@ -105,12 +102,22 @@ def read_volumes(store: CohortStore, cohorts, share: bool = True) -> tuple[np.nd
         print(f"  volumes ({size / 2**30:.1f} GiB) exceed {SHARE_FRACTION:.0%} of this machine's memory: "
               "each trial reads the store itself")
     out = np.empty((len(slots), len(store.sequences), *store.shape), dtype=np.float16) if keep else None
+    records = store.manifest["patients"]
     for k, slot in enumerate(slots):
+        pid = store.patient_ids[slot]
         try:
             image = store.image(int(slot))
+            # A chunk deleted from the store reads back as zeros: only the checksum recorded at
+            # conversion tells (image, mask and label together, as `datasets.store.write_patient`).
+            intact = array_checksum(image, store.mask(int(slot)), store.label(int(slot))) == records[pid].get("checksum")
         except StudyError as exc:
-            raise StudyError(f"patient {store.patient_ids[slot]}: {exc} (python -m datasets.convert --verify lists "
+            raise StudyError(f"patient {pid}: {exc} (python -m datasets.convert --verify lists "
                              "every damaged patient; rerun the conversion to repair them)") from exc
+        if not intact:
+            raise StudyError(f"cohort store {store.path}: patient {pid}: its voxels differ from the checksum recorded at "
+                             "conversion (a chunk deleted or altered reads back as zeros or other values); python -m "
+                             "datasets.convert --verify lists every damaged patient, and rerunning the conversion "
+                             "repairs them")
         if out is not None:
             out[k] = image
     return out, tuple(int(s) for s in slots)

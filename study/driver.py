@@ -13,6 +13,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from datasets.environment import seconds
 from datasets.errors import StudyError
 from datasets.remote import check_writable
 from datasets.store import CohortStore
@@ -32,9 +33,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # One "View run at" line per trial drowns the study's own progress lines; it prints the UI link.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# How long the end of a study waits for a tracking server that went down before leaving its
-# records in the journal for --resume.
-CATCH_UP_S = float(os.environ.get("STUDY_TRACKING_CATCH_UP_S", "300"))
+
+
+def catch_up_s() -> float:
+    """How long the end of a study waits for a tracking server that went down before leaving its
+    records in the journal for --resume (``STUDY_TRACKING_CATCH_UP_S``, default 300; checked by
+    `study.config.resolve` at the entry)."""
+    return seconds("STUDY_TRACKING_CATCH_UP_S", 300.0)
+
+
 PACKAGES = ("torch", "monai", "ray", "optuna", "mlflow", "zarr", "numpy", "pandas", "lifelines", "pycox")
 
 
@@ -58,21 +65,25 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
     volumes_array, volume_slots = read_volumes(store, cohorts, config.share_volumes)
     timings = {"data_s": time.perf_counter() - started}  # demo cohort build (first run), staging, reading volumes
     results_dir, journal = prepare_storage(config, store)
-    tracker = open_tracking(config, store, journal)
-    setup = trial_setup(config, store, volumes_array, volume_slots)
-    del volumes_array  # the object store holds the one copy of this node
-    timings.update(startup_s=time.perf_counter() - started - timings["data_s"], tune_s=0.0, trial_train_s=0.0,
-                   trial_reports=0)
-    cells, files, status = [], {}, "FAILED"
+    folder = open_folder(config.storage_path, config.name)
     try:
-        grid = train(config, setup, tracker, timings, cohorts)
-        cells = conclude_cells(config, grid, store, cohorts, tracker)
-        status = "FINISHED"
+        tracker = open_tracking(config, store, journal)
+        setup = trial_setup(config, store, volumes_array, volume_slots)
+        del volumes_array  # the object store holds the one copy of this node
+        timings.update(startup_s=time.perf_counter() - started - timings["data_s"], tune_s=0.0, trial_train_s=0.0,
+                       trial_reports=0)
+        cells, files, status = [], {}, "FAILED"
+        try:
+            grid = train(config, setup, tracker, timings, cohorts)
+            cells = conclude_cells(config, grid, store, cohorts, tracker)
+            status = "FINISHED"
+        finally:
+            files, delivered = close_tracking(config, tracker, cells, status, results_dir)
+            timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
+            write_timings(timings, results_dir)
+            folder.push(force=True)
     finally:
-        files, delivered = close_tracking(config, tracker, cells, status, results_dir)
-        timings.update(tracking_s=tracker.seconds, wall_s=time.perf_counter() - started)
-        write_timings(timings, results_dir)
-        open_folder(config.storage_path, config.name).push(force=True)
+        folder.release()
     print_results(config, cells, files, timings, tracker.experiment_id)
     check_outcome(config, cells, delivered, tracker, open_folder(config.storage_path, config.name).where(journal))
     return StudyOutcome(files.get("table"), cells, store)
@@ -129,8 +140,13 @@ def start_ray(config: StudyConfig) -> None:
 
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-                 logging_level="ERROR")
+        source = "--address" if config.address else "RAY_ADDRESS"
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise StudyError(f"{source} {address}: Ray cannot be joined ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300]})") from None
 
 
 def ray_location(config: StudyConfig) -> str:
@@ -190,8 +206,9 @@ def prepare_storage(config: StudyConfig, store: CohortStore) -> tuple[Path, Path
         raise StudyError(f"--resume: there is no study {config.name!r} under {config.storage_path} to resume")
     needed = check_free_space(config, len(store.sequences))
     check_writable(config.storage_path)
-    print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
     folder = open_folder(config.storage_path, config.name)
+    folder.acquire()  # one driver per study, from here to the end of run_study
+    print(f"  checkpoints: about {needed / 2**30:.2f} GiB kept under {config.storage_path}", flush=True)
     return folder.local, folder.tracking_journal
 
 
@@ -201,16 +218,17 @@ def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
     (`study.tuning.run_trials`)."""
     from ray import tune
 
-    tracker = start_tracking(config, store, journal)
-    if not config.trust_storage:
-        from study.resume_trust import check_state, study_run_tags
-        from study.tuning import tune_path
+    from study.resume_trust import check_state, study_run_tags
+    from study.tuning import tune_path
 
-        if tune.Tuner.can_restore(tune_path(config)):
-            check_state(tune_path(config), study_run_tags(config.tracking_uri, config.name))
+    tracker = start_tracking(config, store, journal)
     record = manifest(config, store)
+    earlier = study_run_tags(config.tracking_uri, config.name)
+    check_same_store(config, earlier, record["data_store_sha256"])
+    if not config.trust_storage and tune.Tuner.can_restore(tune_path(config)):
+        check_state(tune_path(config), earlier)
     tags = {"space": config.space, "budget": config.budget, "data_store_sha256": record["data_store_sha256"],
-            "git_revision": record["git_revision"],
+            "data_store_hash": STORE_HASH, "git_revision": record["git_revision"],
             **{f"version.{k}": v for k, v in record["packages"].items()}}
     tracker.start(tags, {"space": config.space, "budget": config.budget, "backbones": ",".join(config.backbones),
                          "tasks": ",".join(config.tasks), "inputs": ",".join(config.inputs),
@@ -220,6 +238,29 @@ def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
     return tracker
+
+
+# What `CohortStore.sha256` covers (tag ``data_store_hash``): 2 = attributes, manifest (each
+# patient's checksum of its voxels), clinical arrays and done flags; studies without the tag hashed
+# attributes and manifest only.
+STORE_HASH = "2"
+
+
+def check_same_store(config: StudyConfig, earlier: dict, digest: str) -> None:
+    """A resumed study must train on the store it started on: otherwise finished trials' predictions
+    and new outcomes would be mixed into one result (StudyError, exit 2)."""
+    recorded = earlier.get("data_store_sha256")
+    if not recorded:
+        return
+    if earlier.get("data_store_hash") != STORE_HASH:
+        print(f"  warning: study {config.name} was started by a version whose store hash covered attributes and "
+              "manifest only; a change of the store's clinical values cannot be detected", flush=True)
+        return
+    if recorded != digest:
+        raise StudyError(f"the cohort store {config.data} changed since study {config.name} started (its hash "
+                         f"{digest[:12]} is not the recorded {recorded[:12]}: patients, outcomes, clinical values or "
+                         "voxels differ). Resuming would mix the finished trials' predictions with the new data: "
+                         "restore the store the study started on, or start a new study with another --name")
 
 
 def start_tracking(config: StudyConfig, store: CohortStore, journal: Path):
@@ -350,7 +391,7 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
     from analysis.pyfunc_model import log_cell_model
     from study.tracking.tracker import _unreachable
 
-    if not tracker.catch_up(CATCH_UP_S):  # the study run and its trials exist in MLflow before its models
+    if not tracker.catch_up(catch_up_s()):  # the study run and its trials exist in MLflow before its models
         tracker.models_waiting = [cell.label for cell in cells if cell.best_checkpoint is not None]
         print(f"  (models not logged: the tracking store {config.tracking_uri} is unreachable)", flush=True)
         return
@@ -387,7 +428,7 @@ def close_tracking(config: StudyConfig, tracker, cells: list, status: str, resul
 
     tracker.finish_parent(status if status == "FINISHED" else "KILLED",
                           {k: v for k, v in files.items() if k != "table"})
-    wait = CATCH_UP_S if status == "FINISHED" else 10.0
+    wait = catch_up_s() if status == "FINISHED" else 10.0
     started = time.monotonic()
     delivered = tracker.catch_up(wait)
     # The digests of Tune's last state files wait for the store too: recorded, a plain --resume trusts them.
@@ -438,7 +479,7 @@ def check_outcome(config: StudyConfig, cells: list, delivered: bool, tracker, jo
         models = (f" (and the models of {', '.join(waiting)}, which it could not take)" if waiting else "")
         raise TrackingIncomplete(
             f"the study finished, but the tracking store {config.tracking_uri} stayed unreachable for "
-            f"{CATCH_UP_S:.0f} s after it; {tracker.pending} records wait in {journal}{models}. Start the server again and "
+            f"{catch_up_s():.0f} s after it; {tracker.pending} records wait in {journal}{models}. Start the server again and "
             f"run the same command with --resume --trust-storage: it delivers them (no trial is rerun). "
             "--trust-storage because the digests of Tune's last state files could not be recorded in MLflow "
             "either: resume so only if no one else can write the storage path.")

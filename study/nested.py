@@ -61,6 +61,16 @@ def run_nested(config: StudyConfig) -> pd.DataFrame:
     """Run the K outer studies, then score each cell's outer predictions; returns the nested table."""
     config, store = open_data(config)
     k = config.outer_folds
+    summary = open_folder(config.storage_path, f"{config.name}-nested{k}")
+    summary.acquire()  # one driver per nested study (each inner study holds its own folder too)
+    try:
+        return _run_outer_folds(config, store, summary)
+    finally:
+        summary.release()
+
+
+def _run_outer_folds(config: StudyConfig, store, folder) -> pd.DataFrame:
+    k = config.outer_folds
     assignment = outer_assignment(store, k, config.seed)
     predictions: dict[str, list[pd.DataFrame]] = defaultdict(list)
     selected: dict[str, list[dict]] = defaultdict(list)
@@ -102,7 +112,6 @@ def run_nested(config: StudyConfig) -> pd.DataFrame:
             metrics[names.cell_metric(cell, metric)] = scores[key.name]
     table = pd.DataFrame(rows)
     name = f"{config.name}-nested{k}"
-    folder = open_folder(config.storage_path, name)
     directory = folder.local
     files = write_tables(table, directory)
     for cell, frames in predictions.items():

@@ -97,6 +97,10 @@ def _oof(result) -> pd.DataFrame | None:
         return None
 
 
+def _trial_order(result) -> str:
+    return str((result.metrics or {}).get("trial_id") or getattr(result, "path", "") or "")
+
+
 def _is_reference(config: dict, reference: dict) -> bool:
     return all(config.get(k) == v for k, v in reference.items())
 
@@ -108,7 +112,10 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
     `space` and `budget` say what each cell searched and its reference recipe."""
     cells: dict[str, CellResult] = {}
     finished = defaultdict(list)
-    for result in grid:
+    # In trial-id order, whatever order Tune lists them in (it differs between a run and its resume):
+    # ties of the selection go to the lowest trial id, and BBC-CV sees its configurations and
+    # patients in one order.
+    for result in sorted(grid, key=_trial_order):
         config = result.config or {}
         if "backbone" not in config or "task" not in config:
             continue
@@ -137,7 +144,7 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
         frames = [f for f in map(_oof, results) if f is not None]
         if not frames:
             continue
-        aligned = frames[0][["patient_id", "time", "event"]]
+        aligned = frames[0][["patient_id", "time", "event"]].sort_values("patient_id", kind="stable")
         risks = np.stack([f.set_index("patient_id").loc[aligned["patient_id"], "risk"].to_numpy(float) for f in frames])
         try:
             cells[key].bbc = bbc_cv(aligned["time"], aligned["event"], risks, n_bootstrap=bootstrap, seed=seed)

@@ -20,6 +20,13 @@ most `SYNC_S` seconds written while the tracking server was down (while it is up
 straight to MLflow), and the last ended trials in the Optuna journal (a copy for viewing: the
 searcher's own state is Tune's). Files the driver uploaded and later removed (delivered
 tracking records' artifacts) are deleted from the storage path too; nothing else is.
+
+One driver per study (`StudyFolder.acquire`): two drivers of one study would share its MLflow run
+and Tune folder and corrupt each other's results. On a folder the driver holds an OS lock on
+``STORAGE/NAME/.driver.lock`` for its life (the OS releases it when the process dies, however it
+dies); on object storage, which has no locks, a lease ``STORAGE/NAME/driver.lease`` names the
+driver and is renewed with every upload: another driver refuses while it is younger than
+`LEASE_S`, and a crashed driver's lease expires after that.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ TRACKING_JOURNAL = "tracking_journal.jsonl"
 OPTUNA_JOURNAL = "optuna.journal"
 # What a driver copies from the storage path when it starts: the study's records, not Tune's trials.
 RECORDS = (OPTUNA_JOURNAL, TRACKING_JOURNAL, f"{TRACKING_JOURNAL}.files", "results.md", "results.csv", "timings.json")
-SYNC_S = float(os.environ.get("STUDY_SYNC_S", "30"))
+SYNC_S = 30.0
+LEASE_S = 600.0  # a remote driver's lease: renewed at every upload (at most every SYNC_S)
+LOCK_FILE, LEASE_FILE = ".driver.lock", "driver.lease"
 
 _OPEN: dict[tuple[str, str], StudyFolder] = {}
 
@@ -56,6 +65,80 @@ class StudyFolder:
             self.local = Path(storage_path).absolute() / name
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (mtime_ns, size) on the storage path
         self._last_push = 0.0
+        self._lock = None
+        self._lease: dict | None = None
+
+    # -- one driver per study ----------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Hold the study for this driver, or raise StudyError naming the driver that holds it."""
+        if self._lock is not None or self._lease is not None:
+            return
+        if self.remote:
+            self._acquire_lease()
+            return
+        from filelock import FileLock, Timeout
+
+        self.local.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.local / LOCK_FILE, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            holder = (self.local / f"{LOCK_FILE}.holder").read_text().strip() if (
+                self.local / f"{LOCK_FILE}.holder").exists() else "another driver"
+            raise StudyError(f"study {self.name!r} under {self.storage_path} is running ({holder}): two drivers "
+                             "of one study would corrupt each other's results. Wait for it to end, or choose another "
+                             "--name") from None
+        (self.local / f"{LOCK_FILE}.holder").write_text(_holder() + "\n")
+        self._lock = lock
+
+    def _acquire_lease(self) -> None:
+        import json
+
+        filesystem, root = self._filesystem()
+        path = f"{root}/{LEASE_FILE}"
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                held = json.loads(stream.read().decode())
+        except (OSError, ValueError):
+            held = None
+        now = time.time()
+        if isinstance(held, dict) and now - float(held.get("renewed", 0)) < LEASE_S:
+            raise StudyError(f"study {self.name!r} under {self.storage_path} is running ({held.get('holder', '?')}, "
+                             f"lease renewed {now - float(held.get('renewed', 0)):.0f} s ago): two drivers of one study "
+                             f"would corrupt each other's results. Wait for it to end; a driver that died releases "
+                             f"the study {LEASE_S / 60:.0f} minutes after its last renewal ({self.uri}/{LEASE_FILE})")
+        self._lease = {"holder": _holder(), "token": os.urandom(8).hex()}
+        self._renew(filesystem, root)
+        time.sleep(1.0)  # two drivers that started together: the last write wins, the other one leaves
+        with filesystem.open_input_stream(path) as stream:
+            if json.loads(stream.read().decode()).get("token") != self._lease["token"]:
+                self._lease = None
+                raise StudyError(f"study {self.name!r} under {self.storage_path} was started by another driver at "
+                                 "the same moment; choose another --name or wait for it to end")
+
+    def _renew(self, filesystem=None, root=None) -> None:
+        import json
+
+        if self._lease is None:
+            return
+        if filesystem is None:
+            filesystem, root = self._filesystem()
+        with filesystem.open_output_stream(f"{root}/{LEASE_FILE}") as out:
+            out.write(json.dumps({**self._lease, "renewed": time.time()}).encode())
+
+    def release(self) -> None:
+        """Let another driver take the study (at the end of this one)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._lease is not None:
+            try:
+                filesystem, root = self._filesystem()
+                filesystem.delete_file(f"{root}/{LEASE_FILE}")
+            except OSError:  # expires by itself
+                pass
+            self._lease = None
 
     @property
     def tracking_journal(self) -> Path:
@@ -129,6 +212,7 @@ class StudyFolder:
         filesystem, root = self._filesystem()
         files = self._local_files()
         try:
+            self._renew(filesystem, root)
             for relative, path in sorted(files.items()):
                 stat = path.stat()
                 stamp = (stat.st_mtime_ns, stat.st_size)
@@ -147,6 +231,12 @@ class StudyFolder:
         except OSError as exc:  # the next push retries; the end of the study pushes with force
             print(f"  (the study's records could not be uploaded to {self.uri}: {exc}; retried later)", flush=True)
             self._last_push = 0.0 if force else self._last_push
+
+
+def _holder() -> str:
+    import socket
+
+    return f"driver pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
 def open_folder(storage_path: str, name: str) -> StudyFolder:

@@ -163,3 +163,57 @@ except StudyError as exc:
     refused = run.stdout.split("REFUSED ", 1)[1]
     assert "9.00 GiB (1000 patients, float16)" in refused and "needs 11.25 GiB" in refused
     assert "0.1 GiB" in refused and "--no-share-volumes" in refused
+
+
+@pytest.mark.parametrize("where, value, says", [
+    ("--address", "garbage", "not a Ray address"),
+    ("--address", "http://127.0.0.1:8265", "a dashboard URL"),
+    ("--address", "127.0.0.1:CLOSED", "nothing answers there"),
+    ("RAY_ADDRESS", "garbage:", "not a Ray address"),
+    ("RAY_ADDRESS", "127.0.0.1:CLOSED", "nothing answers there"),
+])
+def test_a_ray_address_that_cannot_be_joined_exits_2_within_seconds(base, monkeypatch, capsys, where, value, says):
+    """RAY_ADDRESS=garbage gave a traceback, and an unreachable address hung until killed."""
+    import time
+
+    from tests.services import free_port
+
+    value = value.replace("CLOSED", str(free_port()))
+    args = base + ["--tasks", "os_all", "--dry-run"]
+    if where == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", value)
+    else:
+        args += ["--address", value]
+    started = time.monotonic()
+    assert main(args) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"{where} " in err and says in err
+
+
+@pytest.mark.parametrize("value", ["5min", "-1", "inf", "nan"])
+def test_a_bad_environment_variable_is_named_not_a_traceback(base, monkeypatch, capsys, value):
+    monkeypatch.setenv("STUDY_TRACKING_CATCH_UP_S", value)
+    assert main(base + ["--tasks", "os_all", "--dry-run"]) == 2
+    assert f"environment variable STUDY_TRACKING_CATCH_UP_S={value!r}" in capsys.readouterr().err
+
+
+def test_folds_of_one_patient_are_refused_before_anything_trains(small_store, tmp_path, capsys):
+    """7 folds of a 12-patient task (each fold still has an event) trained and failed with tracebacks."""
+    space = tmp_path / "seven.yaml"
+    space.write_text("""
+name: seven_folds
+summary: more folds than the store has pairs of patients
+backbones: [seresnext50]
+tasks: [os_all]
+distributions: {lr: {loguniform: [1.0e-4, 1.0e-3]}}
+reference: {lr: 1.0e-3}
+protocols:
+  demo: &p {folds: 7, epochs: 2, num_samples: 1, grace_epochs: 2, width: 0.25, depth: 0.2}
+  full: *p
+""")
+    code = main(["--space", str(space), "--data", str(small_store), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 "--storage-path", str(tmp_path / "rr"), "--dry-run"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "7 folds would hold fewer than two patients each" in err and "at most 6" in err

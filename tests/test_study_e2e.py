@@ -298,3 +298,86 @@ def test_nested_cross_validation_on_the_demo_cohort(learnable_store, tmp_path):
         harrell_c(predictions["time"], predictions["event"], predictions["risk"]), abs=1e-9)
     table = pd.read_csv(tmp_path / "rr" / "nested-nested2" / "results.csv", index_col=0)
     assert table.loc["outer folds with a selected configuration"].iloc[0] == "2/2"
+
+
+def _store_copy(small_store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(small_store, copy)
+    return copy
+
+
+def test_resume_refuses_a_store_that_changed(smoke_study, small_store, tmp_path, capsys):
+    """Outcomes edited after the study started: resuming would mix old predictions with new outcomes."""
+    import zarr
+
+    root, uri = smoke_study
+    changed = _store_copy(small_store, tmp_path)
+    survival = zarr.open_array(str(changed / "clinical" / "time"), mode="r+")
+    survival[:] = survival[:] * 1.5
+    client, parents, _ = _runs(uri, "smoke")
+    code = main(["--space", "smoke", "--data", str(changed), "--tasks", "os_all", "1yr_all", "--num-samples", "2",
+                 "--tracking-uri", uri, "--storage-path", str(root / "rr"), "--name", "smoke", "--resume"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "changed since study smoke started" in err and "another --name" in err
+    _, after, _ = _runs(uri, "smoke")
+    assert after[0].info.status == parents[0].info.status == "FINISHED", "nothing changed in MLflow"
+
+
+def test_a_deleted_chunk_stops_the_study_naming_the_patient(small_store, tmp_path, capsys):
+    """A chunk file deleted from a store reads back as zeros; the study names the patient before it writes anything."""
+    from datasets.store import CohortStore
+
+    damaged = _store_copy(small_store, tmp_path)
+    store = CohortStore(damaged)
+    slot = int(store.usable()[3])
+    (chunk,) = [c for c in (damaged / "images" / "c").glob(f"{slot}/**/*") if c.is_file()]
+    chunk.unlink()
+    code = main(["--space", "smoke", "--data", str(damaged), "--tasks", "os_all", "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db", "--storage-path", str(tmp_path / "rr"), "--name", "damaged"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"patient {store.patient_ids[slot]}: its voxels differ from the checksum recorded at conversion" in err
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "rr").exists()
+
+
+def test_the_report_refuses_an_external_store_the_models_cannot_read(smoke_study, small_store, tmp_path, capsys):
+    """Other channel order (or shape, or preprocessing): the report used to give numbers or a traceback."""
+    import json
+
+    from analysis.report import main as report
+
+    root, uri = smoke_study
+    reordered = _store_copy(small_store, tmp_path)
+    meta = json.loads((reordered / "zarr.json").read_text())
+    attrs = meta["attributes"]
+    attrs["sequences"] = attrs["preprocessing"]["sequences"] = list(reversed(attrs["sequences"]))
+    (reordered / "zarr.json").write_text(json.dumps(meta))
+    code = report(["--study", "smoke", "--tracking-uri", uri, "--external", str(reordered), "--out",
+                   str(tmp_path / "report"), "--no-log"])
+    assert code == 2
+    assert "another channel order" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_second_driver_of_a_running_study_is_refused(small_store, tmp_path, capsys):
+    """Two study.run with one --name at once shared a study run and corrupted each other's results.
+    The first holds the study until it ends, however it ends (an OS lock: a killed driver frees it)."""
+    from study.study_folder import StudyFolder
+    from tests.services import running_study, wait_for
+    from tests.test_faults import study_command
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    command = study_command(small_store, tmp_path, "busy", uri)
+    log = tmp_path / "first.log"
+    with running_study(command, log) as first:
+        wait_for(log, first, "Training ")
+        code = main(command[3:])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"study 'busy' under {tmp_path / 'rr'} is running (driver pid {first.pid} on" in err
+        first.kill()
+        first.wait(timeout=60)
+    StudyFolder(str(tmp_path / "rr"), "busy").acquire()  # a killed driver holds nothing

@@ -39,3 +39,41 @@ def test_a_long_value_without_separators_is_cut_not_looped_over():
     assert max(len(line) for line in lines) <= 120
     start = next(i for i, line in enumerate(lines) if "Selected configurations" in line)
     assert sum(line.count("x") for line in lines[start + 1:]) == 300
+
+
+def test_selection_and_headline_do_not_depend_on_the_order_trials_are_listed(tmp_path):
+    """Tune lists trials in another order after a resume; each trial's predictions list patients in
+    its own order. The selected trial (ties included) and BBC-CV must not change."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+    from ray.tune import Checkpoint
+
+    from analysis import metric_names as names
+    from analysis.metrics import harrell_c
+    from search_spaces import SPACES
+    from study.results import summarise
+
+    rng = np.random.default_rng(0)
+    n = 80
+    ids = [f"P{i:03d}" for i in range(n)]
+    time, event = rng.exponential(500, n), rng.integers(0, 2, n)
+    event[0] = 1
+    shared = rng.normal(size=n)
+    results = []
+    for t, risk in enumerate([rng.normal(size=n), shared, shared.copy(), rng.normal(size=n) + 0.1 * time / 500]):
+        folder = tmp_path / f"t{t}"
+        folder.mkdir()
+        frame = pd.DataFrame({"patient_id": ids, "fold": 0, "time": time, "event": event, "risk": risk,
+                              "surv_365": 0.5}).sample(frac=1, random_state=t)  # each trial's own patient order
+        frame.to_csv(folder / names.OOF_FILE, index=False)
+        metrics = {names.FINAL: True, names.OOF_CINDEX.name: 0.9 if t in (1, 2) else harrell_c(time, event, risk),
+                   "trial_id": f"trial_{t}"}
+        results.append(SimpleNamespace(config={"backbone": "seresnext50", "task": "os_all", "lr": 1e-3 * (t + 1),
+                                               "batch_size": 4}, metrics=metrics, error=None,
+                                       checkpoint=Checkpoint.from_directory(str(folder)), path=str(folder)))
+    first = summarise(results, SPACES["smoke"], "demo", bootstrap=200)[0]
+    again = summarise(list(reversed(results)), SPACES["smoke"], "demo", bootstrap=200)[0]
+    assert first.best_trial == again.best_trial == "trial_1", "a tie goes to the lower trial id"
+    assert first.bbc == again.bbc

@@ -1,0 +1,42 @@
+"""Can a development store's models be applied to another store? An external cohort is the
+models' input only if it was converted the same way: the same sequences in the same channel order,
+the same grid, and the preprocessing that decides what a voxel's value means (spacing,
+normalisation, brain mask, registration). Anything else would give numbers, not an error, so
+`study.run --external` and `analysis.report --external` both refuse it with this check."""
+
+from __future__ import annotations
+
+from datasets.errors import StudyError
+
+# Preprocessing parameters that change the input a model sees (`datasets.preprocessing_config`).
+# `sequences` and `shape` are compared from the store's attributes; the margin of the crop does not
+# change voxel values.
+MEANING = ("spacing", "clip_percentiles", "mask_fraction", "register", "bias_correct", "brain_mask",
+           "reference_sequence")
+
+
+def compatibility_problem(external, development) -> str | None:
+    """Why the models of `development` cannot be applied to `external` (CohortStores), or None."""
+    if list(external.sequences) != list(development.sequences):
+        order = " (the same sequences in another channel order)" if sorted(external.sequences) == sorted(
+            development.sequences) else ""
+        return (f"sequences {list(external.sequences)} differ from the development store's "
+                f"{list(development.sequences)}{order}")
+    if tuple(external.shape) != tuple(development.shape):
+        return f"shape {list(external.shape)} differs from the development store's {list(development.shape)}"
+    ours, theirs = development.attrs.get("preprocessing", {}), external.attrs.get("preprocessing", {})
+    differ = [f"{key} {theirs.get(key, 'unset')!r} vs {ours.get(key, 'unset')!r}" for key in MEANING
+              if theirs.get(key) != ours.get(key)]
+    if differ:
+        return "preprocessing differs from the development store's: " + "; ".join(differ)
+    if len(external.usable()) == 0:
+        return "the store has no usable patients"
+    return None
+
+
+def check_external(external, development, flag: str) -> None:
+    """Raise StudyError naming `flag` and the store if `external` cannot take `development`'s models."""
+    problem = compatibility_problem(external, development)
+    if problem:
+        raise StudyError(f"{flag} {external.path}: {problem}; convert it with the development store's "
+                         "--sequences, --shape and preprocessing flags (its attributes list them)")
