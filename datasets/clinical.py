@@ -8,7 +8,8 @@ column         meaning                                     stored as
 =============  ==========================================  ==================================
 patient_id     identifier matching the image folder name    string (required)
 time           overall survival or follow-up, days          float in `TIME_RANGE_DAYS` (required)
-event          1 = death observed, 0 = censored             0/1 (required)
+event          1 = death observed, 0 = censored; or R's     0/1 (required)
+               coding 2 = death, 1 = censored (see below)
 age            age at diagnosis, years                      float, NaN if empty
 sex            F / M (female, male, w accepted)             0 = F, 1 = M, NaN if empty
 grade          WHO grade 2-4 (II-IV, "grade 4" accepted)    float, NaN if empty
@@ -28,23 +29,38 @@ are refused with the value, as is a time outside `TIME_RANGE_DAYS` (1 day to 100
 default: a time of 1e12 or 1e-300 days is a unit or export error, not a follow-up; the converter's
 ``--time-range-days MIN MAX`` widens it).
 
-Policy: a table-level fault (unreadable file, a required column absent, duplicate patient ids)
-raises `ClinicalTableError`; a row-level fault (time <= 0, event not 0/1, non-numeric age, an
-unknown pathology label, ...) excludes that patient with the reason recorded, so nothing is
-silently dropped.
+The event column's coding is decided from the column's set of values, never row by row: ``0/1``
+(or ``true/false``, ``yes/no``) is 1 = death; ``1/2`` is R's ``survival`` / SAS ``status`` coding,
+2 = death, 1 = censored (the stored event is then 1 for a 2); a column whose every value is 1 is
+read as 1 = death (in R's coding it would hold no event: no survival model could learn from it),
+one whose every value is 2 as R's coding. Any other set (``0, 1, 2`` together, ``0, 2``, ...)
+is ambiguous and stops the conversion, naming the column and its values: ``--event-coding 01``
+or ``12`` says which (`EVENT_CODINGS`). The coding read is stated in the converter's summary,
+the manifest and the QC page.
+
+Patient ids are matched as `datasets.patient_ids` describes: NFC-normalised; ids that differ only
+in letter case or Unicode normalisation are one patient named twice (a table-level fault, as a
+repeated id is); an id that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@`` first)
+excludes its row.
+
+Policy: a table-level fault (unreadable file, a required column absent, duplicate patient ids, an
+ambiguous event coding) raises `ClinicalTableError`; a row-level fault (time <= 0, an event
+outside the column's coding, non-numeric age, an unknown pathology label, a formula as id, ...)
+excludes that patient with the reason recorded, so nothing is silently dropped.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from datasets.errors import ClinicalTableError, InputError
+from datasets.patient_ids import FORMULA_STARTS, formula_problem, formula_reason, identity, normalise
 
 REQUIRED = ("patient_id", "time", "event")
 OPTIONAL = ("age", "sex", "grade", "pathology", "glioblastoma", "idh", "mgmt", "kps", "resection")
@@ -58,9 +74,17 @@ TIME_RANGE_DAYS = (1.0, 36525.0)
 # How an export writes a number (ASCII only: `float` also reads "1_000", "inf" and non-Latin digits).
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
+# Codings of the event column (`--event-coding`): what each says.
+EVENT_CODINGS: dict[str, str] = {
+    "01": "1 = death, 0 = censored",
+    "12": "2 = death, 1 = censored (R's survival / SAS status coding)",
+}
+_EVENT_WORDS = {"true": "1", "yes": "1", "false": "0", "no": "0"}
+
 # Column names recognised without a --column mapping (lower case).
 ALIASES: dict[str, tuple[str, ...]] = {
-    "patient_id": ("patient_id", "patientid", "patient", "id", "subject", "subject_id", "case_id"),
+    "patient_id": ("patient_id", "patientid", "patient", "id", "subject", "subject_id", "case_id",
+                   "participant_id"),  # participant_id: BIDS participants.tsv
     "time": ("time", "survival_days", "os_days", "os_time", "overall_survival_days", "survival"),
     "event": ("event", "death", "os_event", "dead", "deceased", "status"),
     "age": ("age", "age_at_diagnosis", "age_years"),
@@ -104,12 +128,22 @@ class ClinicalTable:
         The CSV path.
     columns
         canonical name -> column name found in the CSV.
+    event_coding
+        ``"01"`` or ``"12"`` (`EVENT_CODINGS`), as read from the event column's values.
+    event_note
+        One line saying which coding was read and why (for the summary, manifest and QC page).
+    unvalidated
+        Ids of rows left unvalidated because they were not asked for (`ClinicalSource.validate`'s
+        `only`: the converter validates only rows that have an image folder), in table order.
     """
 
     rows: pd.DataFrame
     excluded: dict[str, str] = field(default_factory=dict)
     source: Path | None = None
     columns: dict[str, str] = field(default_factory=dict)
+    event_coding: str = "01"
+    event_note: str = ""
+    unvalidated: list[str] = field(default_factory=list)
 
 
 def parse_column_map(items: Sequence[str]) -> dict[str, str]:
@@ -126,7 +160,8 @@ def parse_column_map(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _resolve_columns(header: Sequence[str], mapping: Mapping[str, str], path: Path) -> dict[str, str]:
+def _resolve_columns(header: Sequence[str], mapping: Mapping[str, str], path: Path,
+                     required: Sequence[str] = REQUIRED) -> dict[str, str]:
     lower = {h.strip().lower(): h for h in header}
     resolved: dict[str, str] = {}
     for key in CANONICAL:
@@ -142,13 +177,18 @@ def _resolve_columns(header: Sequence[str], mapping: Mapping[str, str], path: Pa
             if alias in lower:
                 resolved[key] = lower[alias]
                 break
-    missing = [k for k in REQUIRED if k not in resolved]
+    missing = [k for k in required if k not in resolved]
     if missing:
         raise ClinicalTableError(
             f"{path}: required column(s) {missing} not found; columns are {list(header)}. "
             f"Map them with --column NAME=CSV_COLUMN (e.g. --column time=OS_days)"
         )
     return resolved
+
+
+def _separator(path: Path) -> str:
+    """Tab for ``.tsv`` files (BIDS ``participants.tsv``), comma otherwise."""
+    return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
 def _blank(value: str) -> bool:
@@ -189,7 +229,66 @@ def _grade(value: str) -> float:
     return float(_GRADE[key])
 
 
-def _validate_row(raw: Mapping[str, str], time_range: tuple[float, float] = TIME_RANGE_DAYS) -> dict[str, float]:
+def _event_token(value: str) -> str | None:
+    """An event cell as one of "0", "1", "2" (numbers as exports write them, true/false, yes/no),
+    or None for anything else (excluded row by row)."""
+    text = value.strip().lower()
+    if text in _EVENT_WORDS:
+        return text
+    if _NUMBER.fullmatch(text):
+        number = float(text)
+        if number in (0.0, 1.0, 2.0):
+            return str(int(number))
+    return None
+
+
+def _event(value: str, coding: str, column: str) -> float:
+    token = _event_token(value)
+    if coding == "12":
+        if token in ("1", "2"):
+            return float(token == "2")
+        raise ValueError(f"event {value!r} is not 1 or 2 (the event column {column!r} is read in R's coding: "
+                         "2 = death, 1 = censored)")
+    if token is not None and token != "2":
+        return float(_EVENT_WORDS.get(token, token))
+    raise ValueError(f"event {value!r} is not 0 or 1 (1 = death, 0 = censored; true/false and yes/no accepted)")
+
+
+def check_event_coding(coding: str | None) -> str | None:
+    """A `--event-coding` value: None, "01" or "12" (InputError otherwise)."""
+    if coding is not None and coding not in EVENT_CODINGS:
+        raise InputError(f"--event-coding {coding!r}: expected one of {sorted(EVENT_CODINGS)} "
+                         f"(01: {EVENT_CODINGS['01']}; 12: {EVENT_CODINGS['12']})")
+    return coding
+
+
+def decide_event_coding(values: Collection[str], column: str, path: Path, forced: str | None = None) -> tuple[str, str]:
+    """(coding, note) of an event column from its set of values (see the module docstring);
+    ClinicalTableError when the set is ambiguous and no coding is `forced`."""
+    written = sorted({v.strip() for v in values if v.strip()})
+    shown = ", ".join(repr(v) for v in written[:12]) + (f" and {len(written) - 12} more" if len(written) > 12 else "")
+    if forced is not None:
+        return forced, (f"event column {column!r} (values {shown}) read as {EVENT_CODINGS[forced]} "
+                        f"(--event-coding {forced})")
+    tokens = {_event_token(v) for v in written} - {None}
+    numbers = {_EVENT_WORDS.get(t, t) for t in tokens}
+    if "2" not in numbers:
+        if numbers == {"1"} and tokens == {"1"}:
+            return "01", (f"event column {column!r}: every value is 1, read as 1 = death (0/1 coding; in R's 1/2 "
+                          "coding the cohort would have no event); if 1 means censored, convert with --event-coding 12")
+        return "01", f"event column {column!r} (values {shown}) read as {EVENT_CODINGS['01']}"
+    if tokens <= {"1", "2"}:
+        return "12", (f"event column {column!r} (values {shown}) read as R's survival coding: 2 = death, "
+                      "1 = censored (--event-coding 01 reads them otherwise)")
+    raise ClinicalTableError(
+        f"{path}: event column {column!r} holds the values {shown}: the event coding is ambiguous (0/1 and "
+        "true/false code 1 = death, R's survival / SAS status codes 2 = death and 1 = censored; these values mix "
+        "them). Say which with --event-coding 01 (1 = death, 0 = censored) or --event-coding 12 (2 = death, "
+        "1 = censored); rows outside the coding are then excluded with the value")
+
+
+def _validate_row(raw: Mapping[str, str], time_range: tuple[float, float] = TIME_RANGE_DAYS,
+                  coding: str = "01", event_column: str = "event") -> dict[str, float]:
     time = _number(raw["time"], "time")
     if math.isnan(time):
         raise ValueError("time is empty")
@@ -198,11 +297,12 @@ def _validate_row(raw: Mapping[str, str], time_range: tuple[float, float] = TIME
     if not time_range[0] <= time <= time_range[1]:
         raise ValueError(f"time {raw['time']!r} days is outside the plausible {time_range[0]:g}-{time_range[1]:g} "
                          "days (a unit or export error?); widen with --time-range-days MIN MAX")
-    event_text = raw["event"].strip()
-    if event_text not in ("0", "1", "0.0", "1.0"):
-        raise ValueError(f"event {raw['event']!r} is not 0 or 1")
-    row = {"time": time, "event": float(event_text[0])}
-    row["age"] = _number(raw.get("age", ""), "age")
+    return {"time": time, "event": _event(raw["event"], coding, event_column), **_covariates(raw)}
+
+
+def _covariates(raw: Mapping[str, str]) -> dict[str, float]:
+    """A row's clinical covariates (`COVARIATES`), NaN where blank; ValueError naming a bad value."""
+    row = {"age": _number(raw.get("age", ""), "age")}
     if not math.isnan(row["age"]) and not 0 <= row["age"] <= 120:
         raise ValueError(f"age {raw['age']!r} is outside 0-120 years")
     row["sex"] = _category(raw.get("sex", ""), _SEX, "sex")
@@ -237,8 +337,107 @@ def check_time_range(time_range: Sequence[float]) -> tuple[float, float]:
     return low, high
 
 
+def _check_ids(raw_ids: pd.Series, path: Path) -> pd.Series:
+    """The ids as matched (stripped, NFC); ClinicalTableError for an empty id, or for ids that
+    name one patient twice: repeated, or differing only in letter case or Unicode normalisation."""
+    stripped = raw_ids.str.strip()
+    if (stripped == "").any():
+        lines = [int(i) + 2 for i in stripped.index[stripped == ""]]
+        raise ClinicalTableError(f"{path}: empty patient_id on line(s) {lines}")
+    ascii_only = stripped.map(str.isascii, na_action=None).astype(bool)
+    ids = stripped.copy()
+    keys = stripped.str.lower()
+    if not ascii_only.all():
+        ids[~ascii_only] = stripped[~ascii_only].map(normalise)
+        keys[~ascii_only] = stripped[~ascii_only].map(identity)
+    clash = keys.duplicated(keep=False)
+    if clash.any():
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for index, key, spelled in zip(stripped.index[clash], keys[clash], stripped[clash]):
+            groups.setdefault(key, []).append((int(index) + 2, spelled))
+        repeated = sorted(g[0][1] for g in groups.values() if len({s for _, s in g}) == 1)
+        spelled_apart = [g for g in groups.values() if len({s for _, s in g}) > 1]
+        problems = []
+        if repeated:
+            problems.append(f"duplicate patient_id(s) {repeated}; each patient must appear once")
+        if spelled_apart:
+            named = "; ".join(" and ".join(f"{ascii(s)} (line {line})" for line, s in g) for g in spelled_apart[:10])
+            problems.append(f"patient_id(s) {named} are one patient spelled differently (they differ only in letter "
+                            "case or in Unicode normalisation, e.g. 'ü' typed as one character or as 'u' and a "
+                            "combining diaeresis); each patient must appear once, spelled one way")
+        raise ClinicalTableError(f"{path}: " + "; ".join(problems))
+    return ids
+
+
+@dataclass
+class ClinicalSource:
+    """A clinical table read and checked as a whole (columns, ids, event coding); its rows are
+    validated by `validate`, all of them or only those asked for."""
+
+    frame: pd.DataFrame  # canonical columns, patient_id matched form (stripped, NFC)
+    source: Path
+    columns: dict[str, str]
+    time_range: tuple[float, float]
+    event_coding: str
+    event_note: str
+    excluded: dict[str, str]  # rows refused whatever their values (an id a spreadsheet runs)
+
+    @property
+    def ids(self) -> pd.Series:
+        """Every patient id of the table (the excluded ones too), in table order."""
+        return self.frame["patient_id"]
+
+    def validate(self, only: Collection[str] | None = None) -> ClinicalTable:
+        """Validate the rows (those whose id is in `only`, when given; the others are listed in
+        `ClinicalTable.unvalidated`): each kept, or excluded with the reason."""
+        frame = self.frame[~self.frame["patient_id"].isin(self.excluded)]
+        unvalidated: list[str] = []
+        if only is not None:
+            asked = frame["patient_id"].isin(set(only))
+            unvalidated = frame.loc[~asked, "patient_id"].tolist()
+            frame = frame[asked]
+        rows: dict[str, dict[str, float]] = {}
+        excluded = dict(self.excluded)
+        event_column = self.columns.get("event", "event")
+        for record in frame.to_dict("records"):
+            pid = record["patient_id"]
+            try:
+                rows[pid] = _validate_row(record, self.time_range, self.event_coding, event_column)
+            except ValueError as exc:
+                excluded[pid] = f"{self.source.name}: {exc}"
+        table = pd.DataFrame.from_dict(rows, orient="index", columns=list(STORED_COLUMNS), dtype="float64")
+        table.index.name = "patient_id"
+        return ClinicalTable(rows=table, excluded=excluded, source=self.source, columns=self.columns,
+                             event_coding=self.event_coding, event_note=self.event_note, unvalidated=unvalidated)
+
+
+def load_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
+                  time_range: Sequence[float] = TIME_RANGE_DAYS, event_coding: str | None = None) -> ClinicalSource:
+    """Read a clinical CSV and check it as a whole (see `read_clinical`); rows not yet validated."""
+    path = Path(path)
+    time_range = check_time_range(time_range)
+    check_event_coding(event_coding)
+    if not path.is_file():
+        raise ClinicalTableError(f"clinical table {path} does not exist")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, sep=_separator(path))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ClinicalTableError(f"{path}: cannot be read as CSV ({exc})") from exc
+    if frame.columns.duplicated().any():
+        raise ClinicalTableError(f"{path}: repeated column names {list(frame.columns[frame.columns.duplicated()])}")
+    columns = _resolve_columns(list(frame.columns), column_map or {}, path)
+    frame = frame[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
+    frame["patient_id"] = _check_ids(frame["patient_id"], path)
+    coding, note = decide_event_coding(pd.unique(frame["event"]), columns["event"], path, event_coding)
+    ids = frame["patient_id"]
+    suspect = ids.str[0].isin(list(FORMULA_STARTS)) | ids.str.contains(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", regex=True)
+    excluded = {pid: f"{path.name}: {formula_reason(pid)}" for pid in ids[suspect] if formula_problem(pid)}
+    return ClinicalSource(frame=frame, source=path, columns=columns, time_range=time_range, event_coding=coding,
+                          event_note=note, excluded=excluded)
+
+
 def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
-                  time_range: Sequence[float] = TIME_RANGE_DAYS) -> ClinicalTable:
+                  time_range: Sequence[float] = TIME_RANGE_DAYS, event_coding: str | None = None) -> ClinicalTable:
     """Read and validate a clinical CSV.
 
     Parameters
@@ -249,40 +448,52 @@ def read_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
         canonical name -> CSV column name, for columns not found under their usual names.
     time_range
         plausible survival times, days (rows outside are excluded with the reason).
+    event_coding
+        ``"01"`` or ``"12"`` (`EVENT_CODINGS`); None decides it from the event column's values.
 
     Raises
     ------
     ClinicalTableError
-        The file cannot be read, a required column is missing, or patient ids repeat.
+        The file cannot be read, a required column is missing, patient ids repeat (also spelled
+        apart only by letter case or Unicode normalisation), or the event coding is ambiguous.
+    """
+    return load_clinical(path, column_map, time_range, event_coding).validate()
+
+
+def read_covariates(path: str | Path, column_map: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The clinical covariates of new patients, whose outcome is not known (`study.predict`): only
+    ``patient_id`` is required; survival columns, if present, are ignored. Values are parsed as the
+    converter parses them (the same codings of sex, IDH, MGMT, pathology; blanks are NaN, which the
+    models impute as in training). Returns the rows (index patient_id, `COVARIATES` columns) and
+    the excluded rows with their reasons.
+
+    Raises ClinicalTableError as `read_clinical` does (unreadable file, no id column, repeated ids).
     """
     path = Path(path)
-    time_range = check_time_range(time_range)
     if not path.is_file():
         raise ClinicalTableError(f"clinical table {path} does not exist")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, sep=_separator(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ClinicalTableError(f"{path}: cannot be read as CSV ({exc})") from exc
     if frame.columns.duplicated().any():
         raise ClinicalTableError(f"{path}: repeated column names {list(frame.columns[frame.columns.duplicated()])}")
-    columns = _resolve_columns(list(frame.columns), column_map or {}, path)
+    columns = {k: v for k, v in _resolve_columns(list(frame.columns), column_map or {}, path,
+                                                 required=("patient_id",)).items() if k not in ("time", "event")}
     frame = frame[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
-    ids = frame["patient_id"].str.strip()
-    if (ids == "").any():
-        lines = [int(i) + 2 for i in ids.index[ids == ""]]
-        raise ClinicalTableError(f"{path}: empty patient_id on line(s) {lines}")
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise ClinicalTableError(f"{path}: duplicate patient_id(s) {duplicated}; each patient must appear once")
-    frame["patient_id"] = ids
+    frame["patient_id"] = _check_ids(frame["patient_id"], path)
     rows: dict[str, dict[str, float]] = {}
     excluded: dict[str, str] = {}
     for record in frame.to_dict("records"):
         pid = record["patient_id"]
+        problem = formula_problem(pid)
+        if problem:
+            excluded[pid] = f"{path.name}: {formula_reason(pid)}"
+            continue
         try:
-            rows[pid] = _validate_row(record, time_range)
+            rows[pid] = _covariates(record)
         except ValueError as exc:
             excluded[pid] = f"{path.name}: {exc}"
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(STORED_COLUMNS), dtype="float64")
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(COVARIATES), dtype="float64")
     table.index.name = "patient_id"
-    return ClinicalTable(rows=table, excluded=excluded, source=path, columns=columns)
+    return table, excluded

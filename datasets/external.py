@@ -1,7 +1,7 @@
 """Can a development store's models be applied to another store? An external cohort is the
 models' input only if it was converted the same way: the same sequences in the same channel order,
-the same grid, and the preprocessing that decides what a voxel's value means (spacing,
-normalisation, brain mask, registration). Anything else would give numbers, not an error, so
+the same grid at about the same voxel size, and the preprocessing that decides what a voxel's value
+means (normalisation, brain mask, registration). Anything else would give numbers, not an error, so
 `study.run --external` and `analysis.report --external` both refuse it with this check."""
 
 from __future__ import annotations
@@ -10,9 +10,18 @@ from datasets.errors import StudyError
 
 # Preprocessing parameters that change the input a model sees (`datasets.preprocessing_config`).
 # `sequences` and `shape` are compared from the store's attributes; the margin of the crop does not
-# change voxel values.
-MEANING = ("spacing", "clip_percentiles", "mask_fraction", "register", "bias_correct", "brain_mask",
-           "reference_sequence")
+# change voxel values. `--spacing` is only the finest spacing allowed (a head is resampled coarser
+# until it fits the shape), so the voxel sizes the patients got are compared instead.
+MEANING = ("clip_percentiles", "mask_fraction", "register", "bias_correct", "brain_mask", "reference_sequence")
+VOXEL_RATIO = 1.25  # median voxel sizes further apart than this: the networks would see another scale
+
+
+def median_voxel_mm(store) -> float:
+    import numpy as np
+
+    usable = store.usable()
+    sizes = [float(np.linalg.norm(np.asarray(store.affine(int(i)), dtype=float)[:3, 0])) for i in usable]
+    return float(np.median(sizes)) if sizes else float("nan")
 
 
 def compatibility_problem(external, development) -> str | None:
@@ -31,6 +40,10 @@ def compatibility_problem(external, development) -> str | None:
         return "preprocessing differs from the development store's: " + "; ".join(differ)
     if len(external.usable()) == 0:
         return "the store has no usable patients"
+    theirs_mm, ours_mm = median_voxel_mm(external), median_voxel_mm(development)
+    if max(theirs_mm, ours_mm) > VOXEL_RATIO * min(theirs_mm, ours_mm):
+        return (f"its patients' median voxel is {theirs_mm:.2f} mm and the development store's {ours_mm:.2f} mm: "
+                "the networks would see the anatomy at another scale")
     return None
 
 

@@ -87,8 +87,31 @@ class PreprocessedPatient:
 _loader = LoadImage(image_only=True)
 
 
+def declared_problem(path: Path) -> str | None:
+    """A NIfTI file's geometry as its header declares it, checked before its voxels are
+    decompressed (a small .nii.gz can declare gigabytes); None for other formats or a header
+    nibabel cannot read (the reader then says why)."""
+    import nibabel as nib
+
+    if not path.is_file() or not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        header = nib.load(str(path)).header  # lazy: reads the header only
+        shape = tuple(int(s) for s in header.get_data_shape())
+        affine = header.get_best_affine()
+    except Exception:
+        return None
+    if len(shape) < 3:
+        return None
+    extra = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+    return geometry_problem(affine, (shape[0], shape[1], shape[2] * extra))
+
+
 def load_volume(path: Path, patient_id: str, key: str):
     """Read one file as a channel-first 3D MetaTensor [1, X, Y, Z], with clear errors."""
+    problem = declared_problem(Path(path))
+    if problem:
+        raise ImageError(f"patient {patient_id}: {key} file {path}: {problem} (its header, read before the voxels)")
     try:
         volume = _loader(str(path))
     except Exception as exc:  # readers raise many types for truncated or foreign files
@@ -111,6 +134,24 @@ def load_volume(path: Path, patient_id: str, key: str):
         bad = int((~np.isfinite(data)).sum())
         raise ImageError(f"patient {patient_id}: {key} file {path} has {bad} NaN/inf voxels")
     return volume
+
+
+def _misplaced(planes: list, sequences: list[str], reference_key: str, fraction: float) -> str | None:
+    """A sequence whose head, on the output grid, barely overlaps the reference sequence's: its
+    affine puts it elsewhere (shifted, or another scan's), which resampling would silently crop."""
+    from datasets.plausibility import MIN_MASK_OVERLAP
+
+    reference = _head_mask([planes[sequences.index(reference_key)]], fraction)
+    for key, plane in zip(sequences, planes):
+        if plane is None or key == reference_key or not plane.any():
+            continue
+        own = _head_mask([plane], fraction)
+        dice = 2.0 * float((own & reference).sum()) / max(1.0, float(own.sum() + reference.sum()))
+        if dice < MIN_MASK_OVERLAP:
+            return (f"the head of {key} overlaps that of {reference_key} by a Dice of {dice:.2f} on the common grid "
+                    f"(at least {MIN_MASK_OVERLAP:g} expected): their affines disagree (a shifted or mirrored header, "
+                    "or a scan of another session); fix the header or register the sequences (--register rigid)")
+    return None
 
 
 def _spacing_of(volume) -> list[float]:
@@ -232,6 +273,9 @@ def preprocess_files(files: Mapping[str, Path], patient_id: str, config: Preproc
     n = len(config.sequences)
     present = [i for i, k in enumerate(config.sequences) if k in grid]
     planes = [grid[k][0].numpy() if k in grid else None for k in config.sequences]
+    misplaced = _misplaced(planes, list(config.sequences), reference_key, config.mask_fraction)
+    if misplaced:
+        raise ImageError(f"patient {patient_id}: {misplaced}")
     if BRAIN_MASK_KEY in files:  # the brain, not the head, is what is normalised and stored
         brain = load_volume(Path(files[BRAIN_MASK_KEY]), patient_id, "brain mask")
         out_mask = resample_label(brain, img_dst=grid[reference_key])[0].numpy() > 0.5

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets.errors import InputError
@@ -39,6 +40,62 @@ class Pseudonymiser:
     def scrub(self, text: str, patient_id: str) -> str:
         """`text` with every spelling of `patient_id` (`spellings`) replaced by its pseudonym."""
         return spellings(patient_id).sub(self(patient_id), text)
+
+    def keyed(self, text: str) -> str:
+        """A keyed hash of any text (a source path: it tells a moved or renamed source on resuming
+        without revealing its name)."""
+        return hmac.new(self._key, b"path:" + text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
+
+
+WITHHELD = "[withheld]"
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """One patient's export names kept out of everything recorded under pseudonymisation.
+
+    `literals` (source paths, file and folder names, longest first) are replaced by their labels
+    (the pseudonym and the sequence: ``PSN-0123456789abcdef/t1c.nii.gz``), every spelling of the
+    source id by the pseudonym, and any remaining `words` of the export's names (a patient's name
+    and birth date as ``dcm2niix -f %n_%b_%t`` writes them, another patient's id in a misfiled
+    name) by ``[withheld]``, wherever a reader's message quotes them.
+    """
+
+    source_id: str
+    store_id: str
+    literals: tuple[tuple[str, str], ...] = ()
+    words: tuple[str, ...] = ()
+
+    def __call__(self, text: str) -> str:
+        labels: list[str] = []
+
+        def hold(label: str) -> str:  # labels are put back last: no rule below rewrites them
+            labels.append(label)
+            return f"\x00{chr(0xE000 + len(labels) - 1)}\x00"  # private-use: no id or word matches it
+
+        for literal, label in self.literals:
+            if literal in text:
+                text = text.replace(literal, hold(label))
+        text = spellings(self.source_id).sub(lambda m: hold(self.store_id), text)
+        if self.words:
+            text = _words(self.words).sub(WITHHELD, text)
+        return re.sub("\x00(.)\x00", lambda m: labels[ord(m.group(1)) - 0xE000], text)
+
+    def record(self, value):
+        """`value` (a manifest record: dicts, lists, strings) with every string redacted."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {k: self.record(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.record(v) for v in value]
+        return value
+
+
+@functools.lru_cache(maxsize=256)
+def _words(words: tuple[str, ...]) -> re.Pattern:
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(f"(?<![^\\W_])(?:{alternatives})(?![^\\W_])", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=4096)

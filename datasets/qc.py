@@ -148,6 +148,35 @@ def _fmt(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.3g}" for v in values)
 
 
+def _clinical_section(manifest: Mapping) -> list[str]:
+    """How the clinical table was read: the event coding, and the rows without images (a count and
+    the first few ids, never one line each: a table of millions of rows keeps the page small)."""
+    clinical = manifest.get("clinical") or {}
+    lines = []
+    if clinical.get("event_note"):
+        lines.append(f"<p>Event coding: {html.escape(str(clinical['event_note']))}.</p>")
+    unmatched = clinical.get("unmatched_rows") or {}
+    if unmatched.get("count"):
+        first = ", ".join(str(pid) for pid in unmatched.get("first", []))
+        lines.append(f"<p>Clinical rows without an image folder: {int(unmatched['count'])} (not converted); the "
+                     f"first: {html.escape(first)}.</p>")
+    return ["<h2>Clinical table</h2>", *lines] if lines else []
+
+
+def _unrecognised_section(manifest: Mapping) -> list[str]:
+    """Image files that matched no sequence (or several): not converted, with how to name them."""
+    from datasets.sequences import PATTERN_HINT
+
+    rows = [(pid, text) for pid, texts in sorted((manifest.get("unrecognised") or {}).items()) for text in texts]
+    if not rows:
+        return []
+    return ["<h2>Unrecognised image files</h2>",
+            f"<p>{len(rows)} image files are unrecognised: they matched no sequence, or several, and were not used "
+            f"(never guessed; the sequence is zero-filled and flagged missing). To use them, "
+            f"{html.escape(PATTERN_HINT)}.</p>",
+            _table(["patient", "file"], rows)]
+
+
 def write_report(store_path: Path, attrs: Mapping, manifest: Mapping) -> Path:
     """Write ``qc/index.html`` inside the store from its attributes and manifest."""
     qc_dir = Path(store_path) / QC_DIR
@@ -164,6 +193,8 @@ def write_report(store_path: Path, attrs: Mapping, manifest: Mapping) -> Path:
         f"shape {attrs['shape']} (RAS x, y, z). Created {attrs.get('created', '')} by {attrs.get('software', '')}.</p>",
         "<h2>Preprocessing</h2>", _table(["parameter", "value"], sorted(attrs["preprocessing"].items())),
         "<h2>Problems found</h2>", _table(["patient", "problem"], problems) if problems else "<p>None.</p>",
+        *_clinical_section(manifest),
+        *_unrecognised_section(manifest),
         "<h2>Patients</h2>",
     ]
     for pid, record in sorted(ok.items()):

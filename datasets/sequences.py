@@ -3,31 +3,74 @@
 Site exports name files in many ways: BraTS (`<id>_t1ce.nii.gz`, `BraTS-GLI-00000-000-t1c.nii.gz`),
 plain (`t1ce.nii.gz`), TCIA folders of DICOM series (`FLAIR/`). A file matches a sequence when its
 name, with the extension and a leading patient id removed, matches one of the sequence's patterns
-(case-insensitive, whole name or last `_`/`-`-separated token).
+(case-insensitive, whole name or one of its `_`/`-`/`.`-separated endings). Besides BraTS and plain
+names, the common vendor and site names are recognised (`DEFAULT_PATTERNS`: ``T1_KM``, ``t1gd``,
+``T1+C``, ``T1post``, ``T1_MPRAGE``, ``t1_mprage_sag``, ``T2_TSE``, ``FLAIR_3D``, ...); ``--pattern``
+adds others. An image file that matches no sequence, or several, is reported as unrecognised
+(never guessed).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from datasets import bids
 from datasets.errors import InputError
 
 DEFAULT_SEQUENCES = ("t1", "t1c", "t2", "flair")
 LABEL_KEY = "label"
 
+# Building blocks of the built-in names (full match on the lower-case name without extension and
+# leading patient id). Vendors and sites name sequences by weighting, readout and contrast:
+#   contrast-enhanced T1: c, ce, gd (gadolinium), km (German "Kontrastmittel"), post, +c, contrast;
+#   T1 readouts: MPRAGE / MP-RAGE / MPR (Siemens), SPGR / FSPGR / BRAVO (GE), TFE / FFE (Philips),
+#   FL3D / FLASH / VIBE, SE, TSE;
+#   T2 readouts: TSE / FSE / FRFSE, BLADE / PROPELLER, SPACE / CUBE / VISTA;
+#   FLAIR: FLAIR, T2F (BraTS 2023), TIRM / dark-fluid / da-fl (Siemens), 3D SPACE / CUBE FLAIR;
+#   weighting written T1, T1W or T1WI ("weighted image").
+# Decorations that carry no weighting are allowed before, between and after: planes (sag, cor, ax,
+# tra), 2D/3D, iso, fs / fat-sat, Siemens protocol suffixes (p2), series numbers and dates.
+# T2* (t2star), DWI, ADC, SWI, localisers and T1-FLAIR (t1_flair: a T1 or a FLAIR?) are not matched:
+# they are reported as unrecognised (or ambiguous), never guessed.
+_S = r"[-_. ]?"
+_PLANE = r"(?:sag|sagittal|cor|coronal|ax|axial|tra|trans|transversal|transverse|obl|oblique)"
+_LEAD = rf"(?:(?:[23]d|{_PLANE}){_S})*"
+_DECO = rf"(?:{_S}(?:{_PLANE}|[23]d|iso|hr|mpr|fs|fatsat|fat{_S}sat|nd|p[0-9]|[0-9]+(?:mm)?))*"
+_MID = rf"(?:{_S}(?:{_PLANE}|[23]d))*"  # decorations between weighting and readout (T1W_3D_TFE)
+_T1 = r"t1(?:w|wi)?"
+_T2 = r"t2(?:w|wi)?"
+_T1_BARE = rf"(?:mp{_S}rage|spgr|fspgr|bravo)"  # T1 readouts that name a T1 on their own
+_T1_READOUT = rf"(?:{_T1_BARE}|mpr|se|tse|fse|space|cube|flash|fl[23]d|vibe|tfe|ffe|tfl)"
+_CONTRAST = (rf"(?:c|ce|gd|gad|km|kontrast|post|postcontrast|post{_S}gd|post{_S}km|post{_S}contrast|contrast|"
+             rf"enhanced|\+{_S}(?:c|gd|km)?)")
+_T1_ANY = rf"(?:{_T1}(?:{_MID}{_S}{_T1_READOUT})?|{_T1_BARE})"
+_T2_READOUT = r"(?:tse|fse|frfse|se|blade|propeller|space|cube|vista|haste|drive)"
+_FLAIR_READOUT = r"(?:space|spc|cube|vista|tse|fse|3d|2d|ir)"
+_DARK_FLUID = rf"(?:flair|tirm|dark{_S}fluid|da{_S}fl)"
+
 # Regular expressions (full match, lower case) for each sequence key.
 DEFAULT_PATTERNS: dict[str, str] = {
-    "t1": r"t1|t1w|t1n|t1_?native|t1pre|t1_?pre",
-    "t1c": r"t1c|t1ce|t1gd|t1_?gd|t1_?post|t1_?contrast|t1[-_]?ce|t1w?_?c",
-    "t2": r"t2|t2w",
-    "flair": r"flair|t2f|t2_?flair",
-    LABEL_KEY: r"seg|label|labels|tumou?r_?label|tumou?r_?mask|tumou?r",
+    "t1": rf"{_LEAD}(?:{_T1_ANY}(?:{_S}(?:native|nativ|pre|precontrast))?|(?:native|nativ|pre|precontrast){_S}{_T1_ANY}|"
+          rf"t1n){_DECO}",
+    "t1c": rf"{_LEAD}(?:{_T1_ANY}{_DECO}{_S}{_CONTRAST}|{_CONTRAST}{_S}{_T1_ANY}|"
+           rf"{_T1}{_S}{_CONTRAST}{_MID}{_S}{_T1_READOUT})(?:{_S}{_CONTRAST})?{_DECO}",
+    "t2": rf"{_LEAD}(?:{_T2}(?:{_MID}{_S}{_T2_READOUT})?|{_T2_READOUT}{_S}{_T2}){_DECO}",
+    "flair": rf"{_LEAD}(?:(?:{_T2}{_S})?(?:{_FLAIR_READOUT}{_S})?{_DARK_FLUID}(?:{_S}(?:{_T2}|{_FLAIR_READOUT}))?|t2f)"
+             rf"{_DECO}(?:{_S}{_DARK_FLUID})?{_DECO}",
+    LABEL_KEY: r"seg|segmentation|label|labels|tumou?r_?label|tumou?r_?mask|tumou?r",
 }
+# A name whose matched part is preceded by one of these words mentions a contrast agent: a T1 there
+# may be a contrast-enhanced one (BIDS "ce-gadolinium_T1w"): reported as ambiguous, never guessed.
+_CONTRAST_WORDS = {"ce", "gd", "gad", "gadolinium", "km", "kontrast", "contrast", "post", "postcontrast", "enhanced"}
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Said wherever a file matched no sequence: how to name it.
+PATTERN_HINT = ("name such files with --pattern SEQUENCE=REGEX (a full match on the lower-case file name without "
+                "the patient id and extension, e.g. --pattern t1c='t1_tra_late'; it adds to the built-in names and "
+                "wins over them)")
 
 
 def _strip_suffix(name: str) -> str | None:
@@ -38,8 +81,52 @@ def _strip_suffix(name: str) -> str | None:
     return None
 
 
+def image_suffix(name: str) -> str:
+    """The image extension of a file name ("" for a DICOM series folder)."""
+    lower = name.lower()
+    return next((suffix for suffix in IMAGE_SUFFIXES if lower.endswith(suffix)), "")
+
+
 def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() in (".dcm", "") and p.is_file() for p in path.iterdir())
+
+
+def is_image_entry(entry: Path) -> bool:
+    """Whether a patient folder's entry is an image the converter considers (an image file, a DICOM
+    series folder, or something that is neither file nor folder); hidden entries are not."""
+    if entry.name.startswith("."):
+        return False
+    if entry.is_file():
+        return _strip_suffix(entry.name) is not None
+    if entry.is_dir():
+        return _is_dicom_folder(entry)
+    return True  # a dangling symlink, a loop, a FIFO: matched by its name, refused when it is read
+
+
+@dataclass
+class FolderScan:
+    """What one patient folder holds: sequence key -> file, and the image files not used."""
+
+    found: dict[str, Path] = field(default_factory=dict)
+    unrecognised: list[tuple[Path, str]] = field(default_factory=list)  # (entry, why: matches no / several)
+    entries: list[Path] = field(default_factory=list)  # every entry of the folder (names to withhold)
+    duplicates: dict[str, list[Path]] = field(default_factory=dict)  # sequence -> every entry matching it, if >1
+    layout_problem: str | None = None  # a BIDS subject whose images cannot be located (several sessions)
+
+    def recognised(self) -> dict[Path, str]:
+        """Every entry that matched a sequence asked for (duplicates too) -> its sequence."""
+        out = {path: key for key, path in self.found.items()}
+        out.update({path: key for key, paths in self.duplicates.items() for path in paths})
+        return out
+
+    def problem(self, patient_id: str) -> str | None:
+        """Why the folder cannot be used as it is (two files for one sequence), or None."""
+        if self.layout_problem:
+            return f"patient {patient_id}: {self.layout_problem}"
+        for key, paths in self.duplicates.items():
+            return (f"patient {patient_id}: both {paths[0].name} and {paths[1].name} match sequence '{key}'; "
+                    f"rename one or give a stricter --pattern {key}=REGEX")
+        return None
 
 
 @dataclass(frozen=True)
@@ -51,65 +138,108 @@ class SequenceMatcher:
     sequences
         The image sequences wanted, in channel order.
     patterns
-        Overrides of `DEFAULT_PATTERNS` (regular expressions matched against the lower-case name).
+        Additions to `DEFAULT_PATTERNS` (regular expressions matched against the lower-case name):
+        a name matched by a given pattern takes that pattern's sequence, whatever the built-in
+        names say; other names are matched by the built-in ones.
     """
 
     sequences: tuple[str, ...] = DEFAULT_SEQUENCES
     patterns: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
-        merged = dict(DEFAULT_PATTERNS)
-        merged.update(self.patterns or {})
-        unknown = [s for s in self.sequences if s not in merged]
+        known = set(DEFAULT_PATTERNS) | set(self.patterns or {})
+        unknown = [s for s in self.sequences if s not in known]
         if unknown:
             raise InputError(
                 f"no file-name pattern for sequence(s) {unknown}; give one with --pattern NAME=REGEX"
             )
         try:
-            compiled = {k: re.compile(v, re.IGNORECASE) for k, v in merged.items()}
+            user = {k: re.compile(v, re.IGNORECASE) for k, v in (self.patterns or {}).items()}
         except re.error as exc:
             raise InputError(f"invalid --pattern regular expression: {exc}") from exc
-        object.__setattr__(self, "_compiled", compiled)
+        defaults = {k: re.compile(v, re.IGNORECASE) for k, v in DEFAULT_PATTERNS.items()}
+        object.__setattr__(self, "_tables", (user, defaults))
+
+    def classify(self, name: str, patient_id: str) -> tuple[str | None, tuple[str, ...]]:
+        """(sequence key, ()) for a file or folder name; (None, keys) when it matches several
+        sequences (ambiguous: never guessed); (None, ()) when it matches none.
+
+        The name, without extension and leading patient id, is matched whole, then by its
+        shorter endings (``DOE_JOHN_19600101_t1_km`` -> ``t1_km``); patterns given with
+        `patterns` first. A name whose dropped beginning names another sequence
+        (``t1_flair``) is ambiguous.
+        """
+        if self._tables[0]:  # type: ignore[attr-defined]  # the user's --pattern wins over the BIDS names
+            key, several = self._classify(name, patient_id, user_only=True)
+            if key or several:
+                return key, several
+        if bids.is_bids_name(name):  # BIDS says what a file is in its suffix and entities
+            return bids.sequence_of(name), ()
+        return self._classify(name, patient_id)
+
+    def _classify(self, name: str, patient_id: str, user_only: bool = False) -> tuple[str | None, tuple[str, ...]]:
+        stem = _strip_suffix(name)
+        lowered = (stem if stem is not None else name).lower()
+        pid = patient_id.lower()
+        if pid and lowered.startswith(pid):
+            lowered = lowered[len(pid):].lstrip("_-. ")
+        endings = [(lowered, "")] + [(lowered[m.end():], lowered[:m.start()])
+                                     for m in re.finditer(r"[-_. ]+", lowered) if m.end() < len(lowered)]
+        for table in self._tables[:1] if user_only else self._tables:  # type: ignore[attr-defined]
+            for ending, dropped in endings:
+                keys = [k for k, pattern in table.items() if pattern.fullmatch(ending)]
+                if not keys:
+                    continue
+                words = [w for w in re.split(r"[-_. ]+", dropped) if w]
+                keys += sorted({k for w in words for k, p in table.items() if k not in keys and p.fullmatch(w)})
+                defaults = table is self._tables[1]  # type: ignore[attr-defined]
+                if keys == ["t1"] and defaults and _CONTRAST_WORDS & set(words):
+                    keys.append("t1c")
+                return (keys[0], ()) if len(keys) == 1 else (None, tuple(keys))
+        return None, ()
 
     def key_for(self, name: str, patient_id: str) -> str | None:
-        """The sequence key a file or folder name stands for, or None."""
-        stem = _strip_suffix(name)
-        if stem is None:
-            stem = name  # a DICOM series folder
-        lowered = stem.lower()
-        pid = patient_id.lower()
-        if lowered.startswith(pid):
-            lowered = lowered[len(pid):].lstrip("_-.")
-        candidates = [lowered, re.split(r"[-_.]", lowered)[-1]]
+        """The sequence key a file or folder name stands for, or None (none, or ambiguous)."""
+        return self.classify(name, patient_id)[0]
+
+    def scan(self, folder: Path, patient_id: str) -> FolderScan:
+        """Sort one patient folder's image entries by sequence (two entries for one sequence are
+        listed in `FolderScan.duplicates`). Entries of sequences not asked for are left out silently."""
+        scan = FolderScan()
         wanted = (*self.sequences, LABEL_KEY)
-        for candidate in candidates:
-            for key in wanted:
-                if self._compiled[key].fullmatch(candidate):  # type: ignore[attr-defined]
-                    return key
-        return None
+        if bids.is_subject_folder(folder):
+            anat, scan.layout_problem = bids.anat_folder(folder)
+            if anat is None:
+                return scan
+            folder = anat
+        for entry in sorted(folder.iterdir()):
+            scan.entries.append(entry)
+            if not is_image_entry(entry):
+                continue
+            key, several = self.classify(entry.name, patient_id)
+            if several:
+                scan.unrecognised.append((entry, f"matches several sequences ({', '.join(several)}); not used, "
+                                                 "never guessed"))
+                continue
+            if key is None:
+                scan.unrecognised.append((entry, "matches no sequence"))
+                continue
+            if key not in wanted:
+                continue
+            if key in scan.found:
+                scan.duplicates.setdefault(key, [scan.found[key]]).append(entry)
+                continue
+            scan.found[key] = entry
+        return scan
 
     def find(self, folder: Path, patient_id: str) -> tuple[dict[str, Path], list[str]]:
-        """Files of one patient folder by sequence key, and problems (ambiguous or unmatched files)."""
-        found: dict[str, Path] = {}
-        problems: list[str] = []
-        for entry in sorted(folder.iterdir()):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_file() and _strip_suffix(entry.name) is None:
-                continue
-            if entry.is_dir() and not _is_dicom_folder(entry):
-                continue
-            key = self.key_for(entry.name, patient_id)
-            if key is None:
-                problems.append(f"file {entry} matches no sequence pattern; ignored")
-                continue
-            if key in found:
-                raise InputError(
-                    f"patient {patient_id}: both {found[key].name} and {entry.name} match sequence "
-                    f"'{key}'; rename one or give a stricter --pattern {key}=REGEX"
-                )
-            found[key] = entry
-        return found, problems
+        """Files of one patient folder by sequence key, and problems (ambiguous or unmatched files);
+        InputError when two files match one sequence."""
+        scan = self.scan(folder, patient_id)
+        problem = scan.problem(patient_id)
+        if problem:
+            raise InputError(problem)
+        return scan.found, [f"file {entry} {why}; ignored" for entry, why in scan.unrecognised]
 
 
 def parse_patterns(items: Sequence[str]) -> dict[str, str]:

@@ -30,7 +30,8 @@ the patients excluded before conversion (no images, no clinical row, invalid cli
 A patient is usable only when ``done`` is True *and* its manifest status is ``ok``. ``done`` is
 set after the data are written and cleared before they are rewritten, so a conversion killed at
 any moment never leaves an incomplete patient marked done. Stores of another format version are
-refused with a `StoreError`.
+refused with a `StoreError`, as are stores whose patient ids a spreadsheet would run as formulas
+(`datasets.patient_ids`; the converter refuses such ids since).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from datasets.errors import StoreError
+from datasets.patient_ids import formula_problem
 from datasets.plausibility import content_problem
 
 STORE_FORMAT = "glioma-cohort-store"
@@ -156,6 +158,17 @@ def grow_store(group: zarr.Group, new_ids: Sequence[str]) -> None:
     group.attrs["patient_ids"] = ids
 
 
+def erase_patient(group: zarr.Group, index: int) -> None:
+    """Unmark slot `index` and erase its voxels, mask, label, affine and clinical values (a withdrawn
+    patient: chunks at their fill value are deleted by zarr, so nothing of the images stays)."""
+    group["done"][index] = False
+    for name in ("images", "masks", "labels", "missing", "affines"):
+        array = group[name]
+        array[index] = array.fill_value
+    for column in group.attrs["clinical_columns"]:
+        group[f"clinical/{column}"][index] = np.nan
+
+
 def write_patient(path: Path, index: int, image: np.ndarray, mask: np.ndarray, label: np.ndarray,
                   missing: np.ndarray, affine: np.ndarray) -> str:
     """Write one patient's arrays into its slot (``done`` untouched); returns their checksum.
@@ -211,6 +224,7 @@ class CohortStore:
         if missing:
             raise StoreError(f"cohort store {self.path}: attributes {missing} are missing")
         _check_attributes(self.path, attrs)
+        _check_patient_ids(self.path, attrs["patient_ids"])
         self.attrs = attrs
         self.manifest = self._read_manifest()
         self._group: zarr.Group | None = None
@@ -295,9 +309,16 @@ class CohortStore:
         return frame
 
     def sha256(self) -> str:
-        """A hash identifying the store's content (attributes and manifest), for tracking."""
-        payload = json.dumps({"attrs": self.attrs, "manifest": self.manifest}, sort_keys=True).encode()
-        return hashlib.sha256(payload).hexdigest()
+        """A hash of everything a study's result depends on: the attributes, the manifest (with each
+        patient's status and the checksum of its written voxels, mask and label), the clinical
+        arrays and the ``done`` flags. The voxels enter through their checksums, which a study
+        checks as it reads every volume (`study.data.read_volumes`) and ``--verify`` re-checks."""
+        digest = hashlib.sha256(json.dumps({"attrs": self.attrs, "manifest": self.manifest}, sort_keys=True).encode())
+        for column in sorted(self.attrs["clinical_columns"]):
+            digest.update(column.encode())
+            digest.update(np.ascontiguousarray(self._read(f"clinical/{column}", slice(None)), dtype="<f8").tobytes())
+        digest.update(np.ascontiguousarray(self.done(), dtype=bool).tobytes())
+        return digest.hexdigest()
 
     # -- voxel data -----------------------------------------------------------------------
     def _read(self, name: str, index) -> np.ndarray:
@@ -355,6 +376,18 @@ def _check_attributes(path: Path, attrs: dict) -> None:
         if not ok:
             raise StoreError(f"cohort store {path}: attribute {message} (zarr.json was edited or damaged; "
                              "re-create the store with python -m datasets.convert)")
+
+
+def _check_patient_ids(path: Path, patient_ids: list[str]) -> None:
+    """Ids that a spreadsheet would run as formulas in the CSV files a study writes (CWE-1236),
+    made by a converter that did not refuse them: the store is refused, naming the id."""
+    for pid in patient_ids:
+        problem = formula_problem(pid)
+        if problem:
+            raise StoreError(f"cohort store {path}: patient id {pid!r} {problem}: a spreadsheet would run it as a "
+                             "formula in the CSV files a study writes (CWE-1236). Convert the export again with "
+                             "python -m datasets.convert into a new --out: it excludes such ids (rename the patient "
+                             "to keep it)")
 
 
 def truncated_chunks(path: str | Path) -> list[str]:

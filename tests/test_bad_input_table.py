@@ -166,7 +166,7 @@ CASES = [
     Case("external store missing", flags("--external", "/nonexistent/ext.zarr"),
          r"cohort store /nonexistent/ext.zarr does not exist"),
     Case("external channels differ", _external_other_shape,
-         r"--external .*other.zarr: sequences \['t1c', 'flair'\] and shape .* differ from the development store's"),
+         r"--external .*other.zarr: sequences \['t1c', 'flair'\] differ from the development store's"),
     # -- clinical tables (the converter)
     Case("clinical column missing", clinical(_csv_edit(lambda t: t.replace("survival_days", "days_alive", 1))),
          r"clinical.csv: required column\(s\) \['time'\] not found; columns are", "convert"),

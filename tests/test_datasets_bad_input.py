@@ -75,7 +75,6 @@ EXCLUDED = [
     pytest.param(_two_d, "SYN-0001", r"t1 file .*SYN-0001_t1\.nii\.gz is 2D", id="2d-image"),
     pytest.param(_four_d, "SYN-0001", r"t1 file .*SYN-0001_t1\.nii\.gz is 4D", id="4d-image"),
     pytest.param(_drop_row, "SYN-0001", r"image folder .*SYN-0001 has no row in .*clinical\.csv", id="images-without-row"),
-    pytest.param(_drop_folder, "SYN-0001", r"clinical row in .*clinical\.csv has no image folder", id="row-without-images"),
     pytest.param(_table_edit("survival_days", "-3"), "SYN-0001", r"clinical\.csv: time '-3' is not a positive", id="negative-time"),
     pytest.param(_table_edit("survival_days", "0"), "SYN-0001", r"time '0' is not a positive", id="zero-time"),
     pytest.param(_table_edit("survival_days", ""), "SYN-0001", r"time is empty", id="empty-time"),
@@ -87,7 +86,7 @@ EXCLUDED = [
     pytest.param(_table_edit("survival_days", "\u0663\u0660\u0660"), "SYN-0001", r"is not a number as a clinical export",
                  id="time-in-arabic-indic-digits"),
     pytest.param(_table_edit("age", "infinity"), "SYN-0001", r"age 'infinity' is not a number", id="age-infinity"),
-    pytest.param(_table_edit("death", "2"), "SYN-0001", r"event '2' is not 0 or 1", id="event-not-binary"),
+    pytest.param(_table_edit("death", "3"), "SYN-0001", r"event '3' is not 0 or 1", id="event-not-binary"),
     pytest.param(_table_edit("death", "dead"), "SYN-0001", r"event 'dead' is not 0 or 1", id="event-text"),
     pytest.param(_table_edit("age", "fifty"), "SYN-0001", r"age 'fifty' is not a number", id="age-not-numeric"),
     pytest.param(_table_edit("pathology", "ependymoma"), "SYN-0001", r"pathology 'ependymoma' is not a known label", id="unknown-pathology"),
@@ -111,6 +110,18 @@ def test_bad_patient_is_excluded_with_reason(export_copy, tmp_path, damage, pati
     assert verify_store(out) == []
     report = (out / "qc" / "index.html").read_text()
     assert patient in report and "excluded" in report
+
+
+def test_a_row_without_images_is_counted_not_listed(export_copy, tmp_path):
+    """Rows without image folders are summarised (count and first ids), never one record each."""
+    _drop_folder(export_copy)
+    out = tmp_path / "s.zarr"
+    summary = convert(export_copy / "images", export_copy / "clinical.csv", out, TINY, progress=False)
+    assert summary.excluded == {} and summary.unmatched == {"count": 1, "first": ["SYN-0001"]}
+    assert CohortStore(out).manifest["clinical"]["unmatched_rows"] == {"count": 1, "first": ["SYN-0001"]}
+    assert "Clinical rows without an image folder: 1 (not converted); the first: SYN-0001" in (
+        out / "qc" / "index.html").read_text()
+    assert len(CohortStore(out).usable()) == 2 and verify_store(out) == []
 
 
 @pytest.mark.parametrize("sequence, how", [("flair", "deleted"), ("t2", "empty")])
@@ -137,7 +148,9 @@ def test_missing_or_empty_sequence_is_zero_filled_and_flagged(export_copy, tmp_p
     (lambda t: pd.concat([t, t.iloc[[0]]]), r"duplicate patient_id\(s\) \['SYN-0001'\]"),
     (lambda t: t.drop(columns=["death"]), r"required column\(s\) \['event'\] not found"),
     (lambda t: t.assign(patient_id=["SYN-0001", "", "SYN-0003"]), r"empty patient_id on line\(s\) \[3\]"),
-], ids=["duplicate-id", "missing-column", "empty-id"])
+    (lambda t: t.assign(death=["0", "1", "2"]), r"event column 'death' holds the values '0', '1', '2': the event "
+                                                r"coding is ambiguous .* --event-coding 01 .* --event-coding 12"),
+], ids=["duplicate-id", "missing-column", "empty-id", "ambiguous-event-coding"])
 def test_table_level_fault_stops_before_writing(export_copy, tmp_path, edit, message):
     table = pd.read_csv(export_copy / "clinical.csv", dtype=str)
     edit(table).to_csv(export_copy / "clinical.csv", index=False)
@@ -168,6 +181,17 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--shape", "12x4"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["abc", "5min", "-1", "inf"])
+def test_a_bad_flush_interval_is_named_before_anything_is_written(export_copy, tmp_path, monkeypatch, capsys, value):
+    """GLIOMA_CONVERT_MANIFEST_FLUSH_S=abc was parsed at import: a traceback for every command."""
+    monkeypatch.setenv("GLIOMA_CONVERT_MANIFEST_FLUSH_S", value)
+    out = tmp_path / "s.zarr"
+    assert main(["--images", str(export_copy / "images"), "--clinical", str(export_copy / "clinical.csv"),
+                 "--out", str(out), "--shape", "32x32x24", "--spacing", "2", "--workers", "1"]) == 2
+    assert f"environment variable GLIOMA_CONVERT_MANIFEST_FLUSH_S={value!r}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _dangling(export):

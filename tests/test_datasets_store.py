@@ -79,7 +79,11 @@ def test_rerun_skips_unchanged_and_redoes_changed(small_export, tmp_path):
     out2 = tmp_path / "s2.zarr"
     convert(export / "images", export / "clinical.csv", out2, TINY, progress=False)
     src = export / "images" / "SYN-0002" / "SYN-0002_t2.nii.gz"
-    src.write_bytes((export / "images" / "SYN-0003" / "SYN-0003_t2.nii.gz").read_bytes())
+    # Another scan of the patient (a copy of another patient's file would exclude both: one file, two patients).
+    import nibabel as nib
+
+    image = nib.load(src)
+    nib.save(nib.Nifti1Image((np.asarray(image.dataobj) * 1.1).astype(np.int16), image.affine), src)
     changed = convert(export / "images", export / "clinical.csv", out2, TINY, progress=False)
     assert changed.converted == ["SYN-0002"]
     assert verify_store(out2) == []

@@ -26,7 +26,7 @@ from datasets.errors import ClinicalTableError, StoreError
 from datasets.preprocess import PreprocessConfig
 from datasets.synthetic import SyntheticConfig, build_store
 
-FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 # -- clinical tables ------------------------------------------------------------------------
