@@ -19,9 +19,38 @@ Survival model (proportional hazards, Weibull baseline, times in days)::
 
 where z() standardises with fixed population constants, so the imaging part carries information
 beyond the clinical variables. Follow-up ends at a uniform random time between 1 and 6 years
-(about 35 % censored; 1 to 2 years and about 30 % for the second site). ``--imaging-effect 0`` gives images with no extra prognostic
-information; ``--site-shift`` gives a second site with other intensity scaling, 5 mm slices for
-T2/FLAIR, LPS-ordered voxels and an older, more often glioblastoma case mix.
+(about 35 % censored; 1 to 2 years and about 30 % for the second site). ``--imaging-effect 0``
+gives images with no prognostic information beyond what they show of the grade; ``--site-shift``
+gives a second site with other intensity scaling, 5 mm slices for T2/FLAIR, LPS-ordered voxels
+and an older, more often glioblastoma case mix.
+
+What the images can tell (``lp_image_content`` in ``truth.csv``). ``lp_imaging`` is the imaging
+effect term only: it is not the ceiling of an image-only model, because the images also show the
+grade. A patient's images are rendered from the tumour's volume v, necrosis fraction n and
+enhancement e (`draw_latent`); everything else in them (head size and position, tumour location,
+shape and oedema extent, bias field, noise, site gain, slice thickness) is drawn independently of
+the clinical variables and the survival time given (v, n, e). Age, sex, IDH and MGMT are not
+rendered; the grade is, through the distributions of v, n and e. So S = (v, n, e) is all the
+images carry about survival, and, since lp_imaging is a function of S and (age, IDH, MGMT) are
+independent of S given the grade g::
+
+    E[lp | S] = lp_imaging(v, n) + sum_g P(g | S) E[lp_clinical | g]
+    P(g | S)  ~ P(g) p(v | g) p(n | g) P(e | g)
+
+with log v ~ N(log 30 + 0.3 (g - 3), 0.8) clipped to [log 2, log 150], n ~ N(0.3 if g = 4 else
+0.08, 0.12) clipped to [0, 0.6] (a clipped value's likelihood is the mass of the clipped tail),
+P(e | g = 4) = 1 and P(e | g < 4) = 0.3. P(g) and E[lp_clinical | g] are sums over the generator's
+joint distribution (`clinical_distribution`, `clinical_given_grade`): the exact discrete grade,
+IDH, MGMT and sex, and the clipped normal age on 1/100-year bins whose edges hold the rounding and
+IDH age thresholds (error below 1e-6). Nothing is fitted. With ``--imaging-effect 0``, E[lp | S]
+still varies with the grade the images show. Within a cohort selected on clinical variables F
+(a study task's filter, e.g. glioblastoma), the ceiling is E[lp | S, F]: the same formula with
+P(g) and E[lp_clinical | g] taken over the patients that pass F (S depends on F only through g);
+within glioblastoma the grade is known and E[lp | S, F] ranks as lp_imaging does. An
+image-derived predictor is a function of S and of noise independent of survival given S, so it
+cannot know more than S; ``python -m benchmarks.image_oracle`` checks on 20,000 patients
+(`latent_cohort`: the same draws without rendering) that no predictor fitted to S beats the
+C-index of E[lp | S] (within glioblastoma: of E[lp | S, F]) by more than its sampling error.
 """
 
 from __future__ import annotations
@@ -38,6 +67,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from scipy.special import log_ndtr, ndtr
 
 from datasets.errors import InputError
 
@@ -46,6 +76,16 @@ WEIBULL_SCALE_DAYS = 900.0
 # Fixed standardisation constants of the imaging features (population values of this generator).
 LOG_VOLUME_MEAN, LOG_VOLUME_SD = np.log(30.0), 0.8
 NECROSIS_MEAN, NECROSIS_SD = 0.2, 0.15
+
+# The generator's joint distribution, shared by the draws and the image-content derivation.
+GRADES = (2, 3, 4)
+AGE_MEAN = {False: 52, True: 60}  # by site_shift
+AGE_SD, AGE_RANGE = 14, (20, 88)
+GRADE4_AGE_CENTRE = {False: 50, True: 45}  # P(grade 4 | age) = logistic((age - centre) / 8)
+GRADE4_AGE_SCALE = 8
+VOLUME_SHIFT_PER_GRADE, VOLUME_SD, VOLUME_RANGE_ML = 0.3, 0.8, (2.0, 150.0)  # log volume ~ N(log 30 + 0.3 (g - 3), 0.8)
+NECROSIS_GRADE4, NECROSIS_LOWER_GRADE, NECROSIS_DRAW_SD, NECROSIS_RANGE = 0.3, 0.08, 0.12, (0.0, 0.6)
+P_ENHANCING_LOWER_GRADE = 0.3  # grade 4 always enhances
 
 # Tissue -> intensity per sequence (arbitrary units before site scaling).
 CONTRASTS = {
@@ -122,12 +162,24 @@ def _template(voxel_size: float) -> dict[str, np.ndarray]:
     return out
 
 
+def _p_grade4(age, site_shift: bool):
+    return 1 / (1 + np.exp(-(age - GRADE4_AGE_CENTRE[site_shift]) / GRADE4_AGE_SCALE))
+
+
+def _p_idh(grade, age):
+    return np.where(grade == 4, 0.1, np.where(age < 50, 0.75, 0.5))
+
+
+def _p_mgmt(glioblastoma):
+    return np.where(glioblastoma, 0.4, 0.75)
+
+
 def clinical_variables(rng: np.random.Generator, site_shift: bool) -> dict:
     """Age, sex, grade, IDH, MGMT, pathology with realistic dependencies."""
-    age = float(np.clip(rng.normal(60 if site_shift else 52, 14), 20, 88))
-    p_grade4 = 1 / (1 + np.exp(-(age - (45 if site_shift else 50)) / 8))
+    age = float(np.clip(rng.normal(AGE_MEAN[site_shift], AGE_SD), *AGE_RANGE))
+    p_grade4 = _p_grade4(age, site_shift)
     grade = 4 if rng.random() < p_grade4 else int(rng.choice([2, 3]))
-    idh = int(rng.random() < (0.1 if grade == 4 else 0.75 if age < 50 else 0.5))
+    idh = int(rng.random() < _p_idh(grade, age))
     glioblastoma = int(grade == 4 and idh == 0)
     if glioblastoma:
         pathology = "glioblastoma"
@@ -135,28 +187,192 @@ def clinical_variables(rng: np.random.Generator, site_shift: bool) -> dict:
         pathology = "oligodendroglioma"
     else:
         pathology = "astrocytoma"
-    mgmt = int(rng.random() < (0.4 if glioblastoma else 0.75))
+    mgmt = int(rng.random() < _p_mgmt(glioblastoma))
     sex = "M" if rng.random() < 0.58 else "F"
     return {"age": round(age, 1), "sex": sex, "grade": grade, "idh": idh, "mgmt": mgmt,
             "pathology": pathology, "glioblastoma": glioblastoma}
 
 
+def _log_volume_mean(grade):
+    return LOG_VOLUME_MEAN + VOLUME_SHIFT_PER_GRADE * (grade - 3)
+
+
+def _necrosis_mean(grade):
+    return np.where(grade == 4, NECROSIS_GRADE4, NECROSIS_LOWER_GRADE)
+
+
 def tumour_features(rng: np.random.Generator, grade: int) -> dict:
     """Tumour volume (ml), necrosis fraction and enhancement, depending on the grade."""
-    log_volume = rng.normal(LOG_VOLUME_MEAN + 0.3 * (grade - 3), LOG_VOLUME_SD)
-    volume = float(np.clip(np.exp(log_volume), 2.0, 150.0))
-    necrosis = float(np.clip(rng.normal(0.3 if grade == 4 else 0.08, 0.12), 0.0, 0.6))
-    enhancing = bool(grade == 4 or rng.random() < 0.3)
+    log_volume = rng.normal(_log_volume_mean(grade), VOLUME_SD)
+    volume = float(np.clip(np.exp(log_volume), *VOLUME_RANGE_ML))
+    necrosis = float(np.clip(rng.normal(_necrosis_mean(grade), NECROSIS_DRAW_SD), *NECROSIS_RANGE))
+    enhancing = bool(grade == 4 or rng.random() < P_ENHANCING_LOWER_GRADE)
     return {"tumour_volume_ml": volume, "necrosis_fraction": necrosis, "enhancing": enhancing}
 
 
+def _lp_clinical(age, grade, idh, mgmt):
+    """The clinical part of the log hazard (scalars or arrays; `age` rounded to 0.1 year as recorded)."""
+    return 0.035 * (age - 55) + 0.4 * (grade == 3) + 0.9 * (grade == 4) - 0.7 * idh - 0.45 * mgmt
+
+
 def linear_predictors(clinical: dict, tumour: dict, imaging_effect: float) -> tuple[float, float]:
-    lp_clinical = (0.035 * (clinical["age"] - 55) + 0.4 * (clinical["grade"] == 3) + 0.9 * (clinical["grade"] == 4)
-                   - 0.7 * clinical["idh"] - 0.45 * clinical["mgmt"])
+    """(lp_clinical, lp_imaging): the clinical part of the log hazard and the imaging effect term."""
+    lp_clinical = _lp_clinical(clinical["age"], clinical["grade"], clinical["idh"], clinical["mgmt"])
     z_volume = (np.log(tumour["tumour_volume_ml"]) - LOG_VOLUME_MEAN) / LOG_VOLUME_SD
     z_necrosis = (tumour["necrosis_fraction"] - NECROSIS_MEAN) / NECROSIS_SD
     lp_imaging = imaging_effect * (0.8 * z_volume + 0.5 * z_necrosis)
     return float(lp_clinical), float(lp_imaging)
+
+
+def clinical_distribution(site_shift: bool) -> pd.DataFrame:
+    """The generator's joint distribution of the clinical variables a converted store keeps,
+    enumerated: one row per (age bin, grade, IDH, MGMT, sex) with its probability ``weight`` and
+    its ``lp_clinical``. Columns are named and coded as the store's clinical table (sex 0 = F,
+    1 = M; kps and resection unknown), so a `datasets.cohort` filter evaluates on it as on a store.
+
+    The age is a normal clipped to `AGE_RANGE` (point masses at its ends), integrated with the
+    midpoint rule on 1/100-year bins: the rounding of the age to 0.1 year (which the hazard and the
+    clinical table use) and the IDH threshold at 50 lie on bin edges, so within a bin only the
+    smooth P(grade 4 | age) varies (error below 1e-6). Grade, IDH, MGMT and sex are exact.
+    """
+    return _clinical_distribution(site_shift).copy()
+
+
+@lru_cache(maxsize=2)
+def _clinical_distribution(site_shift: bool) -> pd.DataFrame:
+    low, high = AGE_RANGE
+    edges = np.linspace(low, high, (high - low) * 100 + 1)
+    cdf = ndtr((edges - AGE_MEAN[site_shift]) / AGE_SD)
+    age = np.concatenate(([low], (edges[:-1] + edges[1:]) / 2, [high]))
+    weight = np.concatenate(([cdf[0]], np.diff(cdf), [1 - cdf[-1]]))
+    p_grade4 = _p_grade4(age, site_shift)
+    parts = []
+    for grade in GRADES:
+        p_grade = p_grade4 if grade == 4 else (1 - p_grade4) / 2
+        p_idh = _p_idh(grade, age)
+        for idh in (0, 1):
+            glioblastoma = int(grade == 4 and idh == 0)
+            p_mgmt = _p_mgmt(glioblastoma)
+            for mgmt in (0, 1):
+                for sex, p_sex in ((0, 0.42), (1, 0.58)):
+                    parts.append(pd.DataFrame({
+                        "age": np.round(age, 1), "sex": float(sex), "grade": float(grade),
+                        "glioblastoma": float(glioblastoma), "idh": float(idh), "mgmt": float(mgmt),
+                        "kps": np.nan, "resection": np.nan,
+                        "weight": weight * p_grade * (p_idh if idh else 1 - p_idh)
+                        * (p_mgmt if mgmt else 1 - p_mgmt) * p_sex,
+                        "lp_clinical": _lp_clinical(np.round(age, 1), grade, idh, mgmt)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def clinical_given_grade(site_shift: bool, cohort_filter: str = "all") -> pd.DataFrame:
+    """Index grade (2, 3, 4); columns ``p`` = P(grade, patient passes `cohort_filter`),
+    ``lp_clinical`` = E[lp_clinical | grade, filter] and ``exp_lp_clinical`` = E[exp(lp_clinical) |
+    grade, filter], from the generator's joint distribution (`clinical_distribution`)."""
+    return pd.DataFrame(dict(zip(("p", "lp_clinical", "exp_lp_clinical"), _grade_moments(site_shift, cohort_filter))),
+                        index=pd.Index(GRADES, name="grade"))
+
+
+@lru_cache(maxsize=16)
+def _grade_moments(site_shift: bool, cohort_filter: str = "all") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P(grade, filter), E[lp_clinical | grade, filter], E[exp(lp_clinical) | grade, filter] for
+    grades `GRADES` (the last two 0 where a grade cannot pass the filter). A filter on a column the
+    generator does not draw (time, event) raises `InputError`."""
+    from datasets.cohort import evaluate_filter  # the store's filter language, evaluated on the distribution
+
+    table = _clinical_distribution(site_shift)
+    table = table[evaluate_filter(cohort_filter, table)]
+    if table["weight"].sum() <= 0:
+        raise InputError(f"cohort filter {cohort_filter!r} selects no patient this generator can draw")
+    moments = np.zeros((3, len(GRADES)))
+    for column, grade in enumerate(GRADES):
+        part = table[table["grade"] == grade]
+        mass = float(part["weight"].sum())
+        if mass > 0:
+            moments[:, column] = (mass, float((part["weight"] * part["lp_clinical"]).sum()) / mass,
+                                  float((part["weight"] * np.exp(part["lp_clinical"])).sum()) / mass)
+    for row in moments:
+        row.flags.writeable = False
+    return tuple(moments)
+
+
+def _log_censored_normal(x, mean, sd, low, high):
+    """Log likelihood of an observed `x` = clip(N(mean, sd), low, high): the density inside, the
+    mass of the clipped tail at either end."""
+    z, z_low, z_high = (x - mean) / sd, (low - mean) / sd, (high - mean) / sd
+    inside = -0.5 * z ** 2 - np.log(sd * np.sqrt(2 * np.pi))
+    return np.where(x <= low, log_ndtr(z_low), np.where(x >= high, log_ndtr(-z_high), inside))
+
+
+def grade_posterior(volume_ml, necrosis, enhancing, site_shift: bool = False, cohort_filter: str = "all") -> np.ndarray:
+    """P(grade | what the images show, patient passes `cohort_filter`) [n, 3] (columns: `GRADES`)
+    for the tumour volume (ml), necrosis fraction and enhancement as the generator drew them (the
+    module docstring; the images depend on the clinical variables only through the grade, so the
+    filter only changes the prior)."""
+    volume_ml, necrosis = np.atleast_1d(np.asarray(volume_ml, float)), np.atleast_1d(np.asarray(necrosis, float))
+    enhancing = np.atleast_1d(np.asarray(enhancing)).astype(bool)
+    prior = _grade_moments(site_shift, cohort_filter)[0]
+    log_low, log_high = np.log(VOLUME_RANGE_ML[0]), np.log(VOLUME_RANGE_ML[1])
+    log_volume = np.where(volume_ml <= VOLUME_RANGE_ML[0], log_low,
+                          np.where(volume_ml >= VOLUME_RANGE_ML[1], log_high, np.log(volume_ml)))
+    columns = []
+    for column, grade in enumerate(GRADES):
+        p_enhancing = 1.0 if grade == 4 else P_ENHANCING_LOWER_GRADE
+        with np.errstate(divide="ignore"):
+            log_e = np.log(np.where(enhancing, p_enhancing, 1 - p_enhancing))
+        with np.errstate(divide="ignore"):
+            log_prior = np.log(prior[column])
+        columns.append(log_prior
+                       + _log_censored_normal(log_volume, _log_volume_mean(grade), VOLUME_SD, log_low, log_high)
+                       + _log_censored_normal(necrosis, float(_necrosis_mean(grade)), NECROSIS_DRAW_SD, *NECROSIS_RANGE)
+                       + log_e)
+    log_joint = np.stack(columns, axis=1)
+    log_joint -= log_joint.max(axis=1, keepdims=True)
+    posterior = np.exp(log_joint)
+    return posterior / posterior.sum(axis=1, keepdims=True)
+
+
+def image_content_predictor(volume_ml, necrosis, enhancing, imaging_effect: float, site_shift: bool = False,
+                            cohort_filter: str = "all", hazard_scale: bool = False) -> np.ndarray:
+    """E[lp | what the images show] per patient: the imaging effect term plus E[lp_clinical | grade]
+    averaged over P(grade | volume, necrosis, enhancement) (the module docstring); nothing fitted.
+
+    `cohort_filter` (a `datasets.cohort` filter): E[lp | image, the patient passes the filter],
+    what the images can tell within that cohort (e.g. within ``glioblastoma`` the grade is known,
+    so only the imaging effect term ranks patients). `hazard_scale`: log E[exp(lp) | image]
+    instead (the log of the expected relative hazard; ranks patients almost identically,
+    `benchmarks.image_oracle` compares both)."""
+    volume_ml, necrosis = np.atleast_1d(np.asarray(volume_ml, float)), np.atleast_1d(np.asarray(necrosis, float))
+    posterior = grade_posterior(volume_ml, necrosis, enhancing, site_shift, cohort_filter)
+    _, lp_given_grade, exp_lp_given_grade = _grade_moments(site_shift, cohort_filter)
+    z_volume = (np.log(volume_ml) - LOG_VOLUME_MEAN) / LOG_VOLUME_SD
+    z_necrosis = (necrosis - NECROSIS_MEAN) / NECROSIS_SD
+    lp_imaging = imaging_effect * (0.8 * z_volume + 0.5 * z_necrosis)
+    if hazard_scale:
+        return lp_imaging + np.log(posterior @ exp_lp_given_grade)
+    return lp_imaging + posterior @ lp_given_grade
+
+
+def draw_latent(rng: np.random.Generator, config: "SyntheticConfig") -> tuple[dict, dict]:
+    """(clinical, tumour) of one patient: every random quantity that both its images and its hazard
+    depend on (the rendering's noise and the survival draw are independent of each other given
+    these). The renderer (`synthesise_patient`) and the image-free `latent_cohort` both draw
+    through here, from the patient's generator first."""
+    clinical = clinical_variables(rng, config.site_shift)
+    return clinical, tumour_features(rng, clinical["grade"])
+
+
+def true_predictors(clinical: dict, tumour: dict, config: "SyntheticConfig") -> dict:
+    """The truth columns of one patient: ``lp_clinical``, ``lp_imaging`` (the imaging effect term
+    only), ``lp`` (their sum: the hazard's), ``lp_image_content`` (E[lp | what the images show], over
+    the whole cohort) and the generator's ``imaging_effect`` and ``site_shift`` (with the tumour
+    columns they give E[lp | image] within any cohort filter: `image_content_predictor`)."""
+    lp_clinical, lp_imaging = linear_predictors(clinical, tumour, config.imaging_effect)
+    content = image_content_predictor(tumour["tumour_volume_ml"], tumour["necrosis_fraction"], tumour["enhancing"],
+                                      config.imaging_effect, config.site_shift)
+    return {"lp_clinical": lp_clinical, "lp_imaging": lp_imaging, "lp": lp_clinical + lp_imaging,
+            "lp_image_content": float(content[0]), "imaging_effect": config.imaging_effect,
+            "site_shift": config.site_shift}
 
 
 def survival(rng: np.random.Generator, lp: float, follow_up_years: float = 6.0) -> tuple[float, int]:
@@ -183,12 +399,39 @@ def _bias_field(shape, rng, strength: float = 0.2) -> np.ndarray:
     return np.exp(strength * field / 3).astype(np.float32)
 
 
+def _patient_rng(index: int, config: SyntheticConfig) -> np.random.Generator:
+    return np.random.default_rng([config.seed, index, int(config.site_shift)])
+
+
+def _follow_up_years(config: SyntheticConfig) -> float:
+    return 2.0 if config.site_shift else 6.0
+
+
+def latent_cohort(config: SyntheticConfig) -> pd.DataFrame:
+    """The cohort's patients without their images: per patient the clinical row, the truth columns
+    and a survival time, drawn by the same functions as `generate` (`draw_latent`,
+    `true_predictors`, `survival`) in seconds for tens of thousands of patients.
+
+    Clinical variables, tumour and true predictors equal those of `generate` with the same config
+    patient by patient; the survival times have the same distribution but are not the same draws
+    (the renderer draws its noise from the patient's generator before the survival time).
+    """
+    rows = []
+    for index in range(config.n):
+        rng = _patient_rng(index, config)
+        clinical, tumour = draw_latent(rng, config)
+        predictors = true_predictors(clinical, tumour, config)
+        time, event = survival(rng, predictors["lp"], _follow_up_years(config))
+        rows.append({"patient_id": f"{config.prefix}-{index + 1:04d}", **clinical, "survival_days": time,
+                     "death": event, **predictors, **tumour})
+    return pd.DataFrame(rows)
+
+
 def synthesise_patient(index: int, config: SyntheticConfig) -> dict:
     """Images, tumour label and clinical/truth rows of one patient (deterministic in seed, index)."""
-    rng = np.random.default_rng([config.seed, index, int(config.site_shift)])
+    rng = _patient_rng(index, config)
     template = _template(config.voxel_size)
-    clinical = clinical_variables(rng, config.site_shift)
-    tumour = tumour_features(rng, clinical["grade"])
+    clinical, tumour = draw_latent(rng, config)
 
     # Per-patient head size and position: an affine warp of the template maps.
     scale = rng.uniform(0.92, 1.08, size=3)
@@ -231,11 +474,10 @@ def synthesise_patient(index: int, config: SyntheticConfig) -> dict:
     seg[rim > 0.5] = 3
     seg[core > 0.5] = 1
 
-    lp_clinical, lp_imaging = linear_predictors(clinical, tumour, config.imaging_effect)
-    time, event = survival(rng, lp_clinical + lp_imaging, 2.0 if config.site_shift else 6.0)
+    predictors = true_predictors(clinical, tumour, config)
+    time, event = survival(rng, predictors["lp"], _follow_up_years(config))
     pid = f"{config.prefix}-{index + 1:04d}"
-    truth = {"patient_id": pid, "lp_clinical": lp_clinical, "lp_imaging": lp_imaging,
-             "lp": lp_clinical + lp_imaging, **tumour,
+    truth = {"patient_id": pid, **predictors, **tumour,
              "tumour_centre_voxel": "x".join(str(int(v)) for v in where)}
     row = {"patient_id": pid, "survival_days": time, "death": event, **clinical,
            "patient_name": f"Synthetic^Patient{index + 1:04d}"}

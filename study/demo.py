@@ -1,7 +1,7 @@
 """The built-in demo cohort: a synthetic cohort built once through the real converter and cached.
 
 Cached under ``$GLIOMA_STUDY_CACHE`` or ``${XDG_CACHE_HOME:-~/.cache}/glioma-survival-study``
-as ``demo-v1/cohort.zarr`` (150 patients, 32 x 32 x 24 voxels of ~5 mm), with the site export
+as ``demo-v2/cohort.zarr`` (150 patients, 32 x 32 x 24 voxels of ~5 mm), with the site export
 and ``truth.csv`` beside it. A half-built cache (interrupted) is resumed by the converter.
 """
 
@@ -15,7 +15,7 @@ from datasets.preprocess import PreprocessConfig
 from datasets.store import CohortStore
 from datasets.synthetic import SyntheticConfig, generate
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"  # v2: truth.csv records lp_image_content (analysis.oracle)
 DEMO_PATIENTS = 150
 DEMO_VOXEL_SIZE = 6.0  # mm, of the synthetic export
 DEMO_PREPROCESSING = PreprocessConfig(shape=(32, 32, 24), spacing=4.0)
