@@ -14,6 +14,8 @@ from lifelines import KaplanMeierFitter  # noqa: E402
 from lifelines.plotting import add_at_risk_counts  # noqa: E402
 from lifelines.statistics import logrank_test  # noqa: E402
 
+from analysis.oracle import LABELS  # noqa: E402
+
 
 def km_by_dpi(time, event, dpi, cutoff: float, title: str, path: Path) -> float:
     """Kaplan-Meier curves of DPI <= cutoff (low) vs > cutoff (high) with numbers at risk.
@@ -139,3 +141,44 @@ def parameter_importances(trials: pd.DataFrame, params: list[str]) -> dict[str, 
             return dict(optuna.importance.get_param_importances(study))
         except (RuntimeError, ValueError):
             return {}
+
+
+COMPARISON_FILE = "cell_comparison.png"
+
+
+def cell_forest(rows: pd.DataFrame, oracles: dict[str, dict[str, float]], title: str, path: Path) -> None:
+    """Forest plot of each cell's headline C-index with its interval, one panel per task.
+
+    `rows`: columns ``task``, ``label`` (the cell as people read it), ``value``, ``low``, ``high``
+    (NaN where a cell has no estimate). `oracles`: per task, the C-index of the synthetic cohort's
+    oracles (``image_content``: what the images can tell; ``total``: the true total predictor,
+    `analysis.oracle`), drawn as vertical lines: what there was to learn.
+    """
+    tasks = list(dict.fromkeys(rows["task"]))
+    heights = [max(1, int((rows["task"] == t).sum())) for t in tasks]
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(7.0, 1.2 + 0.42 * sum(heights) + 0.5 * len(tasks)), sharex=True,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    styles = {"image_content": ("tab:orange", "--", LABELS["image_content"]), "total": ("tab:green", ":", LABELS["total"])}
+    for ax, task in zip(axes[:, 0], tasks):
+        part = rows[rows["task"] == task].reset_index(drop=True)
+        y = np.arange(len(part))[::-1]
+        known = part["value"].notna().to_numpy()
+        ax.errorbar(part["value"][known], y[known], xerr=[(part["value"] - part["low"])[known],
+                                                            (part["high"] - part["value"])[known]],
+                    fmt="o", color="tab:blue", ecolor="tab:blue", capsize=3)
+        for value, yy in zip(part["value"][known], y[known]):
+            ax.annotate(f"{value:.3f}", (value, yy), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        ax.set_yticks(y, part["label"], fontsize=8)
+        ax.axvline(0.5, color="grey", lw=0.8)
+        for kind, (colour, dash, label) in styles.items():
+            if task in oracles and kind in oracles[task]:
+                ax.axvline(oracles[task][kind], color=colour, ls=dash, lw=1.2, label=f"{label} {oracles[task][kind]:.3f}")
+        ax.set_title(task, fontsize=9, loc="left")
+        ax.set_ylim(-0.7, len(part) - 0.3)
+        if task in oracles:
+            ax.legend(fontsize=7, loc="best", framealpha=0.9)
+    axes[-1, 0].set_xlabel("C-index (headline: BBC-CV, 95% interval)")
+    fig.suptitle(title, fontsize=10, parse_math=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -64,6 +64,9 @@ BBC_CINDEX = MetricName(
 BBC_CINDEX_LOW = MetricName("bbc_cindex_low", "lower end of the 95% interval of bbc_cindex")
 BBC_CINDEX_HIGH = MetricName("bbc_cindex_high", "upper end of the 95% interval of bbc_cindex")
 REFERENCE_CINDEX = MetricName("reference_oof_cindex", "oof_cindex of the reference recipe (first trial of the cell)")
+TRIALS_FINISHED = MetricName("trials_finished", "the cell's trials that ran their whole budget")
+TRIALS_PRUNED = MetricName("trials_pruned", "the cell's trials that ASHA stopped early")
+TRIALS_FAILED = MetricName("trials_failed", "the cell's trials that failed (diverged, or could not train)")
 
 NESTED_CINDEX = MetricName(
     "nested_cindex",
@@ -75,6 +78,16 @@ NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% pati
 # Keys of a trial's reports that are flags, not metrics.
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
+# On a report at a rung of the scheduler: {"patient_id": [...], "fold": [...], "score": [...]}, what it judged.
+RUNG_SCORES = "rung_scores"
+RUNG_SEEN = MetricName(
+    "rung_seen", "when the driver saw the trial's result at a rung of the scheduler (seconds since 1970; step = "
+    "the rung's epoch): the order in which ASHA decided, which the headline replays")
+RUNG_FOLDER = "rungs"  # a trial run's artifacts: rungs/epoch_NNNN.csv, the scores of each rung it reached
+
+
+def rung_file(epoch: int) -> str:
+    return f"epoch_{int(epoch):04d}.csv"
 
 # Files a finished trial writes into its final checkpoint (read by `study.results`, logged by the tracker).
 OOF_FILE = "oof_predictions.csv"  # patient_id, fold, time, event, risk (the DPI), surv_365, surv_t<t>: out-of-fold
@@ -84,8 +97,11 @@ RESOURCE_METRICS = (CPU_PERCENT, RSS_GIB, GPU_UTIL, GPU_MEMORY_GIB)
 EPOCH_METRICS = (EPOCH_CINDEX, FOLDS_STOPPED, TRAIN_LOSS, FOLD_EPOCHS, *RESOURCE_METRICS)
 FINAL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, FOLDS_COLLAPSED,
                  BRIER_365, IBS, UNO_C, AUC_365)
-CELL_METRICS = (OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH, BBC_CINDEX, BBC_CINDEX_LOW, BBC_CINDEX_HIGH,
-                REFERENCE_CINDEX, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, BRIER_365, IBS)
+# The metrics of every cell's run (the same names in every cell, so MLflow's runs table sorts cells by
+# them and one chart compares them).
+CELL_METRICS = (BBC_CINDEX, BBC_CINDEX_LOW, BBC_CINDEX_HIGH, OOF_CINDEX, OOF_CINDEX_LOW, OOF_CINDEX_HIGH,
+                REFERENCE_CINDEX, FOLD_CINDEX_MEAN, FOLD_CINDEX_SD, BRIER_365, IBS, TRIALS_FINISHED, TRIALS_PRUNED,
+                TRIALS_FAILED)
 
 
 def fold_cindex(fold: int) -> str:
@@ -94,5 +110,6 @@ def fold_cindex(fold: int) -> str:
 
 
 def cell_metric(cell: str, metric: MetricName) -> str:
-    """Name of a cell's metric on the study run (MLflow's columns and charts compare cells by it)."""
+    """Name of a cell's metric on the study run of studies made before cells had their own runs
+    (read back by `analysis.study_reader` for those)."""
     return f"{cell}.{metric.name}"

@@ -53,7 +53,8 @@ class Study:
     parent_run_id: str
     config: dict
     trials: list[Trial] = field(default_factory=list)
-    study_metrics: dict = field(default_factory=dict)  # the study run's per-cell metrics
+    study_metrics: dict = field(default_factory=dict)  # the study run's metrics (older studies: per cell)
+    cell_runs: dict = field(default_factory=dict)  # cell name -> the metrics of its cell run
 
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status == "FINISHED" and names.OOF_CINDEX.name in t.metrics]
@@ -69,7 +70,10 @@ class Study:
         return dict(sorted(best.items(), key=lambda kv: (kv[0].task, kv[0].inputs, kv[0].backbone)))
 
     def cell_metric(self, cell: str, metric: names.MetricName) -> float | None:
-        """A cell's metric logged on the study run (e.g. its BBC-CV C-index), None if absent."""
+        """A cell's metric (e.g. its BBC-CV C-index) from its cell run, or, for a study made before
+        cells had runs, from the study run's ``CELL.METRIC``; None if absent."""
+        if cell in self.cell_runs:
+            return self.cell_runs[cell].get(metric.name)
         return self.study_metrics.get(names.cell_metric(cell, metric))
 
     def trial_dir(self, trial: Trial) -> Path:
@@ -121,7 +125,9 @@ def read_study(name: str, tracking_uri: str) -> Study:
                     r.info.start_time or 0, r.data.tags.get("inputs", "image"))
               for r in runs if r.data.tags.get("study_role") == "trial"]
     trials.sort(key=lambda t: t.start_time)
-    study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics))
+    cells = {r.data.tags["cell_key"]: dict(r.data.metrics) for r in runs
+             if r.data.tags.get("study_role") == "cell" and r.data.tags.get("cell_key")}
+    study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics), cells)
     if not study.finished():
         raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "
                           "run or resume it with python -m study.run --name " + name)

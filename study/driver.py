@@ -26,6 +26,9 @@ from study.preflight import check_free_space
 # study prints its own one line per trial instead.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Tune's own CSV and TensorBoard logs of every trial duplicate what MLflow holds (and the scores a
+# trial reports at its rungs would fill them): only its result.json is kept (`study.tuning`).
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # MLflow's HTTP client retries a lost server with exponential back-off for about two minutes per
 # call, blocking Tune's event loop; the study's own journal (study.tracking) does the waiting.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -33,6 +36,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # One "View run at" line per trial drowns the study's own progress lines; it prints the UI link.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the headline reads the trials' records back
 
 
 def catch_up_s() -> float:
@@ -237,6 +241,10 @@ def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
+    from study.tracking.tracker import cell_tags
+
+    for cell in config.cells():  # the cells' runs, nested under the study run, before any trial
+        tracker.cell_run(cell.name, cell.label, cell_tags(cell))
     return tracker
 
 
@@ -276,13 +284,28 @@ def start_tracking(config: StudyConfig, store: CohortStore, journal: Path):
     return tracker
 
 
+def git_revision() -> str:
+    """The project's commit, or "unknown" outside a git checkout (an installed wheel)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def development_cutoff(checkpoint: Path) -> float:
+    """The risk groups' cut-off of a cell's model: the median out-of-fold DPI of its development
+    patients (the report's Kaplan-Meier split, `analysis.sections`)."""
+    import pandas as pd
+
+    from analysis import metric_names as names
+
+    return float(pd.read_csv(checkpoint / names.OOF_FILE)["risk"].median())
+
+
 def manifest(config: StudyConfig, store: CohortStore) -> dict:
     """Reproducibility record: config, data-store hash, git revision, package versions."""
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        revision = "unknown"
+    revision = git_revision()
     packages = {}
     for name in PACKAGES:
         try:
@@ -303,7 +326,20 @@ def trial_setup(config: StudyConfig, store: CohortStore, volumes_array, volume_s
     return TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
                       folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
                       cpus=config.cpus_per_trial, checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
-                      volume_slots=volume_slots if volumes is not None else None, cpu_fallback=config.cpu_fallback)
+                      volume_slots=volume_slots if volumes is not None else None, cpu_fallback=config.cpu_fallback,
+                      rungs=asha_rungs(config))
+
+
+def asha_rungs(config: StudyConfig) -> tuple[int, ...]:
+    """The epochs at which the study's ASHA compares a cell's trials (Ray's own rung arithmetic); ()
+    without pruning."""
+    if not config.pruning:
+        return ()
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    protocol = config.protocol
+    return tuple(sorted(int(m) for m, _ in _Bracket(protocol.grace_epochs, protocol.epochs,
+                                                      protocol.reduction_factor, 0)._rungs if m < protocol.epochs))
 
 
 def train(config: StudyConfig, setup, tracker, timings: dict, cohorts: dict):
@@ -366,12 +402,78 @@ def conclude_cells(config: StudyConfig, grid, store: CohortStore, cohorts: dict,
     except Exception as exc:  # an extra for synthetic stores: never the reason a study fails
         print(f"  (no oracle C-index: {type(exc).__name__}: {exc})")
         oracles = {}
+    replay_search(config, tracker, cells)
     for cell in cells:
         cell.oracle = oracles.get(cell.task, {})
-        tracker.log_metrics(None, cell.metrics())
+        log_cell(tracker, cell)
     tracker.log_metrics(None, resource_summary(grid))
+    log_comparison(config, tracker, cells)
     log_models(config, tracker, cells, store, cohorts)
     return cells
+
+
+def replay_search(config: StudyConfig, tracker, cells: list) -> None:
+    """Each cell's headline pays for its whole search: BBC-CV replaying ASHA's decisions as well as
+    the final choice (`study.headline`), from the trial records in MLflow; where it cannot (no
+    pruning, no rung records, the tracking store unreachable) BBC-CV over the finished
+    configurations stays, and the results table says which."""
+    from study.headline import headline
+
+    if not config.pruning:
+        return
+    if not tracker.catch_up(catch_up_s()):
+        print("  (the headline pays for the final choice only: the tracking store holding the search's records is "
+              "unreachable)", flush=True)
+        return
+    for cell in cells:
+        if not cell.finished:
+            continue
+        found = headline(tracker.client, tracker.experiment_id, cell.cell, config.protocol, config.pruning,
+                         seed=config.seed)
+        if found.replayed:
+            cell.bbc, cell.bbc_replayed = found.estimate, True
+        else:
+            print(f"  ({cell.label}: the headline pays for the final choice only: {found.why})", flush=True)
+
+
+def log_cell(tracker, cell) -> None:
+    """The cell's run: its numbers under the same names as every cell's, its selected configuration as
+    params, and its end (FINISHED, or FAILED when none of its trials finished)."""
+    from search_spaces import Cell
+    from study.tracking.tracker import cell_tags
+
+    key = Cell(cell.backbone, cell.task, cell.inputs)
+    tracker.cell_run(cell.cell, key.label, cell_tags(key))
+    tracker.log_metrics(cell.cell, cell.metrics())
+    if cell.best_config:
+        tracker.cell_params(cell.cell, cell.best_config)
+        tracker.set_tags(cell.cell, {"selected_trial": cell.best_trial, "headline": cell.headline_pays_for})
+    tracker.terminate(cell.cell, "FINISHED" if cell.finished else "FAILED")
+
+
+def log_comparison(config: StudyConfig, tracker, cells: list) -> None:
+    """The study run's figure comparing the cells: each headline with its interval, and on a
+    synthetic cohort the C-index of what its images can tell and of its true total predictor."""
+    import math
+
+    import pandas as pd
+
+    from analysis.figures import COMPARISON_FILE, cell_forest
+    from study.study_folder import open_folder
+
+    rows = pd.DataFrame([{"task": c.task, "label": c.label,
+                          **({"value": c.bbc.value, "low": c.bbc.low, "high": c.bbc.high} if c.bbc is not None else
+                             {"value": math.nan, "low": math.nan, "high": math.nan})} for c in cells])
+    if rows.empty:
+        return
+    oracles = {c.task: c.oracle for c in cells if c.oracle}
+    path = open_folder(config.storage_path, config.name).local / COMPARISON_FILE
+    try:
+        cell_forest(rows, oracles, f"study {config.name}: each cell's headline C-index", path)
+    except Exception as exc:  # a figure: never the reason a study fails
+        print(f"  (no comparison figure: {type(exc).__name__}: {exc})", flush=True)
+        return
+    tracker.log_artifact(None, path)
 
 
 def order_cells(config: StudyConfig, cells: list) -> list:
@@ -389,27 +491,38 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
     from mlflow.exceptions import MlflowException
 
     from analysis.pyfunc_model import log_cell_model
-    from study.tracking.tracker import _unreachable
+    from study.tracking.tracker import TrackingUnavailable, _unreachable
 
     if not tracker.catch_up(catch_up_s()):  # the study run and its trials exist in MLflow before its models
         tracker.models_waiting = [cell.label for cell in cells if cell.best_checkpoint is not None]
         print(f"  (models not logged: the tracking store {config.tracking_uri} is unreachable)", flush=True)
         return
+    store_hash = store.sha256()
     for cell in cells:
         if cell.best_checkpoint is None:
             continue
         cohort, _ = cohorts[cell.task]
         meta = {"cell": cell.cell, "task": cell.task, "inputs": cell.inputs, "folds": config.protocol.folds,
                 "eval_times": list(cell.eval_times), "sequences": list(store.sequences), "shape": list(store.shape),
-                "study": config.name, "trial_id": cell.best_trial, "configuration": cell.best_config}
+                "study": config.name, "trial_id": cell.best_trial, "configuration": cell.best_config,
+                # what scoring a new patient needs (`analysis.scoring`): the preprocessing to repeat and
+                # the development cut-off of the risk groups; and what a reader of the model needs
+                "preprocessing": dict(store.attrs["preprocessing"]),
+                "development": {"store": str(store.path), "store_sha256": store_hash, "patients": len(cohort),
+                                "events": int(cohort.event.sum())},
+                "headline": {"metric": "bbc_cindex", **({"value": cell.bbc.value, "low": cell.bbc.low,
+                                                          "high": cell.bbc.high} if cell.bbc is not None else {})},
+                "git_revision": git_revision()}
         name = f"{config.name}-{cell.cell}" if config.register_models else None
         try:
             with cell.best_checkpoint.as_directory() as directory:
-                uri = log_cell_model(config.tracking_uri, tracker.parent_run_id, cell.cell, Path(directory), meta,
+                meta["dpi_cutoff"] = development_cutoff(Path(directory))
+                uri = log_cell_model(config.tracking_uri, tracker.run_id(cell.cell), Path(directory), meta,
                                      str(store.path), list(cohort.patient_ids[:2]), name)
             print(f"  model of {cell.label}: {uri}" + (f", registered as {name}" if name else ""), flush=True)
         except Exception as exc:
-            if isinstance(exc, (OSError, ConnectionError)) or (isinstance(exc, MlflowException) and _unreachable(exc)):
+            if isinstance(exc, (OSError, ConnectionError, TrackingUnavailable)) or (
+                    isinstance(exc, MlflowException) and _unreachable(exc)):
                 tracker.models_waiting.append(cell.label)
             print(f"  (model of {cell.label} not logged: {type(exc).__name__}: {str(exc)[:300]})", flush=True)
 
@@ -446,7 +559,7 @@ def print_results(config: StudyConfig, cells: list, files: dict, timings: dict, 
     from study.results import terminal_table
 
     print(f"\nResults of study {config.name} (per cell, the configuration with the best pooled out-of-fold C-index; "
-          "headline: its BBC-CV C-index, which pays for choosing it among the cell's configurations):")
+          "headline: its BBC-CV C-index, which pays for the cell's whole search, ASHA's stops and the final choice):")
     print(terminal_table(cells) if cells else "no cells finished")
     from study.study_folder import open_folder
 
@@ -459,17 +572,35 @@ def print_results(config: StudyConfig, cells: list, files: dict, timings: dict, 
     print(mlflow_ui_hint(config, experiment_id))
 
 
+def mlflow_ui_pages(experiment_id: str | None) -> dict[str, str]:
+    """The pages of the MLflow UI a study points to (paths after the server's address). MLflow 3 opens
+    on its GenAI views, where an experiment lands on an empty traces page: the runs pages are linked
+    directly, with the filter and order that the runs page reads from its address."""
+    from urllib.parse import quote
+
+    from analysis import metric_names as names
+
+    runs = f"#/experiments/{experiment_id}/runs"
+    only_cells, by_headline = quote("tags.study_role = 'cell'"), quote(f"metrics.`{names.BBC_CINDEX.name}`")
+    cells = f"{runs}?searchFilter={only_cells}&orderByKey={by_headline}&orderByAsc=false"
+    return {"cells": cells, "chart": f"{cells}&compareRunsMode=CHART", "runs": runs}
+
+
 def mlflow_ui_hint(config: StudyConfig, experiment_id: str | None) -> str:
-    """How to open the study's runs in the MLflow UI. MLflow 3 opens on its GenAI views, where an
-    experiment lands on an empty traces page: the runs page is linked directly."""
-    runs_page = f"#/experiments/{experiment_id}/runs"
+    """How to open the study's runs in the MLflow UI (`mlflow_ui_pages`)."""
+    pages = mlflow_ui_pages(experiment_id)
     if config.tracking_uri.startswith("sqlite:///"):
-        return (f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} --host 127.0.0.1 --port 5000\n"
-                f"  then the study's runs: http://127.0.0.1:5000/{runs_page} (study run with its trials nested "
-                "under it; pruned trials are named 'pruned@EPOCH ...', failed ones 'FAILED ...')")
-    if config.tracking_uri.startswith(("http://", "https://")):
-        return f"The study's runs in the MLflow UI: {config.tracking_uri.rstrip('/')}/{runs_page}"
-    return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({runs_page})"
+        server, start = "http://127.0.0.1:5000", (f"Open the MLflow UI: mlflow ui --backend-store-uri {config.tracking_uri} "
+                                                 "--host 127.0.0.1 --port 5000\n")
+    elif config.tracking_uri.startswith(("http://", "https://")):
+        server, start = config.tracking_uri.rstrip("/"), "The study in the MLflow UI:\n"
+    else:
+        return f"Open the MLflow UI of {config.tracking_uri}: experiment '{config.name}' ({pages['runs']})"
+    return (start +
+            f"  the cells side by side, best headline first (Columns adds their metrics): {server}/{pages['cells']}\n"
+            f"  the same cells, one chart per metric: {server}/{pages['chart']}\n"
+            f"  the study run, its cells and their trials nested: {server}/{pages['runs']} (pruned trials are named "
+            "'pruned@EPOCH ...', failed ones 'FAILED ...')")
 
 
 def check_outcome(config: StudyConfig, cells: list, delivered: bool, tracker, journal: str) -> None:

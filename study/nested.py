@@ -109,7 +109,7 @@ def _run_outer_folds(config: StudyConfig, store, folder) -> pd.DataFrame:
             "Brier score (365 d)": f"{scores[names.BRIER_365.name]:.3f}"}
         for metric, key in ((names.NESTED_CINDEX, names.OOF_CINDEX), (names.NESTED_CINDEX_LOW, names.OOF_CINDEX_LOW),
                             (names.NESTED_CINDEX_HIGH, names.OOF_CINDEX_HIGH)):
-            metrics[names.cell_metric(cell, metric)] = scores[key.name]
+            metrics.setdefault(cell, {})[metric.name] = scores[key.name]
     table = pd.DataFrame(rows)
     name = f"{config.name}-nested{k}"
     directory = folder.local
@@ -128,16 +128,22 @@ def _run_outer_folds(config: StudyConfig, store, folder) -> pd.DataFrame:
     return table
 
 
-def _track(config: StudyConfig, metrics: dict, files: dict, folder) -> None:
-    """A study run in the experiment NAME carrying the nested estimates."""
+def _track(config: StudyConfig, metrics: dict[str, dict], files: dict, folder) -> None:
+    """A study run in the experiment NAME, and under it one run per cell carrying its nested
+    estimates (`metrics`: cell name -> metric name -> value)."""
     from study.tracking import StudyTracker
+    from study.tracking.tracker import cell_tags
 
     tracker = StudyTracker(config.tracking_uri, config.name, folder.tracking_journal, trust_storage=config.trust_storage)
     tracker.start({"space": config.space, "budget": config.budget, "nested_outer_folds": str(config.outer_folds)},
                   {"space": config.space, "budget": config.budget, "outer_folds": config.outer_folds,
                    "tasks": ",".join(config.tasks), "backbones": ",".join(config.backbones)},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1)})
-    tracker.log_metrics(None, metrics)
+    for cell in config.cells():
+        if cell.name in metrics:
+            tracker.cell_run(cell.name, cell.label, cell_tags(cell))
+            tracker.log_metrics(cell.name, metrics[cell.name])
+            tracker.terminate(cell.name, "FINISHED")
     tracker.finish_parent("FINISHED", files)
     if not tracker.catch_up(300.0):
         raise TrackingIncomplete(f"the nested estimates are written to {folder.uri}, but {tracker.pending} tracking "

@@ -9,8 +9,9 @@ Rows (`ROWS`), one column per cell:
 - the mean +- SD of the selected configuration's per-fold C-indices and the folds that learned
   nothing;
 - its Brier score at 365 days and integrated Brier score;
-- on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true clinical, imaging
-  and total linear predictors on the same patients: what there was to learn.
+- on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true clinical predictor,
+  of what the images can tell (E[lp | image content]: the ceiling of an image-only cell) and of the
+  total predictor on the same patients: what there was to learn (`analysis.oracle`).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import pandas as pd
 
 from analysis import metric_names as names
 from analysis.metrics import Estimate, SurvivalDataError
+from analysis.oracle import ROW as ORACLE_ROW, ceiling, oracle_text
 from analysis.selection import bbc_cv
 from search_spaces import cell_name
 from trainables.config import TrainConfig
 
 ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
         "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS",
-        "oracle C-index (true clinical / imaging / total predictor)", "selected configuration",
+        ORACLE_ROW, "selected configuration",
         "trials (finished/pruned/failed)")
 
 
@@ -51,7 +53,8 @@ class CellResult:
     eval_times: tuple = ()  # the selected trial's survival-curve times [days]
     reference: dict = field(default_factory=dict)  # final metrics of the reference recipe's trial
     bbc: Estimate | None = None
-    oracle: dict = field(default_factory=dict)  # "clinical", "imaging", "total": oracle C-index (synthetic cohorts)
+    bbc_replayed: bool = False  # the headline replays the search's pruning too (`study.headline`)
+    oracle: dict = field(default_factory=dict)  # `analysis.oracle` kind -> oracle C-index (synthetic cohorts)
     best_checkpoint: object = field(default=None, repr=False)  # Tune checkpoint of the selected trial
 
     @property
@@ -59,19 +62,25 @@ class CellResult:
         return cell_name(self.backbone, self.task, self.inputs)
 
     @property
+    def headline_pays_for(self) -> str:
+        """What choices the cell's headline pays for (a tag of its run, a note of the results table)."""
+        return "the search: ASHA's stops and the final choice" if self.bbc_replayed else "the final choice among finishers"
+
+    @property
     def label(self) -> str:
         """The results table's column: ``backbone / task``, ``backbone+clinical / task`` for fusion."""
         return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''} / {self.task}"
 
     def metrics(self) -> dict[str, float]:
-        """The cell's numbers as metrics of the study run (`analysis.metric_names.CELL_METRICS`)."""
-        values = dict(self.best)
+        """The cell's numbers as metrics of its run (`analysis.metric_names.CELL_METRICS`)."""
+        values = {**self.best, names.TRIALS_FINISHED.name: self.finished, names.TRIALS_PRUNED.name: self.pruned,
+                  names.TRIALS_FAILED.name: self.failed}
         if self.bbc is not None:
             values.update({names.BBC_CINDEX.name: self.bbc.value, names.BBC_CINDEX_LOW.name: self.bbc.low,
                            names.BBC_CINDEX_HIGH.name: self.bbc.high})
         if self.reference:
             values[names.REFERENCE_CINDEX.name] = self.reference.get(names.OOF_CINDEX.name)
-        return {names.cell_metric(self.cell, m): values[m.name] for m in names.CELL_METRICS
+        return {m.name: values[m.name] for m in names.CELL_METRICS
                 if isinstance(values.get(m.name), (int, float)) and math.isfinite(values[m.name])}
 
 
@@ -171,6 +180,11 @@ def resource_summary(grid) -> dict[str, float]:
     return out
 
 
+def _unpaid(cell: CellResult, mark: str) -> str:
+    """`mark` where ASHA stopped some of the cell's trials but the headline could not replay it."""
+    return mark if cell.pruned and not cell.bbc_replayed else ""
+
+
 def _ci(value, low, high) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -197,13 +211,14 @@ def results_table(cells: list[CellResult]) -> pd.DataFrame:
         else:
             column[ROWS[1]] = "no finished trial"
         if cell.bbc is not None:
-            column[ROWS[0]] = _ci(cell.bbc.value, cell.bbc.low, cell.bbc.high)
+            column[ROWS[0]] = _ci(cell.bbc.value, cell.bbc.low, cell.bbc.high) + _unpaid(cell, " (pays for the "
+                                                                                       "final choice only)")
         if cell.reference:
             column[ROWS[2]] = f"{cell.reference[names.OOF_CINDEX.name]:.3f}"
         else:
             column[ROWS[2]] = "pruned or failed"
         if cell.oracle:
-            column[ROWS[7]] = " / ".join(f"{cell.oracle[k]:.3f}" for k in ("clinical", "imaging", "total"))
+            column[ROWS[7]] = oracle_text(cell.oracle)
         column[ROWS[9]] = f"{cell.finished}/{cell.pruned}/{cell.failed}"
         columns[cell.label] = column
     table = pd.DataFrame(columns)
@@ -230,17 +245,22 @@ def terminal_table(cells: list[CellResult]) -> str:
         best = cell.best
         selected = (f"{best[names.OOF_CINDEX.name]:.3f} [{best[names.OOF_CINDEX_LOW.name]:.2f}, "
                     f"{best[names.OOF_CINDEX_HIGH.name]:.2f}]") if best else "none finished"
-        bbc = f"{cell.bbc.value:.3f} [{cell.bbc.low:.2f}, {cell.bbc.high:.2f}]" if cell.bbc is not None else ""
+        bbc = (f"{cell.bbc.value:.3f} [{cell.bbc.low:.2f}, {cell.bbc.high:.2f}]{_unpaid(cell, '*')}"
+               if cell.bbc is not None else "")
         reference = f"{cell.reference[names.OOF_CINDEX.name]:.3f}" if cell.reference else "-"
         lines.append(row([cell.label, bbc, selected, reference,
                           f"{best[names.BRIER_365.name]:.3f}" if best else "", f"{best[names.IBS.name]:.3f}" if best else "",
-                          f"{cell.oracle['total']:.3f}" if cell.oracle.get("total") is not None else "",
+                          f"{ceiling(cell.oracle, cell.inputs):.3f}" if ceiling(cell.oracle, cell.inputs) is not None
+                          else "",
                           f"{cell.finished}/{cell.pruned}/{cell.failed}"]))
         if cell.best_config:
             configurations.append(f"  {cell.label}: {_fmt_config(cell.best_config)}")
-    lines.append("ref C: the reference recipe's C (- if ASHA stopped it); oracle: C of the true total predictor "
-                 "(synthetic cohorts);")
-    lines.append("trials f/p/x: finished / pruned by ASHA / failed. Selected configurations:")
+    lines.append("ref C: the reference recipe's C (- if ASHA stopped it); oracle (synthetic cohorts): C of what the "
+                 "cell's inputs")
+    lines.append("can tell (image only: the image content, E[lp | image]; image+clinical: the true total predictor);")
+    lines.append("trials f/p/x: finished / pruned by ASHA / failed" + (
+        ";\n*: the headline pays for the final choice only (ASHA's stops not replayed)"
+        if any(_unpaid(c, "*") for c in cells) else "") + ". Selected configurations:")
     for line in configurations:
         while len(line) > 120:
             cut = line.rfind(", ", 0, 119)

@@ -7,7 +7,8 @@ after the job).
 ``optuna.journal``             each cell's search, trial by trial (`study.tuning.StudyMirror`)
 ``tracking_journal.jsonl``     tracking records waiting for MLflow (`study.tracking.journal`),
 ``tracking_journal.jsonl.files/``  with copies of their artifacts
-``results.md``, ``results.csv``  the results table; ``timings.json``: where the time went
+``results.md``, ``results.csv``  the results table; ``timings.json``: where the time went;
+``cell_comparison.png``          the cells' headlines side by side
 =============================  ===========================================================
 
 On a folder storage path (local disk, NFS, Lustre) the driver writes them in place. Object
@@ -44,7 +45,8 @@ from datasets.remote import is_remote
 TRACKING_JOURNAL = "tracking_journal.jsonl"
 OPTUNA_JOURNAL = "optuna.journal"
 # What a driver copies from the storage path when it starts: the study's records, not Tune's trials.
-RECORDS = (OPTUNA_JOURNAL, TRACKING_JOURNAL, f"{TRACKING_JOURNAL}.files", "results.md", "results.csv", "timings.json")
+RECORDS = (OPTUNA_JOURNAL, TRACKING_JOURNAL, f"{TRACKING_JOURNAL}.files", "results.md", "results.csv", "timings.json",
+           "cell_comparison.png")
 SYNC_S = 30.0
 LEASE_S = 600.0  # a remote driver's lease: renewed at every upload (at most every SYNC_S)
 LOCK_FILE, LEASE_FILE = ".driver.lock", "driver.lease"

@@ -52,6 +52,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -372,7 +373,7 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
             callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
                        StateRecorder(tracker.tracking_uri, tracker.parent_run_id),
                        Progress(len(config.cells()) * config.num_samples, config.protocol.folds * config.protocol.epochs),
-                       SyncStudyFolder(config.storage_path, config.name)],
+                       SyncStudyFolder(config.storage_path, config.name), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),
             verbose=0),

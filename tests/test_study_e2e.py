@@ -50,7 +50,6 @@ def test_parent_and_trial_runs(smoke_study):
     assert parent.info.status == "FINISHED"
     assert {"space", "data_store_sha256", "git_revision", "version.torch"} <= set(parent.data.tags)
     assert len(trials) == 3 * 2 * 2
-    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert {t.data.tags["backbone"] for t in trials} == {"seresnext50", "resnet50_cbam", "densenet121"}
     assert {t.data.tags["task"] for t in trials} == {"os_all", "1yr_all"}
     assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
@@ -61,12 +60,25 @@ def test_parent_and_trial_runs(smoke_study):
     table = pd.read_csv(root / "rr" / "smoke" / "results.csv", index_col=0)
     assert list(table.index[:3]) == list(ROWS[:3])  # BBC-CV first: the headline
     # A synthetic store knows its truth.
-    assert "oracle C-index (true clinical / imaging / total predictor)" in table.index
+    assert "oracle C-index (true clinical / image content / total predictor)" in table.index
     assert len(table.columns) == 6
-    # Each cell's selected configuration, as metrics of the study run (MLflow's columns compare cells).
-    for cell in ("seresnext50__os_all", "densenet121__1yr_all"):
-        for metric in (names.BBC_CINDEX, names.OOF_CINDEX, names.FOLD_CINDEX_MEAN, names.BRIER_365):
-            assert names.cell_metric(cell, metric) in parent.data.metrics
+    # One run per cell under the study run, the same metric names in each (MLflow's columns and charts
+    # compare cells), its selected configuration as params; the trials nested under their cell.
+    cells = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+             if r.data.tags.get("study_role") == "cell"]
+    assert len(cells) == 6 and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in cells)
+    for run in cells:
+        assert {m.name for m in names.CELL_METRICS} - {names.REFERENCE_CINDEX.name} <= set(run.data.metrics)
+        assert {"backbone", "task", "inputs"} <= set(run.data.tags) and {"lr", "batch_size"} == set(run.data.params)
+        assert sum(run.data.metrics[m.name] for m in (names.TRIALS_FINISHED, names.TRIALS_PRUNED,
+                                                      names.TRIALS_FAILED)) == 2
+        assert run.info.status == "FINISHED"
+        own = [t for t in trials if (t.data.tags["backbone"], t.data.tags["task"], t.data.tags["inputs"])
+               == (run.data.tags["backbone"], run.data.tags["task"], run.data.tags["inputs"])]
+        assert len(own) == 2 and {t.data.tags["mlflow.parentRunId"] for t in own} == {run.info.run_id}
+    assert not any("." in k and k.split(".")[0] in {c.data.tags["cell_key"] for c in cells}
+                   for k in parent.data.metrics), "no per-cell metrics left on the study run"
+    assert "cell_comparison.png" in artifacts
 
 
 def test_metrics_are_recomputable_from_oof_predictions(smoke_study):
@@ -148,7 +160,8 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path, monkeypat
                  "--storage-path", str(tmp_path / "rr"), "--name", "prune"]) == 0
     out = capsys.readouterr().out
     assert "progress " in out and " of 6 trials ended" in out and "1 running" in out, out
-    assert max(len(line) for line in out.split("Results of study")[1].splitlines()[1:-3]) <= 120
+    table = out.split("Results of study")[1].split("\nWritten to ")[0]
+    assert max(len(line) for line in table.splitlines()[1:]) <= 120
     client, _, trials = _runs(uri, "prune")
     pruned = [t for t in trials if t.info.status == "KILLED"]
     finished = [t for t in trials if t.info.status == "FINISHED"]
@@ -185,6 +198,20 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path, monkeypat
                        tuple(sorted(t.intermediate_values.items()))) for t in trials)
 
     assert described(persisted.trials) == described(study.trials)
+    # What ASHA judged at its rung (epoch 1), every trial's scores and when the driver saw them, is in
+    # MLflow; the headline replays the search from it (no '*' in the table: ASHA's stops paid for too).
+    for run in trials:
+        assert [a.path for a in client.list_artifacts(run.info.run_id, names.RUNG_FOLDER)] == [
+            f"{names.RUNG_FOLDER}/{names.rung_file(1)}"]
+        (seen,) = client.get_metric_history(run.info.run_id, names.RUNG_SEEN.name)
+        assert seen.step == 1 and seen.value > 1.7e9
+        rung = pd.read_csv(client.download_artifacts(run.info.run_id, f"{names.RUNG_FOLDER}/{names.rung_file(1)}",
+                                                     str(tmp_path)))
+        assert list(rung.columns) == ["patient_id", "fold", "score"] and rung["patient_id"].is_unique
+    (cell,) = client.search_runs([client.get_experiment_by_name("prune").experiment_id], "tags.study_role = 'cell'")
+    assert cell.data.tags["headline"] == "the search: ASHA's stops and the final choice"
+    table = pd.read_csv(tmp_path / "rr" / "prune" / "results.csv", index_col=0)
+    assert "final choice only" not in table.loc["C-index, BBC-CV [95% CI]"].iloc[0]
     # A stopped trial never resumes: its checkpoint (weights and optimiser states) is not kept.
     for run in pruned:
         (folder,) = (tmp_path / "rr" / "prune" / "trials").glob(f"cv_trainable_{run.data.tags['trial_id']}_*")
@@ -292,9 +319,11 @@ def test_nested_cross_validation_on_the_demo_cohort(learnable_store, tmp_path):
         seen = set(pd.read_csv(client.download_artifacts(finished[0].info.run_id, "oof_predictions.csv"))["patient_id"])
         tested = set(predictions.loc[predictions["fold"] == fold, "patient_id"])
         assert len(seen) + len(tested) == 150 and not seen & tested, "the outer test fold was never searched on"
-    _, parents, _ = _runs(uri, "nested-nested2")
-    metric = names.cell_metric("seresnext50__os_all", names.NESTED_CINDEX)
-    assert parents[0].data.metrics[metric] == pytest.approx(
+    client = MlflowClient(uri)
+    (cell_run,) = [r for r in client.search_runs([client.get_experiment_by_name("nested-nested2").experiment_id])
+                   if r.data.tags.get("study_role") == "cell"]
+    assert cell_run.data.tags["cell_key"] == "seresnext50__os_all"
+    assert cell_run.data.metrics[names.NESTED_CINDEX.name] == pytest.approx(
         harrell_c(predictions["time"], predictions["event"], predictions["risk"]), abs=1e-9)
     table = pd.read_csv(tmp_path / "rr" / "nested-nested2" / "results.csv", index_col=0)
     assert table.loc["outer folds with a selected configuration"].iloc[0] == "2/2"

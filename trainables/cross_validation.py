@@ -125,6 +125,19 @@ class CrossValidation:
         metrics.update({names.fold_cindex(k): c for k, c in enumerate(per_fold)})
         return metrics
 
+    def rung_scores(self) -> pd.DataFrame:
+        """Every patient's validation score of this epoch, by the fold model that did not train on them
+        (a fold that stopped early: its selected epoch's), as this epoch's fold C-indices used them:
+        columns ``patient_id``, ``fold``, ``score`` (higher = worse; comparable within a fold only).
+        What the scheduler judged at a rung, kept so the headline can replay its decisions
+        (`analysis.selection.bbc_search`)."""
+        frames = []
+        for t in self.trainers:
+            outputs = t.best_val_outputs if t.stopped_early else t.last_val_outputs
+            frames.append(pd.DataFrame({"patient_id": [t.data.patient_ids[i] for i in t.data.val], "fold": t.data.fold,
+                                        "score": t.head.score(outputs)}))
+        return pd.concat(frames, ignore_index=True)
+
     def results(self) -> list[FoldResult]:
         """Every fold's result: out-of-fold predictions and fold model of its selected epoch."""
         return [t.result() for t in self.trainers]

@@ -212,6 +212,7 @@ class FoldTrainer:
         self.best_epoch = -1
         self.best_state: dict | None = None
         self.best_val_outputs: np.ndarray | None = None
+        self.last_val_outputs: np.ndarray | None = None  # this epoch's (not checkpointed: set by `step`)
         self.stopped_early = False
         if self.checkpoint and self.checkpoint.exists():
             self._load()
@@ -401,6 +402,7 @@ class FoldTrainer:
             raise TrainingDivergedError(f"fold {self.data.fold}, epoch {self.epoch}: the validation predictions "
                                         f"became NaN/inf (lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped")
         cindex = self._cindex(outputs, self.data.val)
+        self.last_val_outputs = outputs
         select_cindex = self._cindex(self.predict(self.select), self.select) if len(self.select) else float("nan")
         record = {"epoch": self.epoch, "train_loss": train_loss, "val_cindex": cindex,
                   "select_cindex": select_cindex, "lr": self.optimizer.param_groups[0]["lr"]}

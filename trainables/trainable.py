@@ -70,6 +70,9 @@ class TrialSetup:
         Store slots of the rows of `volumes` (sorted).
     cpu_fallback
         Train on the CPU when the GPUs Ray assigned cannot be used (else the trial fails at once).
+    rungs
+        The scheduler's rungs (epochs); the report of each carries every patient's validation
+        scores (`analysis.metric_names.RUNG_SCORES`), so the headline can replay the search.
     """
 
     store: str
@@ -83,6 +86,7 @@ class TrialSetup:
     volumes: Any = None
     volume_slots: tuple[int, ...] | None = None
     cpu_fallback: bool = False
+    rungs: tuple[int, ...] = ()
 
     def cohort_spec(self, task: str) -> CohortSpec:
         for name, filter_, endpoint in self.tasks:
@@ -174,6 +178,8 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
                 metrics = cv.step()
                 train_seconds += time.perf_counter() - started
                 metrics.update(node_id=node, train_seconds=train_seconds, **resources.take())
+                if cv.epoch in setup.rungs:
+                    metrics[names.RUNG_SCORES] = cv.rung_scores().to_dict(orient="list")
             except TrainingDivergedError as exc:
                 # A diverging configuration fails the same way on every retry: end the trial with
                 # the reason instead of raising (which would make Tune retry it).

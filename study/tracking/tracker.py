@@ -1,16 +1,19 @@
 """MLflow tracking from the driver only (the single writer; see ARCHITECTURE decision 1).
 
 One MLflow experiment per study holds a parent run (the study: tags, resolved config and
-manifest, results table, each cell's selected configuration as ``CELL.METRIC`` metrics) and one
-nested run per trial (params = its configuration; the per-epoch metrics of
+manifest, results table, the cells' comparison figure), one nested run per cell (tags
+``backbone``, ``task``, ``inputs``; params = the selected configuration; the same metric names in
+every cell, `analysis.metric_names.CELL_METRICS`, so MLflow's runs table sorts and groups cells
+and its charts compare them), and under each cell one nested run per trial (params = its
+configuration; the per-epoch metrics of
 `analysis.metric_names.EPOCH_METRICS` and each fold's validation C-index as step series; the
 final metrics of `FINAL_METRICS` with their CI; ``oof_predictions.csv`` and ``learning_curve.png``).
 Trial status: FINISHED, KILLED (pruned by ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged
 ``failure_reason``); a trial restarted from its checkpoint after losing its worker keeps its run
 and is tagged ``restarts``.
 
-Runs are found again by tags (``study_role``, ``trial_key``), so a resumed study reuses its parent
-run and never duplicates a trial run. Records go through a journal on the storage path first, so
+Runs are found again by tags (``study_role``, ``cell_key``, ``trial_key``), so a resumed study
+reuses its parent and cell runs and never duplicates a trial run. Records go through a journal on the storage path first, so
 a tracking server that goes down mid-study loses nothing: the study goes on, and the records are
 delivered when it is back (or by ``--resume`` if it stayed down past the end of the study).
 """
@@ -18,6 +21,7 @@ delivered when it is back (or by ``--resume`` if it stayed down past the end of 
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import tempfile
 import time
@@ -79,7 +83,7 @@ class StudyTracker:
         self._client: MlflowClient | None = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
-        self._trial_runs: dict[str, str] = {}
+        self._runs: dict[str, str] = {}  # cell or trial key -> its run id
         self._announced: set[str] = set()  # trial keys whose run this driver has recorded
         self._pending: list[dict] = []
         self._down_since: float | None = None
@@ -219,10 +223,23 @@ class StudyTracker:
         self._pending.append(entry)
         self.flush()
 
-    def trial_run(self, key: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def cell_run(self, key: str, run_name: str, tags: dict[str, str]) -> None:
+        """A cell's run, nested under the study run (its trials' runs are nested under it)."""
         if key not in self._announced:
             self._announced.add(key)
-            self.record("trial", key, run_name=run_name, params={k: str(v) for k, v in params.items()}, tags=tags)
+            self.record("cell", key, run_name=run_name, tags=tags)
+
+    def trial_run(self, key: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+                  cell: str | None = None) -> None:
+        """A trial's run, nested under its cell's run (`cell_run`; None: under the study run)."""
+        if key not in self._announced:
+            self._announced.add(key)
+            self.record("trial", key, run_name=run_name, params={k: str(v) for k, v in params.items()}, tags=tags,
+                        cell=cell)
+
+    def cell_params(self, key: str, params: dict[str, Any]) -> None:
+        """The cell's selected configuration as its run's params (MLflow's parallel coordinates)."""
+        self.record("cell_params", key, params={k: str(v) for k, v in params.items()})
 
     def log_metrics(self, key: str | None, values: dict[str, Any], step: int = 0) -> None:
         values = {k: float(v) for k, v in values.items() if _finite(v)}
@@ -232,8 +249,9 @@ class StudyTracker:
     def set_tags(self, key: str | None, tags: dict[str, str]) -> None:
         self.record("tags", key, tags={k: str(v) for k, v in tags.items()})
 
-    def log_artifact(self, key: str | None, path: Path) -> None:
-        self.record("artifact", key, path=str(path))
+    def log_artifact(self, key: str | None, path: Path, folder: str | None = None) -> None:
+        """Upload a file into the run's artifacts (under `folder`, a plain name, if given)."""
+        self.record("artifact", key, path=str(path), **({"folder": folder} if folder else {}))
 
     def terminate(self, key: str | None, status: str) -> None:
         self.record("terminate", key, status=status)
@@ -313,15 +331,53 @@ class StudyTracker:
             self._call("delete_run", extra.info.run_id)
         return runs[0]
 
+    def run_id(self, key: str | None) -> str:
+        """The MLflow run of a cell or trial key (None: the study run); its records are delivered first."""
+        if not self.flush(force=True):
+            raise TrackingUnavailable(f"the tracking store {self.tracking_uri} is unreachable")
+        return self._run_id(key)
+
+    @staticmethod
+    def _query(key: str) -> str:
+        """How a cell's or a trial's run is found (a trial's key is ``CELL/TRIAL_ID``)."""
+        return f"tags.trial_key = '{key}'" if "/" in key else f"tags.cell_key = '{key}'"
+
     def _run_id(self, key: str | None) -> str:
         if key is None:
             return self.parent_run_id
-        if key not in self._trial_runs:
-            found = self._find_run(f"tags.trial_key = '{key}'")
+        if key not in self._runs:
+            found = self._find_run(self._query(key))
             if found is None:
-                raise KeyError(f"no trial run {key!r} in study {self.study_name!r}")
-            self._trial_runs[key] = found.info.run_id
-        return self._trial_runs[key]
+                raise KeyError(f"no run {key!r} in study {self.study_name!r}")
+            self._runs[key] = found.info.run_id
+        return self._runs[key]
+
+    def _find_or_create(self, key: str, run_name: str, tags: dict[str, str]) -> str:
+        """The run of `key`, created if there is none. Looked up again after creating it: a create
+        whose answer was lost and that MLflow's client sent again made two runs; the oldest is kept."""
+        if key not in self._runs:
+            found = self._find_run(self._query(key))
+            if found is None:
+                self._call("create_run", self.experiment_id, run_name=run_name, tags=tags)
+                found = self._find_run(self._query(key))
+            self._runs[key] = found.info.run_id
+        return self._runs[key]
+
+    def _select(self, key: str, params: dict[str, str]) -> None:
+        """Log a cell's selected configuration. MLflow's params never change: if a resumed study
+        selected another configuration (a retried trial finished), the cell gets a new run, its
+        trials' runs move under it and the old one is deleted."""
+        run_id = self._run_id(key)
+        old = self._call("get_run", run_id)
+        if any(old.data.params.get(k, v) != v for k, v in params.items()):
+            tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.parentRunId"}
+            new = self._call("create_run", self.experiment_id, run_name=old.info.run_name, tags=tags).info.run_id
+            for trial in self._call("search_runs", [self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                                    max_results=5000):
+                self._call("set_tag", trial.info.run_id, "mlflow.parentRunId", new)
+            self._call("delete_run", run_id)
+            self._runs[key] = run_id = new
+        self._call("log_batch", run_id, params=[Param(k, v) for k, v in sorted(params.items())])
 
     def _apply(self, entry: dict) -> None:
         started = time.perf_counter()
@@ -333,20 +389,17 @@ class StudyTracker:
     def _deliver(self, entry: dict) -> None:
         try:
             op, key = entry["op"], entry["key"]
-            if op == "trial":
-                if key not in self._trial_runs:
-                    found = self._find_run(f"tags.trial_key = '{key}'")
-                    if found is None:
-                        self._call("create_run", self.experiment_id, run_name=entry["run_name"], tags={
-                            "mlflow.parentRunId": self.parent_run_id, "study_role": "trial", "trial_key": key,
-                            **entry["tags"]})
-                        # Looked up again: a create whose answer was lost and that MLflow's client sent
-                        # again made two runs; the oldest is kept.
-                        found = self._find_run(f"tags.trial_key = '{key}'")
-                    self._trial_runs[key] = found.info.run_id
+            if op == "cell":
+                self._find_or_create(key, entry["run_name"], {
+                    "mlflow.parentRunId": self.parent_run_id, "study_role": "cell", "cell_key": key, **entry["tags"]})
+            elif op == "trial":
+                parent = self._run_id(entry["cell"]) if entry.get("cell") else self.parent_run_id
+                run_id = self._find_or_create(key, entry["run_name"], {
+                    "mlflow.parentRunId": parent, "study_role": "trial", "trial_key": key, **entry["tags"]})
                 # Every delivery: the run may exist without them (created just before an outage).
-                self._call("log_batch", self._trial_runs[key],
-                           params=[Param(k, v) for k, v in sorted(entry["params"].items())])
+                self._call("log_batch", run_id, params=[Param(k, v) for k, v in sorted(entry["params"].items())])
+            elif op == "cell_params":
+                self._select(key, entry["params"])
             elif op == "metrics":
                 self._call("log_batch", self._run_id(key), metrics=[
                     Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["values"].items()])
@@ -362,7 +415,11 @@ class StudyTracker:
                     print(f"  (tracking record of artifact {str(entry.get('file'))[:200]!r} skipped: its copy in "
                           f"{self.journal.files} is gone or changed)", flush=True)
                     return
-                self._call("log_artifact", self._run_id(key), str(path))
+                folder = entry.get("folder")
+                if folder is not None and not (isinstance(folder, str) and _PLAIN.fullmatch(folder)):
+                    print(f"  (tracking record of artifact {path.name!r} skipped: folder {str(folder)[:80]!r})", flush=True)
+                    return
+                self._call("log_artifact", self._run_id(key), str(path), folder)
             elif op == "terminate":
                 self._call("set_terminated", self._run_id(key), status=entry["status"])
             else:
@@ -371,6 +428,9 @@ class StudyTracker:
             if isinstance(exc, MlflowException) and not _unreachable(exc):
                 raise
             raise TrackingUnavailable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+_PLAIN = re.compile(r"[a-z][a-z0-9_]{0,40}")  # an artifact folder a record may name
 
 
 # MLflow's error codes of a server that is busy or briefly away: a locked database and HTTP 503
@@ -402,6 +462,11 @@ def _live_tracker(tracking_uri: str, study_name: str, journal: str | None, trust
 OUTCOME_TAG = "outcome"
 
 
+def cell_tags(cell: Cell) -> dict[str, str]:
+    """The tags that MLflow's runs table groups cells and trials by."""
+    return {"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs}
+
+
 class MlflowTrialCallback(tune.Callback):
     """Tune callback logging every trial as a nested run of the study run (via the journal)."""
 
@@ -421,9 +486,9 @@ class MlflowTrialCallback(tune.Callback):
     def _key(self, trial) -> str:
         cell = Cell.of(trial.config)
         key = f"{cell.name}/{trial.trial_id}"
+        self.tracker.cell_run(cell.name, cell.label, cell_tags(cell))
         self.tracker.trial_run(key, self._run_name(trial), trial.config,
-                               {"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
-                                "trial_id": trial.trial_id})
+                               {**cell_tags(cell), "trial_id": trial.trial_id}, cell=cell.name)
         return key
 
     def _outcome(self, key: str, trial, outcome: str, suffix: str = "") -> None:
@@ -446,11 +511,24 @@ class MlflowTrialCallback(tune.Callback):
         if epoch > self._logged_epoch.get(key, 0):
             self.tracker.log_metrics(key, per_epoch, step=epoch)
             self._logged_epoch[key] = epoch
+            if result.get(names.RUNG_SCORES):
+                self._rung(key, epoch, result[names.RUNG_SCORES])
         if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
         if result.get(names.FINAL):
             self.tracker.log_metrics(key, {m.name: result.get(m.name) for m in names.FINAL_METRICS})
+
+    def _rung(self, key: str, epoch: int, scores: dict) -> None:
+        """What the scheduler judged at a rung, and when it saw it: the records the headline replays
+        (`study.headline`)."""
+        import pandas as pd
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / names.rung_file(epoch)
+            pd.DataFrame(scores).to_csv(path, index=False)
+            self.tracker.log_artifact(key, path, names.RUNG_FOLDER)  # the journal keeps its own copy
+        self.tracker.log_metrics(key, {names.RUNG_SEEN.name: time.time()}, step=epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = self._key(trial)
