@@ -1,9 +1,10 @@
 """Grad-CAM (MONAI) of a survival network: where in the volume the risk comes from.
 
 The map is the gradient-weighted activation of the backbone's deepest stage that keeps a spatial
-map (at least 3 voxels per axis) for the network's risk output (the Cox log-hazard or 1-year
-logit; the mean hazard logit for the logistic-hazard head), placed on the input grid and scaled
-to [0, 1].
+map (at least 3 voxels per axis) for the score whose increasing affine function is the DPI the
+report ranks by (`trainables.heads.SurvivalHead.score_tensor`: the Cox log-hazard, the 1-year
+logit, minus the restricted mean survival time for the logistic-hazard head), placed on the input
+grid and scaled to [0, 1].
 
 A map on the tumour is weak evidence of what a network learned: tumours are the brightest
 structures of T2 and FLAIR, and the map of the same network *untrained* also favours them (on a
@@ -47,14 +48,17 @@ PLANES = ("axial", "coronal", "sagittal")
 
 
 class _Risk(nn.Module):
-    """One output per volume, higher = worse, from the padded network."""
+    """One output per volume, higher = worse, from the padded network: the head's score (the mean
+    output when no head is given or the network's outputs are not the head's, a fusion's image branch)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, head=None):
         super().__init__()
-        self.net = net
+        self.net, self.head = net, head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
+        if self.head is not None and out.shape[1] == self.head.out_features:
+            return self.head.score_tensor(out)[:, None]
         return out.mean(dim=1, keepdim=True) if out.shape[1] > 1 else out
 
 
@@ -117,14 +121,15 @@ def feature_grid(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[np.ndar
     return _GRIDS[key]
 
 
-def gradcam_map(model: nn.Module, image: np.ndarray) -> np.ndarray:
-    """Grad-CAM map [X, Y, Z] in [0, 1] of one float image [C, X, Y, Z] for a `Backbone`."""
+def gradcam_map(model: nn.Module, image: np.ndarray, head=None) -> np.ndarray:
+    """Grad-CAM map [X, Y, Z] in [0, 1] of one float image [C, X, Y, Z] for a `Backbone`; `head`: the
+    fold model's survival head, whose score (the DPI's) is explained."""
     from scipy import ndimage
 
     model = model.eval()
     x = model.pad(torch.from_numpy(np.asarray(image, dtype=np.float32))[None])
     layer = cam_layer(model, x)
-    cam = GradCAM(nn_module=_Risk(model.net).eval(), target_layers=layer)
+    cam = GradCAM(nn_module=_Risk(model.net, head).eval(), target_layers=layer)
     with torch.enable_grad():
         low_res = cam.compute_map(x.clone().requires_grad_(True), class_idx=0)[0, 0].detach().numpy()
     stride, offset = feature_grid(model.net, x, layer.removeprefix("net."))

@@ -50,6 +50,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     report.header()
     report.leaderboard()
     cells = load_cells(study, store)
+    report.backbone_choice(cells)
     external_predictions = report.external_validation(cells)
     report.inputs_comparison(cells, external_predictions)
     report.added_value(cells, external_predictions)

@@ -153,3 +153,22 @@ def test_enrichment_is_one_for_uniform_attention_and_high_for_a_map_on_the_regio
     assert attention_in_region(elsewhere, mask, region)["hit"] == 0.0
     with pytest.raises(ValueError, match="region is empty"):
         attention_in_region(np.ones((20, 20, 20)), mask, np.zeros_like(mask))
+
+
+def test_the_logistic_hazard_map_explains_the_dpi_the_report_ranks_by():
+    """Grad-CAM's target for the logistic-hazard head is its DPI (minus the restricted mean survival
+    time), not the mean of its hazard logits, which ranks patients differently."""
+    from analysis.gradcam import _Risk
+    from trainables.heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head("logistic_hazard", intervals=19)
+    model = build_backbone("resnet50_cbam", 4, head.out_features, width=0.25, depth=0.2).eval()
+    x = model.pad(torch.randn(6, 4, 32, 32, 24))
+    with torch.no_grad():
+        outputs = model.net(x)
+        explained = _Risk(model.net, head)(x)[:, 0].numpy()
+    assert np.allclose(explained, head.score(outputs.numpy().astype(np.float64)), atol=1e-4)
+    assert np.allclose(_Risk(model.net)(x)[:, 0].detach().numpy(), outputs.mean(1).numpy())  # the old target
+    cam = gradcam_map(model, np.random.default_rng(1).normal(size=(4, 32, 32, 24)).astype(np.float32), head)
+    assert cam.shape == (32, 32, 24) and 0 <= cam.min() <= cam.max() <= 1

@@ -130,3 +130,22 @@ def test_reference_discretisation_of_the_logistic_hazard_head():
     assert head.out_features == 20
     curve = head.survival(np.zeros((2, 20)), np.array([0.0, 365.0, 3155.0]))
     assert (np.diff(curve, axis=1) <= 0).all()
+
+
+def test_the_binary_heads_brier_and_ibs_judge_one_survival_prediction():
+    """The 1-year head's surv_365 (its logistic probability) is its survival curve at day 365, which
+    the IBS integrates; before, the curve came from a Breslow baseline of the logit and disagreed."""
+    import numpy as np
+
+    from trainables.heads import BinaryHead
+
+    rng = np.random.default_rng(0)
+    head = BinaryHead()
+    time, event = rng.exponential(400, 80).round() + 1, rng.integers(0, 2, 80)
+    outputs = rng.normal(size=(80, 1))
+    head.prepare(time, event)
+    head.fit(outputs, time, event)
+    new = rng.normal(size=(10, 1))
+    curves = head.survival(new, np.array([90.0, 180.0, 365.0]))
+    assert np.allclose(curves[:, 2], head.surv_365(new))
+    assert (np.diff(curves, axis=1) <= 1e-12).all() and (curves > 0).all() and (curves <= 1).all()

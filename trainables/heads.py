@@ -146,6 +146,11 @@ class SurvivalHead:
         """The DPI, comparable across folds (after `fit`)."""
         return self.score(outputs)
 
+    def score_tensor(self, outputs: torch.Tensor) -> torch.Tensor:
+        """`score` in torch, differentiable [n]: what Grad-CAM explains. The DPI is an increasing
+        affine function of it (`risk`), so its map is the DPI's."""
+        return outputs[:, 0]
+
     def fit(self, train_outputs: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
         """Fit what predictions need from the training fold (a baseline hazard)."""
         self.baseline = BreslowBaseline(self.score(train_outputs), time, event)
@@ -243,6 +248,13 @@ class LogisticHazardHead(SurvivalHead):
         curve = self._curve(outputs)
         return -np.trapezoid(np.concatenate([np.ones((len(curve), 1)), curve[:, 1:]], axis=1), self.cuts, axis=1)
 
+    def score_tensor(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Minus the restricted mean survival time to the last cut (the DPI), differentiable."""
+        curve = torch.cumprod(1.0 - torch.sigmoid(outputs.float().clamp(-50, 50)), dim=1)
+        ones = torch.ones(len(curve), 1, dtype=curve.dtype, device=curve.device)
+        cuts = torch.as_tensor(self.cuts, dtype=curve.dtype, device=curve.device)
+        return -torch.trapezoid(torch.cat([ones, curve[:, 1:]], dim=1), cuts, dim=1)
+
 
 class BinaryHead(SurvivalHead):
     name = "binary"
@@ -278,6 +290,17 @@ class BinaryHead(SurvivalHead):
 
     def surv_365(self, outputs):
         return 1.0 / (1.0 + np.exp(np.clip(outputs[:, 0].astype(float), -50, 50)))
+
+    def survival(self, outputs, times):
+        """S(t): the shape of the fold's Breslow baseline, scaled so that S(365) is the head's own
+        probability of being alive at 1 year (`surv_365`): the Brier score at 365 days and the IBS
+        then judge one survival prediction, not two."""
+        alive = np.clip(self.surv_365(outputs), 1e-12, 1.0)
+        h0 = self.baseline.cumulative_hazard(np.asarray(times, dtype=float))
+        at_horizon = float(self.baseline.cumulative_hazard(np.array([self.horizon]))[0])
+        if at_horizon <= 0:  # no training death by the horizon: no shape to scale
+            return np.repeat(alive[:, None], len(np.atleast_1d(times)), axis=1)
+        return np.exp(np.outer(np.log(alive), h0 / at_horizon))
 
 
 HEADS: dict[str, type[SurvivalHead]] = {head.name: head for head in (CoxHead, LogisticHazardHead, BinaryHead)}
