@@ -1,6 +1,6 @@
 """A cell's selected configuration as an MLflow model: its K fold models as one ensemble ``pyfunc``.
 
-The study logs one per cell under its study run (``models/<cell>``, `log_cell_models`) and, with
+The study logs one per cell in the cell's run (artifact ``model``, `log_cell_model`) and, with
 ``--register-models``, registers it in MLflow's model registry as ``<study>-<cell>``. Loaded with
 ``mlflow.pyfunc.load_model``, it predicts as the report's external validation does
 (`analysis.ensemble.predict_ensemble`: DPI = mean of the folds' DPI, survival averaged over the
@@ -8,7 +8,9 @@ folds, nothing estimated on the new data):
 
 - input: a DataFrame with a column ``store`` (a cohort store made by ``datasets.convert``, with
   the development store's sequences and shape) and optionally ``patient_id`` (rows restrict the
-  patients; without, every patient of the store that the cell's task takes);
+  patients; without, every patient of the store that the cell's task takes); or a column
+  ``images``: folders of new patients as a site exports them, no outcome needed, preprocessed as
+  the development store was (`analysis.scoring`; image-only cells; `study.predict` does more);
 - output: one row per patient: ``patient_id``, ``dpi``, ``surv_365`` and ``surv_<t>`` at the
   trial's evaluation times (days).
 
@@ -36,7 +38,7 @@ import pandas as pd
 
 from datasets.errors import StudyError
 
-MODELS_DIR = "models"
+MODEL_PATH = "model"  # the artifact path of a cell's model in its cell run
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold file otherwise
 
 
@@ -72,8 +74,11 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
 
         frames = []
         rows = pd.DataFrame(model_input)
+        if "images" in rows.columns and rows["images"].notna().any():
+            return self.predict_folders(rows)
         if "store" not in rows.columns:
-            raise ModelInputError(f"input needs a column 'store' (a cohort store); got {list(rows.columns)}")
+            raise ModelInputError("input needs a column 'store' (a cohort store) or 'images' (a folder of new "
+                                  f"patients); got {list(rows.columns)}")
         from datasets.remote import stage_store
 
         for store_path, group in rows.groupby("store", sort=False):
@@ -97,6 +102,22 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         return pd.concat(frames, ignore_index=True)
 
 
+    def predict_folders(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """New patients, no outcome needed: each row's ``images`` folder (one sub-folder per patient),
+        preprocessed as the development store was (`analysis.scoring`); image-only cells."""
+        from analysis.scoring import check_model, read_new_patients, score
+
+        check_model(self.meta, "this model")
+        frames = []
+        for folder in rows["images"].dropna().astype(str).unique():
+            patients = read_new_patients(Path(folder), self.meta)
+            if patients.excluded:
+                raise ModelInputError(f"{folder}: patient(s) not scored: "
+                                      + "; ".join(f"{k}: {v}" for k, v in list(patients.excluded.items())[:5]))
+            frames.append(score(self, patients))
+        return pd.concat(frames, ignore_index=True)
+
+
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
@@ -104,10 +125,10 @@ def _requirements() -> list[str]:
             ("torch", "monai", "numpy", "pandas", "zarr", "scipy", "mlflow")]
 
 
-def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Path, meta: dict, example_store: str,
+def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: dict, example_store: str,
                    example_ids: list[str], register_as: str | None = None) -> str:
-    """Save the cell's fold ensemble as a pyfunc model under the run's ``models/<cell>``; register it
-    as `register_as` if given. Returns the model's URI."""
+    """Save the cell's fold ensemble as a pyfunc model in its cell run (``model``); register it as
+    `register_as` if given. Returns the model's URI."""
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, Schema
@@ -122,8 +143,9 @@ def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Pa
         context = type("Context", (), {"artifacts": artifacts})()
         model.load_context(context)
         inferred = infer_signature(example, model.predict(context, example))
-        signature = ModelSignature(Schema([ColSpec("string", "store"), ColSpec("string", "patient_id", required=False)]),
-                                   inferred.outputs)
+        signature = ModelSignature(Schema([ColSpec("string", "store", required=False),
+                                           ColSpec("string", "patient_id", required=False),
+                                           ColSpec("string", "images", required=False)]), inferred.outputs)
         path = Path(tmp) / "model"
         quiet = logging.getLogger("mlflow").level
         logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -133,12 +155,70 @@ def log_cell_model(tracking_uri: str, run_id: str, cell: str, checkpoint_dir: Pa
                                      pip_requirements=_requirements())
         finally:
             logging.getLogger("mlflow").setLevel(quiet)
-        MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=f"{MODELS_DIR}/{cell}")
-    uri = f"runs:/{run_id}/{MODELS_DIR}/{cell}"
+        (path / MODEL_CARD).write_text(model_card(meta))
+        MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=MODEL_PATH)
+    uri = f"runs:/{run_id}/{MODEL_PATH}"
     if register_as and not _registered(tracking_uri, register_as, run_id):  # a resumed study logs it again
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.register_model(uri, register_as)
+        version = mlflow.register_model(uri, register_as)
+        client = MlflowClient(tracking_uri)
+        client.update_model_version(register_as, version.version, description=model_card(meta))
+        for key, value in version_tags(meta).items():
+            client.set_model_version_tag(register_as, version.version, key, value)
     return uri
+
+
+MODEL_CARD = "model_card.md"  # beside MLmodel in the model's folder; also each registered version's description
+
+
+def version_tags(meta: dict) -> dict[str, str]:
+    """What a reader of a registered version needs at a glance (its tags)."""
+    development = meta.get("development", {})
+    headline = meta.get("headline", {})
+    tags = {"study": meta["study"], "cell": meta["cell"], "task": meta["task"], "inputs": meta["inputs"],
+            "development_store_sha256": str(development.get("store_sha256", "")),
+            "development_patients": str(development.get("patients", "")),
+            "preprocessing": json.dumps(meta.get("preprocessing", {}), sort_keys=True),
+            "git_revision": str(meta.get("git_revision", ""))}
+    if "value" in headline:
+        tags["bbc_cindex"] = f"{headline['value']:.4f} [{headline['low']:.4f}, {headline['high']:.4f}]"
+    return tags
+
+
+def model_card(meta: dict) -> str:
+    """The model card: what the model was trained on, how it scores, and what it must not be used for."""
+    development = meta.get("development", {})
+    headline = meta.get("headline", {})
+    estimate = (f"{headline['value']:.3f} (95% CI {headline['low']:.3f}-{headline['high']:.3f}), BBC-CV, which pays "
+                "for the search's choices" if "value" in headline else "not available (no headline estimate)")
+    config = ", ".join(f"{k}={v}" for k, v in sorted((meta.get("configuration") or {}).items()))
+    return f"""# Model card: {meta['study']} / {meta['cell']}
+
+**What it is.** The fold ensemble ({meta['folds']} models of cross-validation) of the configuration selected
+in cell `{meta['cell']}` of study `{meta['study']}`: task `{meta['task']}`, inputs `{meta['inputs']}`,
+configuration {config or 'the reference recipe'}. It gives a deep prognostic index (DPI, the mean of the
+folds' DPI; higher means shorter survival), a risk group (above the development median DPI
+{meta.get('dpi_cutoff', float('nan')):+.4f}: high) and a survival curve at {len(meta['eval_times'])} times
+(days {meta['eval_times'][0]:g}-{meta['eval_times'][-1]:g}).
+
+**Trained on.** {development.get('patients', '?')} patients ({development.get('events', '?')} events) of the
+development store (SHA-256 `{str(development.get('store_sha256', '?'))[:16]}...`), preoperative MRI
+{', '.join(meta['sequences'])} preprocessed as `{json.dumps(meta.get('preprocessing', {}), sort_keys=True)}`;
+code at commit `{meta.get('git_revision', 'unknown')}`.
+
+**How well.** Concordance on the development patients: {estimate}. External validity is unknown
+until the model is tested on another site's patients (`python -m analysis.report --study NAME --external STORE`).
+
+**How to use it.** `python -m study.predict --model URI --images FOLDER --out OUT` preprocesses a folder of
+new patients exactly as the development store was and writes the DPI, risk group, survival curve and
+Grad-CAM map of each. The input must be preoperative {', '.join(meta['sequences'])} of an adult-type diffuse
+glioma, converted with the same preprocessing.
+
+**Not for.** Clinical decisions about an individual patient: it is a research model, not a medical
+device, validated on no cohort but its own. Not for other tumours, post-operative or follow-up scans,
+children, or sequences other than those above. A risk group is a split at the development median, not a
+threshold chosen for any clinical purpose.
+"""
 
 
 def _registered(tracking_uri: str, name: str, run_id: str) -> bool:

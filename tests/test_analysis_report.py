@@ -3,6 +3,8 @@ the Kaplan-Meier cut-off discipline, Grad-CAM files, and clear errors."""
 
 from __future__ import annotations
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -262,3 +264,54 @@ def test_each_cells_registered_model_reproduces_the_reports_external_predictions
         assert picked["dpi"].to_numpy() == pytest.approx(report["dpi"].to_numpy()[:2], abs=1e-5)
     with pytest.raises(Exception, match="sequences|shape|store"):
         model.predict(pd.DataFrame({"patient": ["x"]}))
+
+
+def test_new_patients_without_outcomes_are_scored_as_the_report_scores_them(reported, learnable_store, small_export,
+                                                                          tmp_path, capsys):
+    """`study.predict` with a registered model: a folder of new patients without any outcome (and, for
+    the image+clinical cell, a clinical table without survival columns) gets the DPIs the model gives
+    the same patients converted with the development store's preprocessing."""
+    import mlflow
+
+    from analysis.pyfunc_model import MODEL_CARD
+    from datasets.convert import convert
+    from datasets.preprocessing_config import PreprocessConfig
+    from study.predict import main as predict
+
+    _, uri, _ = reported
+    mlflow.set_tracking_uri(uri)
+    recorded = CohortStore(learnable_store).attrs["preprocessing"]
+    same = tmp_path / "same.zarr"  # the external cohort converted as the development store was
+    convert(small_export / "images", small_export / "clinical.csv", same,
+            PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}),
+            progress=False)
+    new = tmp_path / "new"
+    shutil.copytree(small_export / "images", new / "images")
+    table = pd.read_csv(small_export / "clinical.csv", dtype=str)
+    table.drop(columns=[c for c in table.columns if c in ("survival_days", "death", "time", "event")]).to_csv(
+        new / "covariates.csv", index=False)
+    client = MlflowClient(uri)
+    for cell, extra in (("seresnext50__os_all", []), ("resnet50_cbam-clinical__os_all",
+                                                       ["--clinical", str(new / "covariates.csv")])):
+        (version,) = client.search_model_versions(f"name = 'rep-{cell}'")
+        model_uri = f"models:/rep-{cell}/{version.version}"
+        out = tmp_path / cell
+        assert predict(["--model", model_uri, "--tracking-uri", uri, "--images", str(new / "images"),
+                        "--out", str(out), "--no-gradcam", *extra]) == 0, capsys.readouterr().err
+        scored = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+        expected = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"store": [str(same)]}))
+        expected = expected.set_index("patient_id").loc[scored["patient_id"]]
+        for column in ("dpi", "surv_365"):
+            assert scored[column].to_numpy() == pytest.approx(expected[column].to_numpy(), abs=1e-5), (cell, column)
+        assert len(scored) == len(CohortStore(same).usable())
+        # The registered version says what it is: description (the model card) and tags.
+        version = client.get_model_version(f"rep-{cell}", version.version)
+        assert "Not for" in version.description and cell in version.description
+        for key in ("development_store_sha256", "development_patients", "preprocessing", "bbc_cindex", "cell"):
+            assert version.tags.get(key), key
+        assert MODEL_CARD in {a.path.split("/")[-1] for a in client.list_artifacts(version.run_id, "model")}
+    # A fusion model without its clinical table is refused, naming the flag; nothing is written.
+    (version,) = client.search_model_versions("name = 'rep-resnet50_cbam-clinical__os_all'")
+    assert predict(["--model", f"models:/rep-resnet50_cbam-clinical__os_all/{version.version}", "--tracking-uri", uri,
+                    "--images", str(new / "images"), "--out", str(tmp_path / "none")]) == 2
+    assert "--clinical" in capsys.readouterr().err and not (tmp_path / "none").exists()
