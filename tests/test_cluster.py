@@ -26,7 +26,7 @@ from tests.conftest import PROJECT_ROOT
 from tests.services import free_port, running_study, wait_for
 from tests.test_faults import EPOCHS, assert_resumed_not_restarted, reported_epochs, study_command, trial_runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -44,7 +44,9 @@ class LocalCluster:
         if token is None:
             token = root / "ray_token"
             token.write_text(secrets.token_hex(32))
-        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        # PATH: a job's `python` is the environment running these tests, activated or not.
+        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.session: str | None = None
 
     def _ray(self, *args: str) -> None:

@@ -34,7 +34,7 @@ from tests.conftest import PROJECT_ROOT
 
 CLUSTER = PROJECT_ROOT / "study" / "cluster"
 TRACKING_ENV = CLUSTER / "tracking.env"
-STEPS = PROJECT_ROOT / "docs" / "cluster-steps.md"
+STEPS = PROJECT_ROOT / "docs" / "guides" / "cluster.md"
 PROFILE_ARN = "arn:aws:iam::ACCOUNT_ID:instance-profile/glioma-study"
 AMI_SSM_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 

@@ -43,6 +43,7 @@ def test_the_scripts_parse_and_wire_ray_as_slurm_runs_it():
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_recipes_ray_and_study_on_a_loopback_two_node_cluster(small_store, tmp_path):
     home = tmp_path / "home"
     home.mkdir()

@@ -27,7 +27,7 @@ from tests.conftest import PROJECT_ROOT
 from tests.services import PostgresServer, S3Server, TrackingServer, postgres_binaries
 from tests.test_cluster import RAY, LocalCluster
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.integration,
               pytest.mark.skipif(postgres_binaries() is None, reason="needs Debian's postgresql (.ci/run installs it)")]
 
 NAME, TRIALS, EPOCHS = "cloud", 4, 2

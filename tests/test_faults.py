@@ -19,7 +19,7 @@ from analysis import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import running_study, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 EPOCHS = 6
 SPACE = f"""

@@ -60,6 +60,7 @@ def _s3_keys(env: dict, prefix: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
+@pytest.mark.integration
 def test_study_and_report_with_store_and_storage_on_s3(s3, small_store, tmp_path):
     _upload(small_store, "s3://glioma/stores/small.zarr", s3)
     env = {**os.environ, **s3, "GLIOMA_STUDY_CACHE": str(tmp_path / "node-cache")}
