@@ -132,10 +132,13 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
     the replay keeps past the rung where the real search stopped it has no later predictions: it goes
     on with its last ones for the replay's later rungs (it can still stop others there), but it is
     not a final candidate: its last predictions are not the model it would have become. With
-    ``stand_in=True`` they are one (their pooled C): measured more pessimistic by 0.002-0.004 (20
-    configurations, 1,139 patients: -0.0080 vs -0.0061 when they differ, -0.0016 vs +0.0025 when
-    they are equal, 3 or fewer finishers, paired on the same cells). Where every configuration that
-    finished is stopped in a bootstrap sample, the search's own finishers are the candidates.
+    ``stand_in=True`` they are one (their pooled C), which pays more for ASHA where configurations
+    are equally good but overshoots where they differ: on cells of 20 configurations and 1,139
+    patients with 3 or fewer finishers, stand-ins -0.0016 (equal) and -0.0080 (unequal) against
+    +0.0025 and -0.0061 without, paired on the same 80 and 68 cells; the benchmark's 200 cells per
+    scenario give the default +0.0035 and -0.0043 (stand-ins, an earlier run: -0.0001 and -0.0055).
+    Where every configuration that finished is stopped in a bootstrap sample, the search's own
+    finishers are the candidates.
     `python -m benchmarks.selection_bias` measures it against the selected configuration's true C.
 
     Parameters
