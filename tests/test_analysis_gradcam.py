@@ -95,6 +95,7 @@ def test_overlay_cuts_through_the_tumour(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark  # trains a network for a minute: a known-answer check
 def test_attention_of_a_model_trained_to_see_tumours_is_on_them(learnable_store):
     """Target: tumour larger than the cohort median, visible only in the images, as a 1-year death
     (large: death at day 100; small: alive at day 400), so the binary head learns tumour size. For

@@ -162,6 +162,7 @@ def _count_ok(store: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_conversion_killed_midway_resumes_to_the_same_store(small_export, tmp_path):
     reference = tmp_path / "reference.zarr"
     convert(small_export / "images", small_export / "clinical.csv", reference, TINY, progress=False)

@@ -221,6 +221,7 @@ def test_pruning_stops_bad_configurations_early(small_store, tmp_path, monkeypat
         assert sorted(p.name for p in folder.glob("checkpoint_*/*.pt")) == ["fold0_model.pt", "fold1_model.pt"]
 
 
+@pytest.mark.integration
 def test_resume_after_killing_the_driver(small_store, tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     command = [sys.executable, "-m", "study.run", "--space", "smoke", "--data", str(small_store), "--tasks", "os_all",

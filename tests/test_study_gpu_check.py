@@ -75,6 +75,7 @@ print("RESULT", json.dumps({{"failed": result.metrics.get("failed"), "epochs": r
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_cpu_training_where_gpus_were_asked_for_only_when_the_user_says_so(small_store, tmp_path):
     run = subprocess.run(study(small_store, tmp_path, "--cpu-fallback"), cwd=PROJECT_ROOT, env=FAKE_GPU,
                          capture_output=True, text=True, timeout=600)

@@ -21,7 +21,7 @@ from study.tracking import tracker as tracking
 from study.tracking.tracker import StudyTracker
 from tests.services import FaultyLink
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 TRIALS, EPOCHS = 2, 2
 PARAMS = {"space": "faults", "seed": "0"}
