@@ -27,6 +27,18 @@ import numpy as np
 from analysis.metrics import Estimate, SurvivalDataError, _Concordance, check_survival
 
 
+def _bootstrap_samples(event: np.ndarray, n_bootstrap: int, seed: int):
+    """(in-bag counts, out-of-bag indicator) of `n_bootstrap` patient resamples, skipping those with
+    no event in the bag or none out of it (no C-index there)."""
+    rng = np.random.default_rng(seed)
+    n = event.shape[0]
+    for _ in range(n_bootstrap):
+        count = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
+        out_of_bag = (count == 0).astype(float)
+        if (event * count).any() and (event * out_of_bag).any():
+            yield count, out_of_bag
+
+
 def bbc_cv(time, event, risks, n_bootstrap: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
     """BBC-CV estimate of the selected configuration's Harrell C-index.
 
@@ -52,14 +64,8 @@ def bbc_cv(time, event, risks, n_bootstrap: int = 1000, level: float = 0.95, see
     if not event.any():
         raise SurvivalDataError("All samples are censored.")
     concordance = [_Concordance(time, event, r) for r in risks]  # sorted once per configuration
-    rng = np.random.default_rng(seed)
-    n = time.shape[0]
     values = []
-    for _ in range(n_bootstrap):
-        count = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
-        out_of_bag = (count == 0).astype(float)
-        if not (event * count).any() or not (event * out_of_bag).any():
-            continue
+    for count, out_of_bag in _bootstrap_samples(event, n_bootstrap, seed):
         try:
             in_bag = [c(count) for c in concordance]
             values.append(concordance[int(np.argmax(in_bag))](out_of_bag))
@@ -182,14 +188,8 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
             self.trial_id = str(index)
 
     ids = [_Id(i) for i in range(len(trials))]
-    rng = np.random.default_rng(seed)
-    n = time.shape[0]
     values = []
-    for _ in range(n_bootstrap):
-        count = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(float)
-        out_of_bag = (count == 0).astype(float)
-        if not (event * count).any() or not (event * out_of_bag).any():
-            continue
+    for count, out_of_bag in _bootstrap_samples(event, n_bootstrap, seed):
         bracket, stopped = _Bracket(grace, max_t, reduction_factor, 0), set()
         for _, index, epoch, source in events:
             if index in stopped:

@@ -411,12 +411,9 @@ class ClinicalSource:
                              event_coding=self.event_coding, event_note=self.event_note, unvalidated=unvalidated)
 
 
-def load_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
-                  time_range: Sequence[float] = TIME_RANGE_DAYS, event_coding: str | None = None) -> ClinicalSource:
-    """Read a clinical CSV and check it as a whole (see `read_clinical`); rows not yet validated."""
-    path = Path(path)
-    time_range = check_time_range(time_range)
-    check_event_coding(event_coding)
+def _read_table(path: Path) -> pd.DataFrame:
+    """A clinical CSV (or BIDS TSV) as text cells; ClinicalTableError if it is absent, unreadable or
+    repeats a column name."""
     if not path.is_file():
         raise ClinicalTableError(f"clinical table {path} does not exist")
     try:
@@ -425,6 +422,16 @@ def load_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
         raise ClinicalTableError(f"{path}: cannot be read as CSV ({exc})") from exc
     if frame.columns.duplicated().any():
         raise ClinicalTableError(f"{path}: repeated column names {list(frame.columns[frame.columns.duplicated()])}")
+    return frame
+
+
+def load_clinical(path: str | Path, column_map: Mapping[str, str] | None = None,
+                  time_range: Sequence[float] = TIME_RANGE_DAYS, event_coding: str | None = None) -> ClinicalSource:
+    """Read a clinical CSV and check it as a whole (see `read_clinical`); rows not yet validated."""
+    path = Path(path)
+    time_range = check_time_range(time_range)
+    check_event_coding(event_coding)
+    frame = _read_table(path)
     columns = _resolve_columns(list(frame.columns), column_map or {}, path)
     frame = frame[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
     frame["patient_id"] = _check_ids(frame["patient_id"], path)
@@ -470,14 +477,7 @@ def read_covariates(path: str | Path, column_map: Mapping[str, str] | None = Non
     Raises ClinicalTableError as `read_clinical` does (unreadable file, no id column, repeated ids).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ClinicalTableError(f"clinical table {path} does not exist")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, sep=_separator(path))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ClinicalTableError(f"{path}: cannot be read as CSV ({exc})") from exc
-    if frame.columns.duplicated().any():
-        raise ClinicalTableError(f"{path}: repeated column names {list(frame.columns[frame.columns.duplicated()])}")
+    frame = _read_table(path)
     columns = {k: v for k, v in _resolve_columns(list(frame.columns), column_map or {}, path,
                                                  required=("patient_id",)).items() if k not in ("time", "event")}
     frame = frame[list(columns.values())].rename(columns={v: k for k, v in columns.items()})
