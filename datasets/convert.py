@@ -47,7 +47,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets import bids
+from datasets import bids, dicom
 from datasets import clinical as clinical_mod
 from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
@@ -244,7 +244,9 @@ def source_hashes(files: Mapping[str, Path]) -> dict[str, str]:
             raise InputError(f"{key} source {path} is not a regular file or folder (a FIFO, socket or device); "
                              "not read")
         try:
-            out[key] = file_sha256(path)
+            # A DICOM file stands for its whole series (`datasets.dicom`): all of its files are hashed.
+            out[key] = (file_sha256(dicom.series_files(path)) if Path(path).is_file() and dicom.is_dicom_file(path)
+                        else file_sha256(path))
         except OSError as exc:
             raise InputError(f"{key} source {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
     return out
@@ -628,6 +630,7 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
             continue
         store_ids.add_redactor(pid, folder, scan.entries, scan.found)
         unused[pid] = scan.unrecognised
+        notes[pid] = list(scan.evidence.values())  # which DICOM series was taken for which sequence, and why
         recognised[pid] = scan.recognised()
         found[pid] = dict(scan.found)
         problems[pid] = scan.problem(pid)

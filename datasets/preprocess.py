@@ -2,8 +2,8 @@
 
 The geometry is done with MONAI transforms (no hand-written resampling):
 
-1. `LoadImage` reads each file (NIfTI, NRRD, DICOM series) with its affine; NRRD/DICOM LPS
-   coordinates become RAS.
+1. `LoadImage` reads each file (NIfTI, NRRD) with its affine, `datasets.dicom` each DICOM series;
+   NRRD/DICOM LPS coordinates become RAS.
 2. The sequence with the finest voxels is the reference: `Orientation("RAS")`, then a head
    (valid-voxel) mask thresholded on it gives the bounding box, and `SpatialCrop` crops to it.
 3. `Spacing` resamples the crop once, straight to isotropic voxels of
@@ -107,15 +107,40 @@ def declared_problem(path: Path) -> str | None:
     return geometry_problem(affine, (shape[0], shape[1], shape[2] * extra))
 
 
+def _read_dicom(path: Path, patient_id: str, key: str):
+    """A DICOM series (`datasets.dicom`) as a MetaTensor [X, Y, Z] with its RAS affine, its
+    declared geometry checked before the pixels are read."""
+    from monai.data import MetaTensor
+
+    from datasets import dicom
+
+    try:
+        affine, shape = dicom.declared_geometry(path)
+        problem = geometry_problem(affine, shape)
+        if problem:
+            raise ImageError(f"{problem} (its headers, read before the pixels)")
+        data, affine = dicom.read_volume(path)
+    except ImageError as exc:
+        raise ImageError(f"patient {patient_id}: {key} series {path}: {exc}") from None
+    except Exception as exc:  # pydicom raises many types for truncated or foreign files
+        raise ImageError(f"patient {patient_id}: cannot read {key} series {path}: {type(exc).__name__}: {exc}") from exc
+    return MetaTensor(data, affine=affine)
+
+
 def load_volume(path: Path, patient_id: str, key: str):
-    """Read one file as a channel-first 3D MetaTensor [1, X, Y, Z], with clear errors."""
+    """Read one file (or DICOM series) as a channel-first 3D MetaTensor [1, X, Y, Z], with clear errors."""
+    from datasets import dicom
+
     problem = declared_problem(Path(path))
     if problem:
         raise ImageError(f"patient {patient_id}: {key} file {path}: {problem} (its header, read before the voxels)")
-    try:
-        volume = _loader(str(path))
-    except Exception as exc:  # readers raise many types for truncated or foreign files
-        raise ImageError(f"patient {patient_id}: cannot read {key} file {path}: {type(exc).__name__}: {exc}") from exc
+    if dicom.is_dicom_source(Path(path)):
+        volume = _read_dicom(Path(path), patient_id, key)
+    else:
+        try:
+            volume = _loader(str(path))
+        except Exception as exc:  # readers raise many types for truncated or foreign files
+            raise ImageError(f"patient {patient_id}: cannot read {key} file {path}: {type(exc).__name__}: {exc}") from exc
     shape = tuple(volume.shape)
     squeezed = [s for s in shape[3:] if s != 1]
     if len(shape) < 3 or min(shape[:3]) < 2:

@@ -57,12 +57,18 @@ def _sitk():
 
 def read_image(path: Path):
     """A file or a DICOM series folder as a float32 SimpleITK image (physical space, LPS)."""
+    from datasets import dicom
+
     sitk = _sitk()
     path = Path(path)
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-        image = reader.Execute()
+    if dicom.is_dicom_source(path):  # one reader of DICOM series for every step (its affine is RAS)
+        data, affine = dicom.read_volume(path)
+        lps = dicom.LPS_TO_RAS @ affine
+        spacing = np.linalg.norm(lps[:3, :3], axis=0)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+        image.SetSpacing([float(v) for v in spacing])
+        image.SetOrigin([float(v) for v in lps[:3, 3]])
+        image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
     else:
         image = sitk.ReadImage(str(path))
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:

@@ -1,7 +1,8 @@
 """Which file in a patient folder holds which MRI sequence.
 
 Site exports name files in many ways: BraTS (`<id>_t1ce.nii.gz`, `BraTS-GLI-00000-000-t1c.nii.gz`),
-plain (`t1ce.nii.gz`), TCIA folders of DICOM series (`FLAIR/`). A file matches a sequence when its
+plain (`t1ce.nii.gz`). DICOM data (files found by their ``DICM`` marker, in any folder arrangement)
+are sorted by their tags instead (`datasets.dicom`: description and physics). A file matches a sequence when its
 name, with the extension and a leading patient id removed, matches one of the sequence's patterns
 (case-insensitive, whole name or one of its `_`/`-`/`.`-separated endings). Besides BraTS and plain
 names, the common vendor and site names are recognised (`DEFAULT_PATTERNS`: ``T1_KM``, ``t1gd``,
@@ -17,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import bids
+from datasets import bids, dicom
 from datasets.errors import InputError
 
 DEFAULT_SEQUENCES = ("t1", "t1c", "t2", "flair")
@@ -87,20 +88,22 @@ def image_suffix(name: str) -> str:
     return next((suffix for suffix in IMAGE_SUFFIXES if lower.endswith(suffix)), "")
 
 
-def _is_dicom_folder(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() in (".dcm", "") and p.is_file() for p in path.iterdir())
-
-
 def is_image_entry(entry: Path) -> bool:
-    """Whether a patient folder's entry is an image the converter considers (an image file, a DICOM
-    series folder, or something that is neither file nor folder); hidden entries are not."""
+    """Whether a patient folder's entry is an image the converter considers (an image file, DICOM
+    files or a folder with DICOM files under it, or something that is neither file nor folder);
+    hidden entries are not."""
     if entry.name.startswith("."):
         return False
     if entry.is_file():
-        return _strip_suffix(entry.name) is not None
+        return _strip_suffix(entry.name) is not None or dicom.is_dicom_file(entry)
     if entry.is_dir():
-        return _is_dicom_folder(entry)
+        return dicom.holds_dicom(entry)
     return True  # a dangling symlink, a loop, a FIFO: matched by its name, refused when it is read
+
+
+def _is_dicom_entry(entry: Path) -> bool:
+    """DICOM data, told apart by its tags (`datasets.dicom`) rather than its name."""
+    return _strip_suffix(entry.name) is None and (entry.is_dir() or (entry.is_file() and dicom.is_dicom_file(entry)))
 
 
 @dataclass
@@ -112,6 +115,8 @@ class FolderScan:
     entries: list[Path] = field(default_factory=list)  # every entry of the folder (names to withhold)
     duplicates: dict[str, list[Path]] = field(default_factory=dict)  # sequence -> every entry matching it, if >1
     layout_problem: str | None = None  # a BIDS subject whose images cannot be located (several sessions)
+    labels: dict[Path, str] = field(default_factory=dict)  # how messages name an entry (DICOM series)
+    evidence: dict[Path, str] = field(default_factory=dict)  # why a DICOM series was taken for its sequence
 
     def recognised(self) -> dict[Path, str]:
         """Every entry that matched a sequence asked for (duplicates too) -> its sequence."""
@@ -124,8 +129,9 @@ class FolderScan:
         if self.layout_problem:
             return f"patient {patient_id}: {self.layout_problem}"
         for key, paths in self.duplicates.items():
-            return (f"patient {patient_id}: both {paths[0].name} and {paths[1].name} match sequence '{key}'; "
-                    f"rename one or give a stricter --pattern {key}=REGEX")
+            first, second = (self.labels.get(p, p.name) for p in paths[:2])
+            return (f"patient {patient_id}: both {first} and {second} match sequence '{key}'; "
+                    f"rename one, remove it from the export or give a stricter --pattern {key}=REGEX")
         return None
 
 
@@ -212,9 +218,13 @@ class SequenceMatcher:
             if anat is None:
                 return scan
             folder = anat
+        dicom_entries = []
         for entry in sorted(folder.iterdir()):
             scan.entries.append(entry)
             if not is_image_entry(entry):
+                continue
+            if _is_dicom_entry(entry):
+                dicom_entries.append(entry)
                 continue
             key, several = self.classify(entry.name, patient_id)
             if several:
@@ -230,7 +240,52 @@ class SequenceMatcher:
                 scan.duplicates.setdefault(key, [scan.found[key]]).append(entry)
                 continue
             scan.found[key] = entry
+        if dicom_entries:
+            self._scan_dicom(dicom_entries, folder, patient_id, scan, wanted)
         return scan
+
+    def _scan_dicom(self, entries: list[Path], folder: Path, patient_id: str, scan: FolderScan,
+                    wanted: tuple[str, ...]) -> None:
+        """Sort the DICOM series under a patient folder by their tags (`datasets.dicom`)."""
+        found, unreadable = dicom.find_series(entries, folder)
+        scan.unrecognised.extend(unreadable)
+        candidates: dict[str, list[tuple[tuple[bool, bool], dicom.Series, str]]] = {}
+        for series in found:
+            scan.labels[series.entry] = f"{series.label()} at {series.entry}"
+            why = dicom.set_aside(series)
+            if why:
+                scan.unrecognised.append((series.entry, f"({series.label()}) {why}"))
+                continue
+            folder_name = series.entry.name if series.entry.is_dir() else None
+            key, why, named = dicom.classify(series, lambda text: self.classify(text, patient_id), folder_name)
+            if key is None:
+                scan.unrecognised.append((series.entry, f"({series.label()}): {why}"))
+            elif key in wanted:
+                # A series named by the site outranks one recognised by its physics only, an original a reformat.
+                candidates.setdefault(key, []).append(((named, not series.derived), series, why))
+        for key, ranked in candidates.items():
+            best = max(rank for rank, _, _ in ranked)
+            top = [(series, why) for rank, series, why in ranked if rank == best]
+            for rank, series, _ in ranked:
+                if rank != best:
+                    reason = "named by its description" if best[0] and not rank[0] else "original"
+                    scan.unrecognised.append((series.entry, f"({series.label()}) also looks like {key}, but another "
+                                                            f"series ({reason}) is taken"))
+            entries_for_key = ([scan.found[key]] if key in scan.found else []) + [series.entry for series, _ in top]
+            if len(entries_for_key) > 1:
+                scan.duplicates[key] = entries_for_key
+                scan.found.setdefault(key, entries_for_key[0])
+                continue
+            series, why = top[0]
+            scan.found[key] = series.entry
+            scan.evidence[series.entry] = f"{series.label()} is {key} by {why}"
+        patients = {series.patient_id for series in found if series.patient_id}
+        if len(patients) > 1 and not scan.layout_problem:
+            counts = {pid: sum(s.patient_id == pid for s in found) for pid in patients}
+            majority = max(counts, key=counts.get)
+            strays = [s.label() for s in found if s.patient_id and s.patient_id != majority]
+            scan.layout_problem = (f"its DICOM series carry {len(patients)} different PatientIDs (withheld): "
+                                   f"{'; '.join(strays)} may belong to another patient; move it to its own folder")
 
     def find(self, folder: Path, patient_id: str) -> tuple[dict[str, Path], list[str]]:
         """Files of one patient folder by sequence key, and problems (ambiguous or unmatched files);

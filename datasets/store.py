@@ -71,10 +71,14 @@ def array_checksum(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path | list[Path]) -> str:
+    """SHA-256 of a file, of a folder's files (sorted) or of a list of files (a DICOM series)."""
     digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if isinstance(path, list):
+        files = sorted(Path(p) for p in path)
+    else:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         with open(file, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

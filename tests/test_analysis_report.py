@@ -270,12 +270,14 @@ def test_new_patients_without_outcomes_are_scored_as_the_report_scores_them(repo
                                                                           tmp_path, capsys):
     """`study.predict` with a registered model: a folder of new patients without any outcome (and, for
     the image+clinical cell, a clinical table without survival columns) gets the DPIs the model gives
-    the same patients converted with the development store's preprocessing."""
+    the same patients converted with the development store's preprocessing, whether their images are
+    NIfTI files or DICOM series."""
     import mlflow
 
     from analysis.pyfunc_model import MODEL_CARD
     from datasets.convert import convert
     from datasets.preprocessing_config import PreprocessConfig
+    from datasets.synthetic_dicom import write_patient
     from study.predict import main as predict
 
     _, uri, _ = reported
@@ -287,6 +289,12 @@ def test_new_patients_without_outcomes_are_scored_as_the_report_scores_them(repo
             progress=False)
     new = tmp_path / "new"
     shutil.copytree(small_export / "images", new / "images")
+    # Two of the new patients come as a PACS exports them: DICOM series whose names say nothing.
+    for folder, layout in zip(sorted((new / "images").iterdir())[:2], ("flat", "folders")):
+        staged = tmp_path / "nifti" / folder.name
+        staged.parent.mkdir(exist_ok=True)
+        shutil.move(str(folder), staged)
+        write_patient(staged, folder / "study", layout, patient_id=folder.name)
     table = pd.read_csv(small_export / "clinical.csv", dtype=str)
     table.drop(columns=[c for c in table.columns if c in ("survival_days", "death", "time", "event")]).to_csv(
         new / "covariates.csv", index=False)
