@@ -124,7 +124,14 @@ def _read_dicom(path: Path, patient_id: str, key: str):
         raise ImageError(f"patient {patient_id}: {key} series {path}: {exc}") from None
     except Exception as exc:  # pydicom raises many types for truncated or foreign files
         raise ImageError(f"patient {patient_id}: cannot read {key} series {path}: {type(exc).__name__}: {exc}") from exc
-    return MetaTensor(data, affine=affine)
+    import torch
+
+    # As MONAI's readers make it: a volume without a channel axis says so ("no_channel"). Without that,
+    # MONAI 1.6 takes the first axis of a 3D tensor for channels, counts 2 spatial axes, and SpatialCrop
+    # then moves the origin along two axes only (a one-slice shift of the crop in 2 patients of 12).
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(data)),
+                      affine=torch.as_tensor(np.array(affine, dtype=np.float64)),
+                      meta={"original_channel_dim": "no_channel", "spatial_shape": np.array(data.shape)})
 
 
 def load_volume(path: Path, patient_id: str, key: str):

@@ -169,3 +169,22 @@ def test_the_raw_steps_read_dicom_as_the_nifti(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     for get in ("GetOrigin", "GetSpacing", "GetDirection"):
         np.testing.assert_allclose(getattr(a, get)(), getattr(b, get)(), atol=1e-5)
+
+
+def test_every_patient_preprocesses_as_from_its_nifti_files(small_export, tmp_path):
+    """The whole preprocessing, not only the reading: a DICOM volume is a 3D MetaTensor without a
+    channel axis, as MONAI's readers make it (else MONAI counted 2 spatial axes and cropped SYN-0005's
+    and SYN-0011's heads one slice off)."""
+    from datasets.preprocess import load_volume, preprocess_patient
+
+    for pid in ("SYN-0005", "SYN-0011"):
+        nifti = small_export / "images" / pid
+        write_patient(nifti, tmp_path / pid, "flat", patient_id=pid)
+        matcher = SequenceMatcher()
+        from_dicom, _ = matcher.find(tmp_path / pid, pid)
+        from_nifti, _ = matcher.find(nifti, pid)
+        from_nifti.pop("label")
+        assert load_volume(from_dicom["t1"], pid, "t1").peek_pending_rank() == 3
+        a, b = preprocess_patient(from_nifti, pid, TINY), preprocess_patient(from_dicom, pid, TINY)
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
