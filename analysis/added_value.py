@@ -253,6 +253,8 @@ def external_added_value(frame: pd.DataFrame, design: Design, models: Models, n_
             continue
         diffs.append(full - clin)
     low, high = np.quantile(diffs, [0.025, 0.975]) if diffs else (np.nan, np.nan)
+    slope, slope_low, slope_high = calibration_slope(data["time"], data["event"],
+                                                     models.full.predict_log_partial_hazard(data[[*models.columns, "dpi"]]))
     try:  # refitted on this cohort, which no choice of the study saw: the primary test where there is one
         external_p = f"{lr_test(data['time'], data['event'], data[models.columns], data['dpi']):.3g}"
     except Exception as exc:  # lifelines on a small or separated cohort
@@ -263,7 +265,25 @@ def external_added_value(frame: pd.DataFrame, design: Design, models: Models, n_
             "values filled (missing indicator)": ", ".join(f"{k} {v}" for k, v in design.filled(frame).items())
                                                  or "none",
             "C clinical": round(c_clinical, 3), "C clinical + DPI": round(c_full, 3),
-            "ΔC [95% CI] (development models)": f"{c_full - c_clinical:+.3f} [{low:+.3f}, {high:+.3f}]"}
+            "ΔC [95% CI] (development models)": f"{c_full - c_clinical:+.3f} [{low:+.3f}, {high:+.3f}]",
+            CALIBRATION_SLOPE: f"{slope:.2f} [{slope_low:.2f}, {slope_high:.2f}]"}
+
+
+CALIBRATION_SLOPE = "calibration slope of clinical + DPI [95% CI] (1 = calibrated)"
+
+
+def calibration_slope(time, event, linear_predictor) -> tuple[float, float, float]:
+    """The calibration slope of a development Cox model on another cohort (Cox 1958; van Houwelingen
+    2000): the coefficient of its linear predictor in a Cox model refitted there. 1: the predictor's
+    spread is right; > 1: too flat (the cohort's risks differ more than predicted); < 1: too steep."""
+    data = pd.DataFrame({"time": np.asarray(time, float), "event": np.asarray(event, int),
+                         "lp": np.asarray(linear_predictor, float)})
+    try:
+        fit = CoxPHFitter().fit(data, "time", "event")
+    except Exception:  # lifelines on a tiny or separated cohort
+        return float("nan"), float("nan"), float("nan")
+    low, high = fit.confidence_intervals_.loc["lp"].to_numpy(float)
+    return float(fit.params_["lp"]), float(low), float(high)
 
 
 def lr_test(time, event, clinical: pd.DataFrame, dpi) -> float:

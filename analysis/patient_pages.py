@@ -63,9 +63,10 @@ def write_pages(out: Path, scores: pd.DataFrame, patients, meta: dict, model_uri
     cutoff = float(meta["dpi_cutoff"])
     about = (f"Model {model_uri}: cell {meta['cell']} of study {meta['study']} (task {meta['task']}, inputs "
              f"{meta['inputs']}), a mean of {meta['folds']} fold models. DPI: the mean of the fold models' deep prognostic "
-             f"index (higher: shorter survival); risk group: above the development cut-off {cutoff:+.3f} (the median "
-             "out-of-fold DPI of the development cohort) is high. The mean of the folds is not rescaled to the spread "
-             "of the development out-of-fold DPI.")
+             "index (higher: shorter survival), put on the scale of the development cohort's out-of-fold DPI"
+             + ("" if "dpi_scale" in meta else " (not here: this model was logged before it recorded that scale)")
+             + f"; risk group: above the development cut-off {cutoff:+.3f} (the median out-of-fold DPI of the "
+             "development cohort) is high.")
     rows = []
     for i, pid in enumerate(patients.ids):
         row = scores.iloc[i]

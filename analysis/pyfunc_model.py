@@ -3,8 +3,8 @@
 The study logs one per cell in the cell's run (artifact ``model``, `log_cell_model`) and, with
 ``--register-models``, registers it in MLflow's model registry as ``<study>-<cell>``. Loaded with
 ``mlflow.pyfunc.load_model``, it predicts as the report's external validation does
-(`analysis.ensemble.predict_ensemble`: DPI = mean of the folds' DPI, survival averaged over the
-folds, nothing estimated on the new data):
+(`analysis.ensemble.predict_ensemble`: DPI = mean of the folds' DPI put on the development scale,
+survival averaged over the folds, nothing estimated on the new data):
 
 - input: a DataFrame with a column ``store`` (a cohort store made by ``datasets.convert``, with
   the development store's sequences and shape) and optionally ``patient_id`` (rows restrict the
@@ -17,11 +17,12 @@ folds, nothing estimated on the new data):
 Volumes already in memory go through the wrapped model: ``model.unwrap_python_model()
 .predict_volumes(volumes[n, C, X, Y, Z], clinical_rows)``.
 
-The fold weights travel as the model's artifacts; the code is the project's, so the model loads
-wherever the project is installed (``pip install -e .``; the model's requirements list its
-dependencies' versions). It is saved as "models from code" (`analysis.pyfunc_model_code`):
-loading it runs that file, it unpickles no Python object. The project's source is not copied into
-the model: MLflow's artifact store holds weights and predictions only.
+The fold weights travel as the model's artifacts, the project's packages (its source, a few
+hundred kB) in the model's ``code`` folder, and its requirements pin the project's dependencies
+(Ray left out) to the versions that trained it: ``mlflow models serve -m models:/NAME/VERSION
+--env-manager virtualenv`` builds a fresh environment that runs it. Where the project is already
+imported (``study.predict``, the report) its modules are used as they are. It is saved as "models
+from code" (`analysis.pyfunc_model_code`): loading it runs that file, it unpickles no Python object.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
 
     def predict_volumes(self, volumes: np.ndarray, clinical: pd.DataFrame | None = None) -> pd.DataFrame:
         """Predictions for volumes [n, C, X, Y, Z] (and their clinical rows for image+clinical cells)."""
-        from analysis.ensemble import predict_ensemble
+        from analysis.ensemble import DevelopmentScale, predict_ensemble
 
         expected = (len(self.meta["sequences"]), *self.meta["shape"])
         if volumes.ndim != 5 or tuple(volumes.shape[1:]) != expected:
@@ -63,7 +64,8 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         if self.meta["inputs"] == "image+clinical" and clinical is None:
             raise ModelInputError(f"cell {self.meta['cell']} also reads clinical values: pass their rows")
         times = tuple(self.meta["eval_times"])
-        predicted = predict_ensemble(self.models, volumes, times, clinical)
+        scale = DevelopmentScale.from_dict(self.meta["dpi_scale"]) if "dpi_scale" in self.meta else None
+        predicted = predict_ensemble(self.models, volumes, times, clinical, scale)
         return pd.DataFrame({"dpi": predicted["risk"], "surv_365": predicted["surv_365"],
                              **{f"surv_{t:g}": predicted["curves"][:, k] for k, t in enumerate(times)}})
 
@@ -118,11 +120,46 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         return pd.concat(frames, ignore_index=True)
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
+DISTRIBUTION = "glioma-survival-study"
+PROJECT_PACKAGES = ("analysis", "datasets", "trainables", "study", "search_spaces")
+_NOT_FOR_SERVING = {"ray"}  # the cluster runtime: a served model needs none of it (70 MB and its own dependencies)
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in
-            ("torch", "monai", "numpy", "pandas", "zarr", "scipy", "mlflow")]
+
+def _requirements() -> list[str]:
+    """The project's own dependencies, pinned to the versions that trained the model, so that
+    ``mlflow models serve`` builds an environment that runs it (the project's code travels in
+    the model's ``code`` folder)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    try:
+        specs = [Requirement(r) for r in requires(DISTRIBUTION) or []]
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        specs = [Requirement(n) for n in ("torch", "monai", "numpy", "pandas", "zarr", "scipy", "mlflow", "nibabel",
+                                          "pydicom", "pynrrd")]
+    out = []
+    for req in specs:
+        if (req.marker is not None and "extra" in str(req.marker)) or req.name in _NOT_FOR_SERVING:
+            continue
+        try:
+            out.append(f"{req.name}=={version(req.name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _project_code(into: Path) -> list[str]:
+    """Copies of the project's packages (no caches) for the model's ``code`` folder."""
+    import importlib
+    import shutil
+
+    paths = []
+    for name in PROJECT_PACKAGES:
+        source = Path(importlib.import_module(name).__file__).parent
+        shutil.copytree(source, into / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        paths.append(str(into / name))
+    return paths
 
 
 def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: dict, example_store: str,
@@ -152,7 +189,8 @@ def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: d
         try:
             mlflow.pyfunc.save_model(path, python_model=str(Path(__file__).with_name("pyfunc_model_code.py")),
                                      artifacts=artifacts, signature=signature, input_example=example,
-                                     pip_requirements=_requirements())
+                                     pip_requirements=_requirements(),
+                                     code_paths=_project_code(Path(tmp) / "code"))
         finally:
             logging.getLogger("mlflow").setLevel(quiet)
         (path / MODEL_CARD).write_text(model_card(meta))

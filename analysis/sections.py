@@ -17,13 +17,13 @@ import pandas as pd
 from analysis import figures
 from analysis import metric_names as names
 from analysis.added_value import CLINICAL, Design, Models, added_value_row, external_added_value
-from analysis.ensemble import load_fold_models, predict_ensemble
+from analysis.ensemble import DevelopmentScale, development_scale, load_fold_models, predict_ensemble
 from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof, compare, ensemble_predict
 from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
 from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
 from analysis.oracle import FALLBACK_NOTE, oracle_cindices, oracle_text
 from analysis.selection import bbc_cv
-from analysis.study_reader import Study, Trial, oof_predictions
+from analysis.study_reader import Study, Trial, logged_model_meta, oof_predictions
 from datasets.clinical_features import FUSION_DEFAULT
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
@@ -83,6 +83,10 @@ def leaderboard(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Columns of the external validation table that tests and readers look up.
+SPREAD_RATIO = "DPI spread ratio (SD external / SD development out-of-fold)"
+
+
 @dataclass
 class CellAnalysis:
     """A cell's selected trial, read back once: its fold models and development predictions."""
@@ -95,6 +99,7 @@ class CellAnalysis:
     oof: pd.DataFrame  # out-of-fold predictions with the cohort's clinical columns
     horizon: float | None
     eval_times: tuple[float, ...]  # the trial's survival-curve times [days]
+    scale: DevelopmentScale  # the ensemble DPI's map onto the out-of-fold DPI's scale
 
     @property
     def cell(self) -> str:
@@ -114,10 +119,17 @@ def load_cells(study: Study, store: CohortStore) -> list[CellAnalysis]:
         oof = pd.concat([oof, clinical.loc[oof["patient_id"]].drop(columns=["time", "event"]).reset_index(drop=True)],
                         axis=1)
         oof["dpi"] = oof["risk"]  # comparable across folds by construction (trainables.heads)
-        horizon = Cohort(store, CohortSpec(TASKS[task].filter, TASKS[task].endpoint)).horizon
+        cohort = Cohort(store, CohortSpec(TASKS[task].filter, TASKS[task].endpoint))
         eval_times = tuple(study.trial_config(trial).get("eval_times", TrainConfig().eval_times))
         models = load_fold_models(study.checkpoint_dir(trial), folds)
-        cells.append(CellAnalysis(backbone, task, inputs, trial, models, oof, horizon, eval_times))
+        # The scale the cell's logged model carries, so that its predictions are the report's to the last
+        # digit (recomputed here, the ensemble's float noise differs from the driver's by ~1e-6).
+        meta = logged_model_meta(study, trial.cell)
+        if meta and meta.get("trial_id") == trial.trial_id and "dpi_scale" in meta:
+            scale = DevelopmentScale.from_dict(meta["dpi_scale"])
+        else:
+            scale = development_scale(models, store, cohort.slots, cohort.clinical, oof["risk"].to_numpy(float))
+        cells.append(CellAnalysis(backbone, task, inputs, trial, models, oof, cohort.horizon, eval_times, scale))
     return cells
 
 
@@ -246,18 +258,25 @@ class Report:
 
     def external_validation(self, cells: list[CellAnalysis]) -> dict:
         """Each cell's fold ensemble on every external store; returns {(cell, store): predictions}."""
+        from datasets.external import development_patients
+
         rows, predictions = [], {}
+        shared = {ext.path.name: development_patients(ext, self.store) for ext in self.externals}
         for cell in cells:
             spec = TASKS[cell.task]
             for ext in self.externals:
                 cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
                 times = cell.eval_times
-                pred = predict_ensemble(cell.models, ext.images(cohort.slots), times, cohort.clinical)
+                pred = predict_ensemble(cell.models, ext.images(cohort.slots), times, cohort.clinical, cell.scale)
                 rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
                              "cohort": ext.path.name,
                              "patients": len(cohort), **external_metrics(cohort.time, cohort.event, pred["risk"],
                                                                          pred["surv_365"], pred["curves"], times,
-                                                                         cohort.horizon)})
+                                                                         cohort.horizon),
+                             "development patients among them": len(shared[ext.path.name]),
+                             "DPI scale factor (development)": round(cell.scale.factor, 3),
+                             SPREAD_RATIO: round(float(np.std(pred["risk"])) / np.sqrt(cell.scale.oof_var), 3)
+                             if cell.scale.oof_var > 0 else float("nan")})
                 frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
                                       "dpi": pred["risk"], "surv_365": pred["surv_365"],
                                       **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(times)}})
@@ -266,7 +285,17 @@ class Report:
                     [frame, cohort.clinical.drop(columns=["time", "event"]).reset_index(drop=True)], axis=1)
         if rows:
             self.html.append("<h2>2. External validation (fold ensembles)</h2><p>Each cell's K fold models applied "
-                             "unchanged; DPI = mean of the folds' DPI.</p>")
+                             "unchanged; DPI = mean of the folds' DPI on the development scale (regression "
+                             "calibration onto the out-of-fold DPI, on which the combined Cox model and the risk "
+                             "groups' cut-off were fitted; its factor is fixed on the development cohort). The spread "
+                             "ratio compares the external DPI's SD with the development out-of-fold DPI's: near 1 "
+                             "when the models vary on new patients as they did out of fold.</p>")
+            overlap = {name: ids for name, ids in shared.items() if ids}
+            for name, ids in overlap.items():
+                self.html.append(f"<p><b>Warning</b>: {len(ids)} patient(s) of {html.escape(name)} have the images "
+                                 "of development patients (the same source files): the fold models trained on them, "
+                                 "so their numbers are optimistic, not an external validation: "
+                                 f"{html.escape(', '.join(ids[:10]))}{' ...' if len(ids) > 10 else ''}.</p>")
             self.table(pd.DataFrame(rows), "external_validation.csv")
         else:
             self.html.append("<h2>2. External validation</h2><p>No external cohort: pass --external STORE.</p>")

@@ -55,6 +55,7 @@ class Study:
     trials: list[Trial] = field(default_factory=list)
     study_metrics: dict = field(default_factory=dict)  # the study run's metrics (older studies: per cell)
     cell_runs: dict = field(default_factory=dict)  # cell name -> the metrics of its cell run
+    cell_run_ids: dict = field(default_factory=dict)  # cell name -> its cell run's id
 
     def finished(self) -> list[Trial]:
         return [t for t in self.trials if t.status == "FINISHED" and names.OOF_CINDEX.name in t.metrics]
@@ -127,7 +128,9 @@ def read_study(name: str, tracking_uri: str) -> Study:
     trials.sort(key=lambda t: t.start_time)
     cells = {r.data.tags["cell_key"]: dict(r.data.metrics) for r in runs
              if r.data.tags.get("study_role") == "cell" and r.data.tags.get("cell_key")}
-    study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics), cells)
+    cell_ids = {r.data.tags["cell_key"]: r.info.run_id for r in runs
+                if r.data.tags.get("study_role") == "cell" and r.data.tags.get("cell_key")}
+    study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics), cells, cell_ids)
     if not study.finished():
         raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "
                           "run or resume it with python -m study.run --name " + name)
@@ -136,7 +139,10 @@ def read_study(name: str, tracking_uri: str) -> Study:
 
 def _artifact_text(client, run_id: str, name: str) -> str:
     """An artifact's text, downloaded into a temporary folder that is removed afterwards."""
+    import os
     import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file otherwise
 
     with tempfile.TemporaryDirectory() as tmp:
         return Path(client.download_artifacts(run_id, name, dst_path=tmp)).read_text()
@@ -149,3 +155,18 @@ def oof_predictions(study: Study, trial: Trial) -> pd.DataFrame:
     from mlflow.tracking import MlflowClient
 
     return pd.read_csv(io.StringIO(_artifact_text(MlflowClient(study.tracking_uri), trial.run_id, "oof_predictions.csv")))
+
+
+def logged_model_meta(study: Study, cell: str) -> dict | None:
+    """The record (``meta.json``) of the model the study logged for a cell, or None (not logged, or a
+    study made before cells had runs)."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = study.cell_run_ids.get(cell)
+    if run_id is None:
+        return None
+    try:
+        return json.loads(_artifact_text(MlflowClient(study.tracking_uri), run_id, "model/artifacts/meta.json"))
+    except Exception:  # no model logged (the tracking store was down at the end of the study), or another layout
+        return None
+

@@ -53,3 +53,20 @@ def check_external(external, development, flag: str) -> None:
     if problem:
         raise StudyError(f"{flag} {external.path}: {problem}; convert it with the development store's "
                          "--sequences, --shape and preprocessing flags (its attributes list them)")
+
+
+def development_patients(external, development) -> list[str]:
+    """The external store's patients whose images are a development patient's (a source file of the
+    same SHA-256, as the converter recorded them): models that trained on them would score them, so
+    their external numbers would be optimistic."""
+    def digests(store) -> dict[str, set[str]]:
+        out = {}
+        for pid, record in store.manifest.get("patients", {}).items():
+            if isinstance(record, dict) and record.get("status") == "ok":
+                out[pid] = {source.get("sha256") for source in record.get("sources", {}).values()
+                            if isinstance(source, dict) and source.get("sha256")}
+        return out
+
+    seen = set().union(*digests(development).values()) if development.manifest.get("patients") else set()
+    return sorted(pid for pid, mine in digests(external).items() if mine & seen)
+

@@ -145,12 +145,16 @@ def start_ray(config: StudyConfig) -> None:
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS") or "local"
         source = "--address" if config.address else "RAY_ADDRESS"
+        dashboard = config.dashboard and address == "local"  # a cluster's dashboard is its head's
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-                     logging_level="ERROR")
+            context = ray.init(address=address, include_dashboard=dashboard, log_to_driver=False,
+                               configure_logging=True, logging_level="ERROR",
+                               **({"dashboard_host": "127.0.0.1"} if dashboard else {}))
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise StudyError(f"{source} {address}: Ray cannot be joined ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:300]})") from None
+        if dashboard and getattr(context, "dashboard_url", None):
+            print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def ray_location(config: StudyConfig) -> str:
@@ -301,6 +305,19 @@ def development_cutoff(checkpoint: Path) -> float:
     from analysis import metric_names as names
 
     return float(pd.read_csv(checkpoint / names.OOF_FILE)["risk"].median())
+
+
+def dpi_scale(checkpoint: Path, folds: int, store: CohortStore, cohort) -> dict:
+    """The fold ensemble's development scale (`analysis.ensemble.DevelopmentScale`), as the report
+    computes it: the model's DPI for a new patient is the report's for the same patient."""
+    import pandas as pd
+
+    from analysis import metric_names as names
+    from analysis.ensemble import development_scale, load_fold_models
+
+    oof = pd.read_csv(checkpoint / names.OOF_FILE)["risk"].to_numpy(float)
+    scale = development_scale(load_fold_models(checkpoint, folds), store, cohort.slots, cohort.clinical, oof)
+    return scale.to_dict()
 
 
 def manifest(config: StudyConfig, store: CohortStore) -> dict:
@@ -517,6 +534,7 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
         try:
             with cell.best_checkpoint.as_directory() as directory:
                 meta["dpi_cutoff"] = development_cutoff(Path(directory))
+                meta["dpi_scale"] = dpi_scale(Path(directory), config.protocol.folds, store, cohort)
                 uri = log_cell_model(config.tracking_uri, tracker.run_id(cell.cell), Path(directory), meta,
                                      str(store.path), list(cohort.patient_ids[:2]), name)
             print(f"  model of {cell.label}: {uri}" + (f", registered as {name}" if name else ""), flush=True)

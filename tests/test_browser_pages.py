@@ -261,23 +261,25 @@ def test_the_qc_page_shows_every_patients_montage(small_store, browser, tmp_path
 
 
 def test_a_new_patients_page_shows_its_numbers_curve_map_and_images(study, small_export, browser, tmp_path):
-    """`study.predict` by --study and --cell on an export without outcomes: the DPIs are the report's
-    external validation of the same patients (converted with the development store's preprocessing),
-    and each patient's page renders its figures."""
+    """`study.predict` by --study and --cell on a PACS's DICOM export without outcomes: the DPIs are the
+    report's external validation of the same patients (the NIfTI files converted with the development
+    store's preprocessing), and each patient's page renders its figures."""
     import pandas as pd
 
+    from datasets.synthetic_dicom import write_patient
     from study.predict import main as predict
 
     root, uri, index = study
-    new = tmp_path / "new"
-    shutil.copytree(small_export / "images", new)  # the images only: no clinical table, no outcome
+    new = tmp_path / "new"  # the images only, as DICOM series named for nothing: no clinical table, no outcome
+    for folder in sorted(p for p in (small_export / "images").iterdir() if p.is_dir()):
+        write_patient(folder, new / folder.name, "flat", patient_id=folder.name)
     cell = "densenet121__os_all"
     assert predict(["--study", STUDY, "--cell", cell, "--tracking-uri", uri, "--images", str(new),
                     "--out", str(tmp_path / "scored")]) == 0
     scored = pd.read_csv(tmp_path / "scored" / "predictions.csv", dtype={"patient_id": str})
     report = pd.read_csv(index.parent / f"external_{cell}_small.csv", dtype={"patient_id": str}).set_index("patient_id")
     assert set(scored["patient_id"]) == set(report.index)
-    assert scored["dpi"].to_numpy() == pytest.approx(report.loc[scored["patient_id"], "dpi"].to_numpy(), abs=1e-5)
+    assert scored["dpi"].to_numpy() == pytest.approx(report.loc[scored["patient_id"], "dpi"].to_numpy(), rel=1e-5, abs=1e-5)
     assert set(scored["risk_group"]) <= {"high", "low"}
     page = browser.new_page(viewport={"width": 1100, "height": 1000})
     page.goto((tmp_path / "scored" / "index.html").absolute().as_uri())
