@@ -16,7 +16,6 @@ study's parent MLflow run under ``report/``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -66,18 +65,23 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--study", required=True, help="study name (the MLflow experiment)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"),
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default: report-STUDY)")
-    parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (paths or s3:// gs:// URIs)")
-    parser.add_argument("--clinical", nargs="+", default=None, metavar="COVARIATE",
-                        help=f"clinical covariates of the added-value models, among {list(CLINICAL)} "
+    from datasets.cli import new_parser
+
+    parser = new_parser("analysis.report", __doc__.split("\n\n")[0])
+    required = parser.add_argument_group("required")
+    required.add_argument("--study", required=True, help="study name (the MLflow experiment)")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd() / 'mlflow.db'}"),
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI if set, else sqlite:///$PWD/mlflow.db)")
+    inputs.add_argument("--external", nargs="*", default=[], metavar="STORE",
+                        help="external cohort stores (paths or s3:// gs:// URIs)")
+    inputs.add_argument("--clinical", nargs="+", default=None, metavar="COVARIATE",
+                        help=f"clinical covariates of the added-value models, among {' '.join(CLINICAL)} "
                              "(default: every one the store has)")
-    parser.add_argument("--gradcam-random", type=int, default=2, help="random patients explained per task")
-    parser.add_argument("--no-log", action="store_true", help="do not log the report to the study run")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, default=None, help="report folder (default: report-STUDY)")
+    output.add_argument("--gradcam-random", type=int, default=2, help="random patients explained per task")
+    output.add_argument("--no-log", action="store_true", help="do not log the report to the study run")
     args = parser.parse_args(argv)
     if args.gradcam_random < 0:
         print(f"error: --gradcam-random must be 0 or more, got {args.gradcam_random}", file=sys.stderr)

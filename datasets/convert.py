@@ -859,48 +859,54 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m datasets.convert",
-        description="Convert a site export (one folder per patient + clinical CSV) into a cohort store.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--images", type=Path, help="folder with one sub-folder per patient")
-    parser.add_argument("--clinical", type=Path, help="clinical CSV, one row per patient")
-    parser.add_argument("--out", type=Path, help="cohort store to create or resume (NAME.zarr)")
-    parser.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQUENCES), help="sequences, in channel order")
-    parser.add_argument("--shape", type=_shape, default=(120, 120, 78), help="output shape X x Y x Z (voxels)")
-    parser.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing (mm) before cropping")
-    parser.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
+    from datasets.cli import new_parser
+
+    parser = new_parser("datasets.convert", "Convert a site export (one folder per patient + clinical CSV) into a "
+                                            "cohort store.")
+    required = parser.add_argument_group("required (except with --verify)")
+    required.add_argument("--images", type=Path,
+                          help="folder with one sub-folder per patient (NIfTI/NRRD files, DICOM in any arrangement, "
+                               "or a BIDS dataset)")
+    required.add_argument("--clinical", type=Path, help="clinical CSV, one row per patient")
+    required.add_argument("--out", type=Path, help="cohort store to create or resume (NAME.zarr)")
+    preprocessing = parser.add_argument_group("preprocessing")
+    names = parser.add_argument_group("file names and clinical columns")
+    running = parser.add_argument_group("running")
+    preprocessing.add_argument("--sequences", nargs="+", default=list(DEFAULT_SEQUENCES), help="sequences, in channel order")
+    preprocessing.add_argument("--shape", type=_shape, default=(120, 120, 78), metavar="XxYxZ",
+                               help="output shape in voxels (default: 120x120x78)")
+    preprocessing.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing (mm) before cropping")
+    preprocessing.add_argument("--clip", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
                         help="intensity percentiles clipped to inside the head mask")
-    parser.add_argument("--column", action="append", default=[], metavar="NAME=CSV_COLUMN",
-                        help=f"map a clinical column, NAME one of {list(clinical_mod.CANONICAL)}")
-    parser.add_argument("--pattern", action="append", default=[], metavar="SEQUENCE=REGEX",
+    names.add_argument("--column", action="append", default=[], metavar="NAME=CSV_COLUMN",
+                        help=f"map a clinical column, NAME one of {' '.join(clinical_mod.CANONICAL)}")
+    names.add_argument("--pattern", action="append", default=[], metavar="SEQUENCE=REGEX",
                         help="file-name pattern of a sequence (full match on the lower-case name without id and "
                              "extension); adds to the built-in names and wins over them")
-    parser.add_argument("--preset", choices=("brats", "raw"), default="brats",
+    preprocessing.add_argument("--preset", choices=("brats", "raw"), default="brats",
                         help="brats: inputs already co-registered and skull-stripped (no extra step); raw: a "
                              "scanner export (--register rigid --bias-correct --brain-mask)")
-    parser.add_argument("--register", choices=REGISTRATIONS, default=None,
+    preprocessing.add_argument("--register", choices=REGISTRATIONS, default=None,
                         help="align every sequence to --reference-sequence (default: none; rigid with --preset raw)")
-    parser.add_argument("--bias-correct", action="store_true", help="N4 bias-field correction (on with --preset raw)")
-    parser.add_argument("--brain-mask", action="store_true",
+    preprocessing.add_argument("--bias-correct", action="store_true", help="N4 bias-field correction (on with --preset raw)")
+    preprocessing.add_argument("--brain-mask", action="store_true",
                         help="brain extraction with deepbet (pip install -e \".[raw]\"); normalise and store the "
                              "brain, not the head (on with --preset raw)")
-    parser.add_argument("--reference-sequence", default="t1c", help="the sequence the others are registered to")
-    parser.add_argument("--time-range-days", type=float, nargs=2, default=clinical_mod.TIME_RANGE_DAYS,
+    preprocessing.add_argument("--reference-sequence", default="t1c", help="the sequence the others are registered to")
+    names.add_argument("--time-range-days", type=float, nargs=2, default=clinical_mod.TIME_RANGE_DAYS,
                         metavar=("MIN", "MAX"), help="plausible survival times (days); rows outside are excluded")
-    parser.add_argument("--event-coding", choices=sorted(clinical_mod.EVENT_CODINGS), default=None,
+    names.add_argument("--event-coding", choices=sorted(clinical_mod.EVENT_CODINGS), default=None,
                         help="the event column's coding: 01 (1 = death, 0 = censored) or 12 (R's survival / SAS "
                              "status: 2 = death, 1 = censored); default: told from the column's values, an "
                              "ambiguous set (0, 1 and 2) stops the conversion")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
-    parser.add_argument("--backend", choices=("processes", "ray"), default="processes",
+    running.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel worker processes")
+    running.add_argument("--backend", choices=("processes", "ray"), default="processes",
                         help="process pool on this machine, or Ray tasks (RAY_ADDRESS for a cluster)")
-    parser.add_argument("--pseudonymise-key", metavar="KEY_FILE", type=Path, default=None,
+    names.add_argument("--pseudonymise-key", metavar="KEY_FILE", type=Path, default=None,
                         help="store keyed-hash pseudonyms instead of patient ids; the key file is created if absent "
                              "and must stay outside the store (keep it to resume or to link results back)")
-    parser.add_argument("--verify", metavar="STORE", type=Path, help="re-check an existing store and exit")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    running.add_argument("--verify", metavar="STORE", type=Path, help="re-check an existing store and exit")
+    running.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

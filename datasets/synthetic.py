@@ -55,7 +55,6 @@ C-index of E[lp | S] (within glioblastoma: of E[lp | S, F]) by more than its sam
 
 from __future__ import annotations
 
-import argparse
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -599,8 +598,9 @@ def find_truth(store) -> pd.DataFrame | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from datasets.cli import new_parser
+
+    parser = new_parser("datasets.synthetic", __doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the site export into")
     parser.add_argument("--n", type=int, default=200, help="number of patients")
     parser.add_argument("--voxel-size", type=float, default=3.0, help="voxel size of the written images (mm)")

@@ -12,7 +12,6 @@ the DICOM copy is lossless: converting it gives the same store as converting the
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -111,7 +110,9 @@ def write_patient(nifti_folder: Path, out: Path, layout: str = "flat", patient_i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datasets.synthetic_dicom", description=__doc__.split("\n\n")[0])
+    from datasets.cli import new_parser
+
+    parser = new_parser("datasets.synthetic_dicom", __doc__.split("\n\n")[0])
     parser.add_argument("export", type=Path, help="a synthetic NIfTI export (images/<patient>/, clinical.csv)")
     parser.add_argument("out", type=Path, help="the DICOM export to write (must not exist)")
     parser.add_argument("--layout", choices=("flat", "folders"), default="flat",

@@ -46,7 +46,7 @@ class StudyConfig:
     per_cell_concurrent
         Trials of one cell at once (None: `study.tuning.per_cell_limit`, 10 or half the cell's
         configurations); fewer lets each cell's TPE learn from more ended trials, more keeps GPUs
-        busy (README, "Every GPU busy").
+        busy (docs/guides/cluster.md, "Every GPU busy").
     share_volumes
         One in-memory copy of the volumes per node (Ray's object store) instead of one per trial.
     pruning
@@ -68,6 +68,8 @@ class StudyConfig:
     cpu_fallback
         Train on the CPU when a trial's GPUs cannot be used (False: such a trial fails, and a GPU node
         type that cannot train stops the study before its first trial; `trainables.devices`).
+    dashboard
+        A local Ray starts its dashboard on 127.0.0.1 (a cluster's dashboard is the head's).
     seed
         Seeds folds, samplers and training.
     """
@@ -99,6 +101,7 @@ class StudyConfig:
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     per_cell_concurrent: int | None = None
     cpu_fallback: bool = False
+    dashboard: bool = False
 
     @property
     def search_space(self) -> SearchSpace:
@@ -219,6 +222,11 @@ def resolve(args) -> StudyConfig:
     seconds("STUDY_TRACKING_CATCH_UP_S", 300.0)  # read at the end of the study: a bad value stops it now
     if args.address or os.environ.get("RAY_ADDRESS"):
         check_ray_address(args.address or os.environ["RAY_ADDRESS"], "--address" if args.address else "RAY_ADDRESS")
+    if getattr(args, "dashboard", False):
+        import importlib.util
+
+        if importlib.util.find_spec("aiohttp") is None:
+            raise InputError("--dashboard needs Ray's dashboard: pip install 'ray[default]'")
     name = args.name or f"{space.name}-{budget}"
     if len(name) > MAX_NAME:
         raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
@@ -234,7 +242,7 @@ def resolve(args) -> StudyConfig:
         trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
         share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
         clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
-        cpu_fallback=args.cpu_fallback)
+        cpu_fallback=args.cpu_fallback, dashboard=getattr(args, "dashboard", False))
 
 
 RAY_PROBE_S = 10.0

@@ -27,25 +27,24 @@ import time
 from pathlib import Path
 
 from datasets.errors import StudyError
+from datasets.cli import new_parser
 
 EXIT_BAD_INPUT, EXIT_SOME_NOT_SCORED = 2, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m study.predict",
-        description="Score new patients (no outcome needed) with a cell's model: DPI, risk group, survival curve, "
-                    "Grad-CAM; a CSV and one HTML page per patient.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = new_parser("study.predict", "Score new patients (no outcome needed) with a cell's model: DPI, risk "
+                                         "group, survival curve, Grad-CAM; a CSV and one HTML page per patient.")
     which = parser.add_argument_group("the model (one of)")
     which.add_argument("--model", metavar="URI", help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model, "
                                                       "or a model folder")
     which.add_argument("--study", metavar="NAME", help="the study whose cell's model to use (with --cell)")
     which.add_argument("--cell", metavar="CELL", help="the cell, as the results table names it (densenet121__os_all)")
     which.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+                       help="MLflow tracking URI (default: MLFLOW_TRACKING_URI if set, else sqlite:///$PWD/mlflow.db)")
     data = parser.add_argument_group("the new patients")
-    data.add_argument("--images", type=Path, required=True, help="folder with one sub-folder per patient")
+    data.add_argument("--images", type=Path, required=True,
+                      help="folder with one sub-folder per patient (NIfTI, DICOM in any arrangement, or BIDS)")
     data.add_argument("--clinical", type=Path, default=None,
                       help="CSV with patient_id and covariates (only for image+clinical models; no outcome needed)")
     data.add_argument("--column", action="append", default=[], metavar="NAME=CSV_COLUMN",

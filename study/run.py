@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from datasets.errors import StudyError
 from search_spaces import SPACES, TASKS
+from datasets.cli import new_parser
 from study.config import StudyConfig, check_trial_configs, resolve
 from study.data import open_data, task_cohorts
 from study.driver import StudyInterrupted, TrackingIncomplete, describe, join_cluster, run_study
@@ -27,76 +28,84 @@ def resume_command(arguments: Sequence[str]) -> str:
                      *([] if "--resume" in arguments else ["--resume"])])
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" unless the help text already explains the default."""
-
-    def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m study.run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
-    parser.add_argument("--space", default="literature_priors", help="search space: a built-in name (see --list-spaces) or a .yaml/.json space file")
-    parser.add_argument("--list-spaces", action="store_true", help="print the search spaces and exit")
-    parser.add_argument("--data", default=None,
-                        help="development cohort store: a path, or s3:// gs:// URI staged once per node "
-                             "(default: the demo cohort)")
-    parser.add_argument("--external", nargs="*", default=[], help="external cohort stores (for the report)")
-    parser.add_argument("--backbones", nargs="+", default=None, help="backbones (default: the space's)")
-    parser.add_argument("--tasks", nargs="+", default=None, help=f"tasks among {list(TASKS)} (default: the space's)")
-    parser.add_argument("--inputs", nargs="+", default=None, metavar="INPUTS",
-                        help="what the networks see: image and/or image+clinical (the backbone's features joined "
-                             "with the clinical vector before the survival head); each is its own cell "
-                             "(default: the protocol's)")
-    parser.add_argument("--clinical-inputs", nargs="+", default=None, metavar="COLUMN",
-                        help="stored clinical columns an image+clinical network sees (default: age sex grade "
-                             "glioblastoma idh mgmt; kps and resection when the store has them)")
-    parser.add_argument("--num-samples", type=int, default=None,
+    parser = new_parser("study.run", __doc__.split("\n\n")[0])
+    data = parser.add_argument_group("data and cells")
+    data.add_argument("--space", default="literature_priors",
+                      help="search space: a built-in name (see --list-spaces) or a .yaml/.json space file")
+    data.add_argument("--list-spaces", action="store_true", help="print the search spaces and exit")
+    data.add_argument("--data", default=None,
+                      help="development cohort store: a path, or s3:// gs:// URI staged once per node "
+                           "(default: the demo cohort)")
+    data.add_argument("--external", nargs="*", default=[], metavar="STORE",
+                      help="external cohort stores (for the report)")
+    data.add_argument("--backbones", nargs="+", default=None, help="backbones (default: the space's)")
+    data.add_argument("--tasks", nargs="+", default=None, help=f"tasks among {' '.join(TASKS)} (default: the space's)")
+    data.add_argument("--inputs", nargs="+", default=None, metavar="INPUTS",
+                      help="what the networks see: image and/or image+clinical (the backbone's features joined "
+                           "with the clinical vector before the survival head); each is its own cell "
+                           "(default: the protocol's)")
+    data.add_argument("--clinical-inputs", nargs="+", default=None, metavar="COLUMN",
+                      help="stored clinical columns an image+clinical network sees (default: age sex grade "
+                           "glioblastoma idh mgmt; kps and resection when the store has them)")
+    search = parser.add_argument_group("search")
+    search.add_argument("--num-samples", type=int, default=None,
                         help="configurations per cell (default: the protocol's)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: CPUs / cpus-per-trial)")
-    parser.add_argument("--per-cell-concurrent", type=int, default=None, metavar="N",
-                        help="trials of one cell at once: fewer lets each cell's search learn from more ended trials, "
-                             "more keeps GPUs busy (default: 10 or half the cell's configurations, whichever is more; "
-                             "set when the study starts: --resume keeps it)")
-    parser.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; fractions pack small models")
-    parser.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
-    parser.add_argument("--cpu-fallback", action="store_true",
-                        help="train on the CPU (slowly) when a trial's GPUs cannot be used; without it such a trial "
-                             "fails at once, and a GPU node type that cannot train stops the study before its first "
-                             "trial (exit 2)")
-    parser.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True,
-                        help="stop poor configurations early with ASHA (default); --no-pruning runs every "
-                             "configuration for all its epochs")
-    parser.add_argument("--share-volumes", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep one in-memory copy of the cohort's volumes per node (Ray's object store) for all "
-                             "trials on it; --no-share-volumes: every trial reads its own copy from the store")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///$PWD/mlflow.db)")
-    parser.add_argument("--storage-path", default="ray_results",
-                        help="Tune experiment state and checkpoints: a folder (shared by all nodes on a cluster) "
-                             "or an s3:// gs:// URI")
-    parser.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
-    parser.add_argument("--resume", action="store_true", help="continue the study called --name")
-    parser.add_argument("--register-models", action="store_true",
-                        help="register each cell's selected model (its fold ensemble, logged under the study run "
-                             "in any case) in MLflow's model registry as STUDY-CELL")
-    parser.add_argument("--trust-storage", action="store_true",
-                        help="resume without checking Tune's state files on the storage path against the digests "
-                             "the driver recorded in MLflow (they are unpickled: only for storage only you can write)")
-    parser.add_argument("--budget", choices=("demo", "full"), default=None,
+    search.add_argument("--budget", choices=("demo", "full"), default=None,
                         help="protocol size (default: demo without --data, full with it)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of folds, samplers and training")
-    parser.add_argument("--outer-folds", type=int, default=0, metavar="K",
+    search.add_argument("--pruning", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop poor configurations early with ASHA (the default); --no-pruning runs every "
+                             "configuration for all its epochs")
+    search.add_argument("--seed", type=int, default=0, help="seed of folds, samplers and training")
+    search.add_argument("--outer-folds", type=int, default=0, metavar="K",
                         help="nested cross-validation: run the whole search K times, each without one outer fold, "
-                             "and test each selected configuration on the fold it never saw (K x the cost of a study; "
-                             "0: off)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved study and its cost (trials, fold-epochs, GPU-hours with and without "
-                             "ASHA, wall time on the cluster of --address) and exit")
-    parser.add_argument("--epoch-seconds", type=float, default=None,
-                        help="seconds of one fold-epoch on a trial's GPU share, for --dry-run's cost (default: an "
-                             "assumed throughput, see study/cost.py)")
+                             "and test each selected configuration on the fold it never saw (K x the cost of a "
+                             "study; 0: off)")
+    resources = parser.add_argument_group("resources")
+    resources.add_argument("--address", default=None,
+                           help="Ray cluster address (default: RAY_ADDRESS if set, else a local Ray)")
+    resources.add_argument("--max-concurrent", type=int, default=None,
+                           help="trials at once (default: every trial slot of the cluster or machine: its CPUs / "
+                                "--cpus-per-trial, or its GPUs / --gpus-per-trial)")
+    resources.add_argument("--per-cell-concurrent", type=int, default=None, metavar="N",
+                           help="trials of one cell at once: fewer lets each cell's search learn from more ended "
+                                "trials, more keeps GPUs busy (default: 10 or half the cell's configurations, "
+                                "whichever is more; set when the study starts: --resume keeps it)")
+    resources.add_argument("--gpus-per-trial", type=float, default=0.0,
+                           help="GPUs per trial; fractions pack small models")
+    resources.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (torch threads) per trial")
+    resources.add_argument("--cpu-fallback", action="store_true",
+                           help="train on the CPU (slowly) when a trial's GPUs cannot be used; without it such a "
+                                "trial fails at once, and a GPU node type that cannot train stops the study before "
+                                "its first trial (exit 2)")
+    resources.add_argument("--share-volumes", action=argparse.BooleanOptionalAction, default=True,
+                           help="keep one in-memory copy of the cohort's volumes per node (Ray's object store) for "
+                                "all trials on it (the default); --no-share-volumes: every trial reads its own copy")
+    resources.add_argument("--dashboard", action="store_true",
+                           help="a local study starts Ray's dashboard on 127.0.0.1 and prints its address (a "
+                                "cluster's is the head's, port 8265)")
+    tracking = parser.add_argument_group("tracking and storage")
+    tracking.add_argument("--tracking-uri", default=None,
+                          help="MLflow tracking URI (default: MLFLOW_TRACKING_URI if set, else sqlite:///$PWD/mlflow.db)")
+    tracking.add_argument("--storage-path", default="ray_results",
+                          help="Tune experiment state and checkpoints: a folder (shared by all nodes on a cluster) "
+                               "or an s3:// gs:// URI")
+    tracking.add_argument("--name", default=None, help="study name (default: SPACE-BUDGET); reusing it resumes")
+    tracking.add_argument("--resume", action="store_true", help="continue the study called --name")
+    tracking.add_argument("--register-models", action="store_true",
+                          help="register each cell's selected model (its fold ensemble, logged under the study run "
+                               "in any case) in MLflow's model registry as STUDY-CELL")
+    tracking.add_argument("--trust-storage", action="store_true",
+                          help="resume without checking Tune's state files on the storage path against the digests "
+                               "the driver recorded in MLflow (they are unpickled: only for storage only you can "
+                               "write)")
+    preview = parser.add_argument_group("preview")
+    preview.add_argument("--dry-run", action="store_true",
+                         help="print the resolved study and its cost (trials, fold-epochs, GPU-hours with and "
+                              "without ASHA, wall time on the cluster of --address) and exit")
+    preview.add_argument("--epoch-seconds", type=float, default=None,
+                         help="seconds of one fold-epoch on a trial's GPU share, for --dry-run's cost (default: an "
+                              "assumed throughput, see study/cost.py)")
     return parser
 
 

@@ -36,7 +36,6 @@ from tests.conftest import PROJECT_ROOT
 DOCS = PROJECT_ROOT / "docs"
 README = PROJECT_ROOT / "README.md"
 CHROMIUM = Path("/usr/bin/chromium")
-COMMAND = re.compile(r"\bpython -m (study\.run|study\.predict|datasets\.convert|analysis\.report|study\.tracking)(?![\w.])")
 PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_-]*|.*\$.*|.*\.\.\..*)$")  # BUCKET, JOB_ID, N, $BUCKET/x, postgresql://...
 OPERATORS = set("();<>|&")
 
@@ -50,6 +49,11 @@ def _cli_reference():
 
 
 # --- the commands the docs show -----------------------------------------------------------------
+
+# The documented commands, as the command-line reference lists them (longest first: a name that
+# begins another, datasets.synthetic and datasets.synthetic_dicom, is matched whole).
+COMMAND = re.compile(r"\bpython -m (" + "|".join(
+    re.escape(c[len("python -m "):]) for c in sorted(_cli_reference().COMMANDS, key=len, reverse=True)) + r")(?![\w.])")
 
 
 @dataclass

@@ -29,6 +29,8 @@ COMMANDS = {
     "python -m analysis.report": "analysis.report",
     "python -m study.predict": "study.predict",
     "python -m study.tracking": "study.tracking.server",
+    "python -m datasets.synthetic": "datasets.synthetic",
+    "python -m datasets.synthetic_dicom": "datasets.synthetic_dicom",
 }
 # Defaults the parsers read from the environment: left out while they are built, so the page
 # shows each command's own default, whatever the machine that builds the site has set.

@@ -100,10 +100,11 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m study.tracking", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from datasets.cli import HelpFormatter, new_parser
+
+    parser = new_parser("study.tracking", __doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the tracking server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve = commands.add_parser("serve", help="run the tracking server", formatter_class=HelpFormatter)
     serve.add_argument("--root", type=Path, default=Path("mlflow-server"), help="folder of the SQLite database and artifacts")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (loopback: reach it through an SSH tunnel)")
     serve.add_argument("--port", type=int, default=5000, help="port")
