@@ -2,7 +2,7 @@
 
 Trainables produce them, `study` logs them (MLflow, results table) and `analysis` reads them
 back; every module imports the names from here. Definitions (which patients, which horizon,
-which censoring distribution) are the README's "Metrics" section, one line each.
+which censoring distribution) are docs/concepts.md's Definitions, one line each.
 """
 
 from __future__ import annotations

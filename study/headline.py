@@ -4,7 +4,7 @@ computed from the study's records in MLflow.
 A cell's trial runs hold what the search saw: each trial's scores at every rung of the scheduler it
 reached (``rungs/epoch_NNNN.csv``), when the driver saw them (metric ``rung_seen``), and a
 finished trial's pooled out-of-fold predictions (``oof_predictions.csv``). They are read from the
-tracking server, which the storage path cannot forge (README, "The storage path is a trust
+tracking server, which the storage path cannot forge (docs/guides/troubleshooting.md, "The storage path is a trust
 boundary"). Without pruning, or for a cell whose trials have no rung records (a study started by an
 earlier version), the headline is BBC-CV over the finished configurations, and says so
 (`Headline.replayed`).

@@ -24,7 +24,7 @@ possibly 200-epoch, configurations in the study's final minutes: in the scheduli
 `benchmarks/schedule_policies.py` (12 cells x 20 configurations on 24 GPUs with ASHA) filling
 ends the study at 1.10x its lower bound instead of 1.22x. The price is in the search: a cell's
 TPE suggests configurations 11 to 20 having seen about 6 of the cell's trials end instead of
-13, and the cap bounds that (see `per_cell_limit` and the README's cluster section).
+13, and the cap bounds that (see `per_cell_limit` and docs/guides/cluster.md).
 
 What Optuna learns from (`CellOptunaSearch`): a finished trial is COMPLETE with its pooled
 out-of-fold C-index (the number the cell is ranked by); a trial that ASHA stopped is PRUNED,

@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on this machine (``ray start --head`` with its dashboard on
 127.0.0.1 + ``ray start --address``, on loopback, token authentication on): the study handed the
-cluster in RAY_ADDRESS runs trials on both nodes, the README's ``ray job submit`` recipe does the
+cluster in RAY_ADDRESS runs trials on both nodes, the cluster guide's ``ray job submit`` recipe does the
 same through the jobs API, and a worker node lost mid-study has its trials rescheduled on the
 other node."""
 
@@ -163,12 +163,12 @@ def test_study_on_a_two_node_cluster_uses_both_nodes(cluster, server, small_stor
     assert len(list(storage.glob("cv_trainable_*/checkpoint_*/fold1_model.pt"))) == finished, "fold models kept"
 
 
-def test_ray_job_submit_as_the_readme_says(cluster, server, small_store, tmp_path):
+def test_ray_job_submit_as_the_cluster_guide_says(cluster, server, small_store, tmp_path):
     """`ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m study.run ...`, as in
-    the README (its dashboard port here a free one): the job's study uses both nodes and tracks to
+    the cluster guide, docs/guides/cluster.md (its dashboard port here a free one): the job's study uses both nodes and tracks to
     the server."""
     nodes = cluster.node_ids()
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    readme = (PROJECT_ROOT / "docs" / "guides" / "cluster.md").read_text()
     assert re.search(r"ray job submit --address http://127\.0\.0\.1:8265 --working-dir \. -- \\\n\s+python -m study\.run",
                      readme)
     # `python` is the user's activated environment: the one running these tests.

@@ -1,4 +1,4 @@
-"""A cluster study as the README's steps run it, with every record on durable storage: a two-node
+"""A cluster study as the cluster guide's steps run it, with every record on durable storage: a two-node
 Ray cluster on loopback (token authentication), an S3-compatible object server (moto) holding the
 cohort, the study's storage path and MLflow's artifacts, and a real PostgreSQL as MLflow's
 database behind `python -m study.tracking serve`. The study is submitted with
