@@ -344,3 +344,16 @@ def test_a_newcomer_reads_the_site_and_follows_the_readmes_links_in_chromium(sit
                 problems.append(f"{where}: the page has no title")
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_the_readmes_first_screen_shows_the_answer():
+    """A newcomer reads the first screen: what the tool answers, and a picture of that answer (the
+    demo's headline C-index per cell against what there was to learn) before any command; the README
+    stays short enough to read in five minutes."""
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 150, f"the README has {len(lines)} lines"
+    first_image = next(n for n, line in enumerate(lines) if re.match(r"!\[[^\]]+\]\(([^)]+)\)", line))
+    first_command = next(n for n, line in enumerate(lines) if line.startswith("```"))
+    assert first_image < first_command and first_image < 30, (first_image, first_command)
+    target = re.match(r"!\[[^\]]+\]\(([^)\s]+)", lines[first_image]).group(1)
+    assert (PROJECT_ROOT / target).is_file() and target.endswith("demo_cell_comparison.png"), target
