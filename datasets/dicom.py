@@ -57,7 +57,7 @@ T1_PREP_TI_MS = (300.0, 1500.0)  # MPRAGE / IR-SPGR inversion times
 _NOT_STRUCTURAL = re.compile(
     r"locali[sz]er|scout|survey|pilot|3[-_ ]?plane|tof|angio|mra\b|\bdwi|diffusion|\bdti|\badc|trace|"
     r"perf|\bdsc\b|\bdce\b|\basl\b|\bswi|susceptib|\bbold|fmri|spectro|\bmrs\b|\bsvs\b|csi|field[-_ ]?map|"
-    r"\bb0\b|\bmip\b|\bmpr\b$|t2\*|t2star|\bsvs", re.IGNORECASE)
+    r"\bb0\b|\bmip\b|\bmpr\b$|t2\*|t2star", re.IGNORECASE)
 _HEADER_TAGS = ["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "ProtocolName", "Modality", "ImageType",
                 "RepetitionTime", "EchoTime", "InversionTime", "ScanningSequence", "ContrastBolusAgent", "PatientID",
                 "NumberOfFrames", "DiffusionBValue"]
@@ -355,20 +355,19 @@ def read_headers(source: Path):
     return files, headers
 
 
-def declared_geometry(source: Path) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The RAS affine and shape [X, Y, Z] a series declares, from its headers (no pixels read)."""
-    files, headers = read_headers(source)
-    _, affine, (rows, cols) = _geometry(headers, Path(source))
-    return LPS_TO_RAS @ affine, (cols, rows, len(files))
-
-
-def read_volume(source: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(source: Path, check: Callable[[np.ndarray, tuple[int, int, int]], str | None] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """A series as a float32 array [X, Y, Z] (X along a row, Y down a column, Z along the slice
-    normal) and its RAS affine; rescale slope and intercept applied."""
+    normal) and its RAS affine; rescale slope and intercept applied. `check(affine, shape)`, if
+    given, judges the geometry the headers declare before any pixel is read (ImageError with its
+    reason)."""
     import pydicom
 
     files, headers = read_headers(source)
     order, affine, (rows, cols) = _geometry(headers, Path(source))
+    problem = check(LPS_TO_RAS @ affine, (cols, rows, len(files))) if check else None
+    if problem:
+        raise ImageError(f"{problem} (its headers, read before the pixels)")
     volume = np.empty((cols, rows, len(files)), dtype=np.float32)
     for k, index in enumerate(order):
         ds = pydicom.dcmread(files[index])

@@ -115,11 +115,7 @@ def _read_dicom(path: Path, patient_id: str, key: str):
     from datasets import dicom
 
     try:
-        affine, shape = dicom.declared_geometry(path)
-        problem = geometry_problem(affine, shape)
-        if problem:
-            raise ImageError(f"{problem} (its headers, read before the pixels)")
-        data, affine = dicom.read_volume(path)
+        data, affine = dicom.read_volume(path, check=geometry_problem)  # headers read once, checked first
     except ImageError as exc:
         raise ImageError(f"patient {patient_id}: {key} series {path}: {exc}") from None
     except Exception as exc:  # pydicom raises many types for truncated or foreign files
