@@ -171,8 +171,10 @@ def _misplaced(planes: list, sequences: list[str], reference_key: str, fraction:
 
     reference = _head_mask([planes[sequences.index(reference_key)]], fraction)
     for key, plane in zip(sequences, planes):
-        if plane is None or key == reference_key or not plane.any():
+        if plane is None or key == reference_key:
             continue
+        # All zero here, not in its file (empty files are set aside before): its head lies wholly
+        # outside the reference's grid, a Dice of 0, not a missing sequence.
         own = _head_mask([plane], fraction)
         dice = 2.0 * float((own & reference).sum()) / max(1.0, float(own.sum() + reference.sum()))
         if dice < MIN_MASK_OVERLAP:

@@ -473,6 +473,179 @@ def test_hostile_names_and_values_are_refused_or_read_as_meant(tiny_export, tmp_
     assert verify_store(out) == []
 
 
+# -- geometry, withdrawal and faults (issue 33, classes 9, 10, 14, 15) --------------------------
+
+@st.composite
+def fault_cases(draw, kind: str) -> dict:
+    """A random instance of a geometry, withdrawal or environment fault on the 3-patient export."""
+    case = {"kind": kind, "p": draw(st.integers(0, 2)), "sequence": draw(st.sampled_from(["t1", "t1c"]))}
+    if kind == "geometry":
+        case["how"] = draw(st.sampled_from(["shift", "shift", "bomb", "nudge"]))
+        case["axis"] = draw(st.integers(0, 2))
+        case["mm"] = (draw(st.floats(180.0, 600.0)) if case["how"] == "shift" else draw(st.floats(0.0, 1.5))) \
+            * draw(st.sampled_from([-1.0, 1.0]))
+        case["declared"] = draw(st.lists(st.integers(520, 4096), min_size=3, max_size=3))
+    elif kind == "withdrawn":
+        case["what"] = draw(st.sampled_from(["clinical row", "image folder", "both"]))
+        case["also"] = draw(st.sampled_from([None, None, "clinical row", "image folder"]))
+    elif kind == "worker":
+        case["workers"] = draw(st.integers(2, 3))
+    else:
+        case["free"] = draw(st.integers(0, 400_000))  # bytes left on a 3 MB disk once the store exists
+    return case
+
+
+def _withdraw(export: Path, pid: str, what: str) -> None:
+    if what in ("clinical row", "both"):
+        table = pd.read_csv(export / "clinical.csv", dtype=str, keep_default_na=False)
+        table[table["patient_id"] != pid].to_csv(export / "clinical.csv", index=False)
+    if what in ("image folder", "both"):
+        shutil.rmtree(export / "images" / pid)
+
+
+def _kill_workers_of(out: Path, pid: str, stop, killed: list) -> None:
+    """Kill (SIGKILL) every conversion worker that takes `pid`, as a file crashing its reader would."""
+    import signal
+    import time
+
+    while not stop.is_set():
+        try:
+            slot = json.loads((out / "zarr.json").read_text())["attributes"]["patient_ids"].index(pid)
+            worker = int((out / ".converting" / str(slot)).read_text())
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.01)
+            continue
+        if worker != os.getpid() and worker not in killed:
+            os.kill(worker, signal.SIGKILL)
+            killed.append(worker)
+
+
+def _small_disk(root: Path) -> Path | None:
+    import subprocess
+
+    mount = root / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        return None
+    return mount
+
+
+@pytest.mark.parametrize("kind", ["geometry", "withdrawn", "disk"])
+@cases(4)
+@given(data=st.data())
+@pytest.mark.timeout(600)
+def test_geometry_withdrawal_and_a_full_disk_exclude_the_patient_or_stop_blaming_none(tiny_export, tmp_path, kind,
+                                                                                      data, capsys):
+    """A sequence shifted off the others or declaring a gigabyte excludes its patient (a nudge of a
+    millimetre does not); a withdrawn row or folder is erased on the rerun; a full disk stops the
+    run (exit 3) excluding no one, and a rerun with room finishes (4 random cases of each)."""
+    _fault_case(tiny_export, tmp_path, data.draw(fault_cases(kind), label="case"), capsys)
+
+
+@cases(2)
+@given(data=st.data())
+@pytest.mark.timeout(600)
+def test_a_worker_killed_on_a_random_patient_excludes_that_patient_alone(tiny_export, tmp_path, data, capsys):
+    """Each case starts process pools (about 15 s): 2 random cases (patient, 2 or 3 workers)."""
+    _fault_case(tiny_export, tmp_path, data.draw(fault_cases("worker"), label="case"), capsys)
+
+
+def _fault_case(tiny_export: Path, tmp_path: Path, case: dict, capsys) -> None:
+    import gzip
+    import subprocess
+    import threading
+
+    import nibabel as nib
+
+    kind = case["kind"]
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    export = root / "export"
+    _copy_folder(tiny_export, export)
+    ids = sorted(pd.read_csv(export / "clinical.csv")["patient_id"])
+    p = ids[case["p"]]
+    out = root / "store.zarr"
+    argv = ["--images", str(export / "images"), "--clinical", str(export / "clinical.csv"), "--out", str(out),
+            "--no-progress", "--shape", "16x16x12", "--spacing", "4", "--workers", "1", "--sequences", "t1", "t1c"]
+
+    def usable() -> set[str]:
+        store = CohortStore(out)
+        return {store.patient_ids[i] for i in store.usable()}
+
+    if kind == "geometry":
+        target = export / "images" / p / f"{p}_{case['sequence'].replace('t1c', 't1ce')}.nii.gz"
+        image = nib.load(target)
+        if case["how"] == "bomb":
+            header = nib.Nifti1Header()
+            header.set_data_dtype(np.uint8)
+            header.set_data_shape(tuple(case["declared"]))
+            header.set_zooms((0.1, 0.1, 0.1))
+            with gzip.open(target, "wb") as handle:
+                handle.write(header.binaryblock + b"\0" * 4 + b"\xff" * 4096)
+        else:
+            affine = image.affine.copy()
+            affine[case["axis"], 3] += case["mm"]
+            nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), affine), target)
+        assert convert_main(argv) == 0
+        reason = json.loads((out / "manifest.json").read_text())["patients"][p].get("reason", "")
+        if case["how"] == "nudge":
+            assert usable() == set(ids), (case, reason)
+        else:
+            assert usable() == set(ids) - {p}, (case, reason)
+            assert ("header" in reason) if case["how"] == "bomb" else ("Dice" in reason or "outside" in reason), \
+                (case, reason)
+    elif kind == "withdrawn":
+        assert convert_main(argv) == 0
+        gone = {p: case["what"]}
+        if case["also"]:
+            gone[ids[(case["p"] + 1) % 3]] = case["also"]
+        for pid, what in gone.items():
+            _withdraw(export, pid, what)
+        code = convert_main(argv)
+        assert code == (2 if len(gone) == 3 else 0)
+        store = CohortStore(out)
+        assert usable() == set(ids) - set(gone), case
+        for pid in gone:
+            slot = store.patient_ids.index(pid)
+            assert store.manifest["patients"][pid]["status"] == "withdrawn", case
+            assert not store.image(slot).any() and np.isnan(store.clinical().loc[pid, "time"]), case
+        assert verify_store(out) == []
+    elif kind == "worker":
+        stop, killed = threading.Event(), []
+        watcher = threading.Thread(target=_kill_workers_of, args=(out, p, stop, killed), daemon=True)
+        watcher.start()
+        try:
+            summary = convert(export / "images", export / "clinical.csv", out, SMALL, workers=case["workers"],
+                              progress=False)
+        finally:
+            stop.set()
+            watcher.join()
+        assert "worker process died" in summary.excluded.get(p, ""), (case, summary.excluded)
+        assert usable() == set(ids) - {p} and verify_store(out) == []
+    else:
+        disk = _small_disk(root)
+        if disk is None:
+            pytest.skip("cannot mount a tmpfs here (not root)")
+        try:
+            out = disk / "store.zarr"
+            argv[argv.index("--out") + 1] = str(out)
+            filler = disk / "filler"
+            filler.write_bytes(b"\0" * max(0, shutil.disk_usage(disk).free - 150_000 - case["free"]))
+            code = convert_main(argv)
+            printed = capsys.readouterr()
+            event(f"disk: exit {code}")
+            assert code in (0, 3), (case, printed.err)
+            if code == 3:
+                assert "No space left on device" in printed.err, (case, printed.err)
+                if (out / "manifest.json").exists():
+                    manifest = json.loads((out / "manifest.json").read_text())
+                    assert not manifest["excluded"], (case, manifest["excluded"])
+            filler.unlink()
+            assert convert_main(argv) == 0
+            assert usable() == set(ids) and verify_store(out) == []
+        finally:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 # -- flag values -----------------------------------------------------------------------------
 
 INTS = st.one_of(st.integers(-3, 40), st.sampled_from(["-1", "0", "1e3", "10**9", "nan", "", "two", "99999999999"]))
