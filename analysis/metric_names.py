@@ -74,6 +74,11 @@ NESTED_CINDEX = MetricName(
     "its own inner search selected without seeing it")
 NESTED_CINDEX_LOW = MetricName("nested_cindex_low", "lower end of the 95% patient-bootstrap CI of nested_cindex")
 NESTED_CINDEX_HIGH = MetricName("nested_cindex_high", "upper end of the 95% patient-bootstrap CI of nested_cindex")
+REPEATS_CINDEX_MEAN = MetricName(
+    "repeats_bbc_cindex_mean", "repeated CV: mean over the repeats (partitions of the patients into folds) of the "
+    "cell's headline, bbc_cindex")
+REPEATS_CINDEX_SD = MetricName(
+    "repeats_bbc_cindex_sd", "repeated CV: between-repeat SD of the cell's headline (how much of it is the partition)")
 
 # Keys of a trial's reports that are flags, not metrics.
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)

@@ -145,10 +145,11 @@ class Protocol:
         K-fold cross-validation and maximum epochs per fold.
     num_samples
         Configurations tried per cell (default of ``--num-samples``).
-    trials_per_task
-        A fixed trial budget per task instead (0: off): without ``--num-samples`` each cell gets
-        ``max(1, trials_per_task // cells per task)`` configurations, so the demo takes about
-        the same time whatever backbones and inputs a user picks.
+    cell_samples
+        Configurations of particular cells instead (cell label: ``backbone/task``; with clinical
+        inputs ``backbone+clinical/task``), while ``--num-samples`` is not given: the demo runs
+        the reference recipe alone in most cells and searches one, so that it shows a search
+        choosing among finished configurations within its time budget.
     grace_epochs, reduction_factor
         ASHA: minimum epochs before a configuration can be stopped, and its halving rate.
     width, depth
@@ -183,13 +184,7 @@ class Protocol:
     distributions: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     inputs: tuple[str, ...] = ("image",)
-    trials_per_task: int = 0
-
-    def samples_per_cell(self, cells_per_task: int) -> int:
-        """Configurations per cell when ``--num-samples`` is not given."""
-        if self.trials_per_task:
-            return max(1, self.trials_per_task // cells_per_task)
-        return self.num_samples
+    cell_samples: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [i for i in self.inputs if i not in INPUTS]
@@ -202,6 +197,16 @@ class Protocol:
                 raise SearchSpaceError(f"{block} sets {owned}, which the study sets per cell or in the protocol "
                                        "(backbones, tasks and inputs are chosen with --backbones, --tasks, "
                                        "--inputs; epochs, width and depth are protocol fields)")
+        if not isinstance(self.cell_samples, dict):
+            raise SearchSpaceError(f"cell_samples must map cells (backbone/task) to configurations, got "
+                                   f"{self.cell_samples!r}")
+        for label, samples in self.cell_samples.items():
+            backbone, _, task = str(label).partition("/")
+            if not backbone or task not in TASKS or type(samples) is not int or samples < 1:
+                raise SearchSpaceError(f"cell_samples: {label!r}: {samples!r} must name a cell as backbone/task (a "
+                                       f"task of {list(TASKS)}) and give it at least 1 configuration")
+        if self.num_samples < 1:
+            raise SearchSpaceError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.folds < 2:
             raise SearchSpaceError(f"folds must be at least 2, got {self.folds}")
         if self.reduction_factor < 2:

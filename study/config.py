@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from search_spaces.from_file import is_space_file, load_space
 
 
 MAX_NAME = 100  # the study name becomes folder and file names (255 bytes at most on most file systems)
+MAX_REPEATS = 100  # each repeat is a whole study
+REPEAT_SEED_STEP = 104729  # a repeat's partition seed: far from the study seeds users choose (0, 1, 42, ...)
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class StudyConfig:
         Cells of the study: every backbone x task x inputs (``image``, ``image+clinical``).
     clinical_inputs
         The stored clinical columns an ``image+clinical`` network sees.
-    num_samples
-        Configurations per cell (None: the protocol's).
+    num_samples, cell_samples
+        Configurations per cell, and of particular cells (by label) where the protocol names
+        them (`Protocol.cell_samples`; none when ``--num-samples`` is given): `samples` says how
+        many a cell gets, `trials` how many the study runs.
     max_concurrent, cpus_per_trial, gpus_per_trial
         Resources; `max_concurrent` None until Ray starts: then every trial slot of the nodes the
         study has or its autoscaler may add (`study.preflight.trial_slots`). A trial is one
@@ -55,6 +59,10 @@ class StudyConfig:
         Nested cross-validation: with `outer_folds` K >= 2 the whole study runs K times, each time
         without one outer fold's patients (`outer_fold`), which then test the configuration that
         search selected (`study.nested`). 0: no outer loop.
+    repeats, repeat
+        Repeated cross-validation: with `repeats` R >= 2 the whole study runs R times, each on its own
+        partition of the patients into folds (`repeat`: which; `fold_seed`), summarised by
+        `study.repeats`. 0: one partition.
     address
         Ray cluster address (None: a local Ray instance).
     tracking_uri, storage_path, name
@@ -97,11 +105,29 @@ class StudyConfig:
     pruning: bool = True
     outer_folds: int = 0
     outer_fold: int | None = None
+    repeats: int = 0
+    repeat: int = 0
     inputs: tuple[str, ...] = ("image",)
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     per_cell_concurrent: int | None = None
     cpu_fallback: bool = False
     dashboard: bool = False
+    cell_samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fold_seed(self) -> int:
+        """Seed of the partition into folds: the study's seed, another per repeat (repeat 0 is the
+        partition of a study without --repeats)."""
+        return self.seed + REPEAT_SEED_STEP * self.repeat
+
+    def samples(self, cell: Cell) -> int:
+        """Configurations the search tries in `cell`."""
+        return self.cell_samples.get(cell.label, self.num_samples)
+
+    @property
+    def trials(self) -> int:
+        """Trials of the whole study (every cell's configurations)."""
+        return sum(self.samples(cell) for cell in self.cells())
 
     @property
     def search_space(self) -> SearchSpace:
@@ -185,8 +211,10 @@ def resolve(args) -> StudyConfig:
         if len(set(values)) != len(values):
             raise InputError(f"{flag}: repeated values in {list(values)}")
     protocol = space.protocols[budget]
-    num_samples = (args.num_samples if args.num_samples is not None
-                   else protocol.samples_per_cell(len(backbones) * len(inputs)))
+    num_samples = args.num_samples if args.num_samples is not None else protocol.num_samples
+    labels = {Cell(b, t, i).label for b in backbones for t in tasks for i in inputs}
+    cell_samples = ({} if args.num_samples is not None
+                    else {label: n for label, n in protocol.cell_samples.items() if label in labels})
     if num_samples < 1:
         raise InputError(f"--num-samples must be at least 1, got {num_samples}")
     if args.cpus_per_trial < 1:
@@ -214,6 +242,12 @@ def resolve(args) -> StudyConfig:
     outer_folds = args.outer_folds
     if outer_folds == 1 or outer_folds < 0:
         raise InputError(f"--outer-folds must be 0 (no nested CV) or at least 2, got {outer_folds}")
+    repeats = getattr(args, "repeats", 0)
+    if repeats == 1 or repeats < 0 or repeats > MAX_REPEATS:
+        raise InputError(f"--repeats must be 0 (one partition) or 2 to {MAX_REPEATS}, got {repeats}")
+    if repeats and outer_folds:
+        raise InputError("--repeats and --outer-folds cannot be combined (each runs the whole study several times); "
+                         "choose one")
     storage = args.storage_path
     if not is_remote(storage):
         storage = str(Path(storage).expanduser().absolute())
@@ -236,11 +270,11 @@ def resolve(args) -> StudyConfig:
         space=space.name, space_file=space_file, budget=budget,
         data=_location(args.data) if args.data else None,
         external=tuple(_location(p) for p in args.external),
-        backbones=backbones, tasks=tasks, num_samples=num_samples, max_concurrent=max_concurrent,
+        backbones=backbones, tasks=tasks, num_samples=num_samples, cell_samples=cell_samples, max_concurrent=max_concurrent,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
         trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
-        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, inputs=inputs,
+        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, repeats=repeats, inputs=inputs,
         clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
         cpu_fallback=args.cpu_fallback, dashboard=getattr(args, "dashboard", False))
 

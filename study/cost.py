@@ -38,11 +38,10 @@ def estimate(config, patients: dict[str, int], epoch_seconds: float | None = Non
              cluster_gpus: float | None = None) -> list[str]:
     """Lines of the cost estimate: trials, fold-epochs, GPU-hours without and with ASHA, wall time."""
     protocol = config.protocol
-    trials = len(config.cells()) * config.num_samples
+    trials = config.trials
     folds, epochs = protocol.folds, protocol.epochs
     per_trial_pruned = asha_epochs(epochs, protocol.grace_epochs, protocol.reduction_factor) if config.pruning \
         else float(epochs)
-    cells_per_task = len(config.backbones) * len(config.inputs)
     if epoch_seconds is None:
         seconds = {task: n * (folds - 1) / folds / ASSUMED_VOLUMES_PER_SECOND * 1.2 for task, n in patients.items()}
         source = (f"assumed: a fold's training patients at {ASSUMED_VOLUMES_PER_SECOND:g} volumes/s, +20% for "
@@ -51,7 +50,8 @@ def estimate(config, patients: dict[str, int], epoch_seconds: float | None = Non
         seconds = {task: epoch_seconds for task in patients}
         source = "--epoch-seconds"
     share = config.gpus_per_trial if 0 < config.gpus_per_trial < 1 else 1.0
-    gpu_seconds_full = sum(seconds[t] * share * folds * epochs * config.num_samples * cells_per_task for t in patients)
+    gpu_seconds_full = sum(seconds[cell.task] * share * folds * epochs * config.samples(cell) for cell in config.cells()
+                           if cell.task in patients)
     gpu_seconds = gpu_seconds_full * per_trial_pruned / epochs
     lines = [f"  cost: {trials} trials x {folds} folds x up to {epochs} epochs = {trials * folds * epochs:,} "
              "fold-epochs; "

@@ -54,7 +54,7 @@ def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Coh
         cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint, exclude))
         if "image+clinical" in config.inputs:
             check_clinical_inputs(cohort.clinical, config.clinical_inputs, f"cohort store {store.path}, task {task}")
-        out[task] = (cohort, cohort.folds(config.protocol.folds, config.seed))
+        out[task] = (cohort, cohort.folds(config.protocol.folds, config.fold_seed))
     return out
 
 

@@ -133,7 +133,7 @@ def join_cluster(config: StudyConfig) -> tuple[StudyConfig, list]:
         # not the cluster: no limit, so that pending trials ask it for more nodes.
         known = local_ray(config) or autoscaler_known
         config = replace(config, max_concurrent=trial_slots(config, shapes) if known
-                         else len(config.cells()) * config.num_samples)
+                         else config.trials)
     return config, shapes
 
 
@@ -180,8 +180,9 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
              f"Ray {ray_location(config)}",
              f"  tracking: {config.tracking_uri}; storage: {config.storage_path}/{config.name}",
              f"  cells: {len(config.backbones)} backbones x {len(config.tasks)} tasks x {len(config.inputs)} inputs "
-             f"({', '.join(config.inputs)}) x {config.num_samples} configurations = "
-             f"{len(config.cells()) * config.num_samples} trials"]
+             f"({', '.join(config.inputs)}) x {config.num_samples} configurations"
+             + "".join(f", {label} {n}" for label, n in config.cell_samples.items())
+             + f" = {config.trials} trials"]
     if "image+clinical" in config.inputs:
         lines.append(f"  image+clinical networks see: {', '.join(config.clinical_inputs)} (encoded on each training "
                      "fold; missing values get an indicator)")
@@ -241,7 +242,9 @@ def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
     tracker.start(tags, {"space": config.space, "budget": config.budget, "backbones": ",".join(config.backbones),
                          "tasks": ",".join(config.tasks), "inputs": ",".join(config.inputs),
                          "clinical_inputs": ",".join(config.clinical_inputs), "num_samples": config.num_samples,
-                         "seed": config.seed,
+                         **{f"num_samples.{label.replace('+', '-')}": n for label, n in config.cell_samples.items()},
+                         "seed": config.seed, **({"repeat": config.repeat, "fold_seed": config.fold_seed}
+                                                 if config.repeats else {}),
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
@@ -341,7 +344,7 @@ def trial_setup(config: StudyConfig, store: CohortStore, volumes_array, volume_s
 
     volumes = ray.put(volumes_array) if volumes_array is not None else None
     return TrialSetup(store=str(config.data), tasks=tuple((t, TASKS[t].filter, TASKS[t].endpoint) for t in config.tasks),
-                      folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.seed,
+                      folds=config.protocol.folds, exclude=excluded_patients(config, store), fold_seed=config.fold_seed,
                       cpus=config.cpus_per_trial, checkpoint_every=config.protocol.checkpoint_every, volumes=volumes,
                       volume_slots=volume_slots if volumes is not None else None, cpu_fallback=config.cpu_fallback,
                       rungs=asha_rungs(config))
@@ -360,16 +363,17 @@ def asha_rungs(config: StudyConfig) -> tuple[int, ...]:
 
 
 def train(config: StudyConfig, setup, tracker, timings: dict, cohorts: dict):
-    """Every cell's search in one Tuner, the cells with most patients first; a lost node or raylet
-    becomes `StudyInterrupted` (exit 3)."""
+    """Every cell's search in one Tuner, the cells with most work (patients x configurations) first;
+    a lost node or raylet becomes `StudyInterrupted` (exit 3)."""
     from study.tuning import run_trials
 
-    print(f"Training {len(config.cells()) * config.num_samples} trials ({len(config.cells())} cells, each its own "
+    print(f"Training {config.trials} trials ({len(config.cells())} cells, each its own "
           f"search), at most {config.max_concurrent} at once:", flush=True)
     started = time.perf_counter()
     try:
         grid = run_trials(config, setup, tracker,
-                          cell_costs={cell.name: float(len(cohorts[cell.task][0])) for cell in config.cells()})
+                          cell_costs={cell.name: float(len(cohorts[cell.task][0]) * config.samples(cell))
+                                      for cell in config.cells()})
     except SystemExit as exc:  # a raylet that dies under the driver: a SystemExit inside ray.wait
         if _driver_node_alive():
             raise

@@ -117,7 +117,7 @@ def _run_outer_folds(config: StudyConfig, store, folder) -> pd.DataFrame:
     for cell, frames in predictions.items():
         pd.concat(frames, ignore_index=True).to_csv(directory / f"outer_predictions_{cell}.csv", index=False)
     try:
-        _track(replace(config, name=name), metrics, files, folder)
+        track_summary(replace(config, name=name), metrics, files, folder, {"nested_outer_folds": str(k)})
     finally:
         folder.push(force=True)
     print(f"\nNested cross-validation of study {config.name} ({k} outer folds; each cell's selected configuration "
@@ -128,15 +128,16 @@ def _run_outer_folds(config: StudyConfig, store, folder) -> pd.DataFrame:
     return table
 
 
-def _track(config: StudyConfig, metrics: dict[str, dict], files: dict, folder) -> None:
-    """A study run in the experiment NAME, and under it one run per cell carrying its nested
-    estimates (`metrics`: cell name -> metric name -> value)."""
+def track_summary(config: StudyConfig, metrics: dict[str, dict], files: dict, folder, tags: dict[str, str]) -> None:
+    """A study run in the experiment NAME (tagged with `tags`), and under it one run per cell carrying
+    the estimates of a study of studies, nested or repeated (`metrics`: cell name -> metric name ->
+    value)."""
     from study.tracking import StudyTracker
     from study.tracking.tracker import cell_tags
 
     tracker = StudyTracker(config.tracking_uri, config.name, folder.tracking_journal, trust_storage=config.trust_storage)
-    tracker.start({"space": config.space, "budget": config.budget, "nested_outer_folds": str(config.outer_folds)},
-                  {"space": config.space, "budget": config.budget, "outer_folds": config.outer_folds,
+    tracker.start({"space": config.space, "budget": config.budget, **tags},
+                  {"space": config.space, "budget": config.budget, **tags,
                    "tasks": ",".join(config.tasks), "backbones": ",".join(config.backbones)},
                   {"study_config.json": json.dumps(config.to_dict(), indent=1)})
     for cell in config.cells():
@@ -146,6 +147,6 @@ def _track(config: StudyConfig, metrics: dict[str, dict], files: dict, folder) -
             tracker.terminate(cell.name, "FINISHED")
     tracker.finish_parent("FINISHED", files)
     if not tracker.catch_up(300.0):
-        raise TrackingIncomplete(f"the nested estimates are written to {folder.uri}, but {tracker.pending} tracking "
+        raise TrackingIncomplete(f"the estimates are written to {folder.uri}, but {tracker.pending} tracking "
                                  f"records wait in {folder.where(folder.tracking_journal)}; rerun with --resume to "
                                  "deliver them")

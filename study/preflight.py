@@ -48,10 +48,9 @@ def checkpoint_bytes(config, in_channels: int) -> int:
     as many running trials as run at once (of the largest backbone)."""
     protocol = config.protocol
     per_backbone = {b: parameter_count(b, in_channels, 19, protocol.width, protocol.depth) for b in config.backbones}
-    trials_per_backbone = len(config.tasks) * len(config.inputs) * config.num_samples
-    finished = sum(n * 4 * protocol.folds * trials_per_backbone for n in per_backbone.values())
+    finished = sum(per_backbone[cell.backbone] * 4 * protocol.folds * config.samples(cell) for cell in config.cells())
     running = (max(per_backbone.values()) * 4 * RUNNING_COPIES_PER_FOLD * protocol.folds
-               * (config.max_concurrent or len(config.cells()) * config.num_samples))
+               * (config.max_concurrent or config.trials))
     return int(finished + running)
 
 
@@ -144,7 +143,7 @@ def check_trial_fits(config, shapes: list[NodeShape], autoscaler_known: bool, lo
 def trial_slots(config, shapes: list[NodeShape]) -> int:
     """Trials that can run at once on every node the study has or could get (the default of
     --max-concurrent), at most the study's trial count."""
-    total = len(config.cells()) * config.num_samples
+    total = config.trials
     slots = 0
     for shape in shapes:
         per_node = shape.trials(config.cpus_per_trial, config.gpus_per_trial)

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nested cross-validation: run the whole search K times, each without one outer fold, "
                              "and test each selected configuration on the fold it never saw (K x the cost of a "
                              "study; 0: off)")
+    search.add_argument("--repeats", type=int, default=0, metavar="R",
+                        help="repeated cross-validation: run the whole study R times, each on another partition of "
+                             "the patients into folds, and report each cell's headline as mean +- between-repeat SD "
+                             "(R x the cost of a study; 0: one partition)")
     resources = parser.add_argument_group("resources")
     resources.add_argument("--address", default=None,
                            help="Ray cluster address (default: RAY_ADDRESS if set, else a local Ray)")
@@ -152,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from study.nested import run_nested
 
             run_nested(config)
+        elif config.repeats:
+            from study.repeats import run_repeated
+
+            run_repeated(config)
         else:
             run_study(config)
     except StudyError as exc:

@@ -164,7 +164,7 @@ def _finite(value) -> bool:
 
 
 class CellSearch(Searcher):
-    """One `CellOptunaSearch` per cell, each asked until it has suggested `num_samples`.
+    """One `CellOptunaSearch` per cell, each asked until it has suggested its `num_samples`.
 
     A suggested configuration is the cell's fixed parameters, its task and the searched values.
     The next trial goes to the first cell, in order of `costs` (largest first; ties and no costs:
@@ -175,7 +175,7 @@ class CellSearch(Searcher):
     """
 
     def __init__(self, cells: dict[str, dict], spaces: dict[str, dict], references: dict[str, dict],
-                 num_samples: int, seed: int = 0, max_concurrent: int = 0, per_cell: int = 0,
+                 num_samples: int | dict[str, int], seed: int = 0, max_concurrent: int = 0, per_cell: int = 0,
                  journal: str | None = None, costs: dict[str, float] | None = None):
         super().__init__(metric=METRIC, mode=MODE)
         self._fixed = cells
@@ -187,7 +187,7 @@ class CellSearch(Searcher):
         if journal is not None:
             for cell, search in self._searches.items():
                 search.mirror = StudyMirror(journal, cell)
-        self._num_samples = num_samples
+        self._num_samples = num_samples if isinstance(num_samples, dict) else dict.fromkeys(cells, num_samples)
         self._suggested = {cell: 0 for cell in cells}
         self._trial_cells: dict[str, str] = {}
         self._order = sorted(cells, key=lambda cell: -(costs or {}).get(cell, 0.0))  # stable: ties keep their order
@@ -203,7 +203,7 @@ class CellSearch(Searcher):
             return None  # asked again when a trial ends
         waiting = False  # a cell with configurations left, held back by its cap: asked again later
         for cell in self._order:
-            if self._suggested[cell] >= self._num_samples:
+            if self._suggested[cell] >= self._num_samples[cell]:
                 continue
             if self._per_cell and sum(self._trial_cells[t] == cell for t in self._live) >= self._per_cell:
                 waiting = True
@@ -252,6 +252,8 @@ class CellSearch(Searcher):
         # it resumes filling them in their study order.
         self.__dict__.pop("_turn", None)
         self.__dict__.setdefault("_order", list(self._fixed))
+        if isinstance(self._num_samples, int):  # saved before cells could have their own number
+            self._num_samples = dict.fromkeys(self._fixed, self._num_samples)
 
 
 class CellSchedule(FIFOScheduler):
@@ -313,8 +315,9 @@ def cell_search(config: StudyConfig, costs: dict[str, float] | None = None) -> C
         fixed[cell.name] = {"task": cell.task, **fixed_parameters(config, cell)}
         spaces[cell.name] = {k: tune_domain(d) for k, d in space.distributions_for(config.budget, cell.inputs).items()}
         references[cell.name] = space.reference_for(config.budget, cell.inputs)
-    return CellSearch(fixed, spaces, references, config.num_samples, config.seed, config.max_concurrent or 0,
-                      config.per_cell_concurrent or per_cell_limit(config.num_samples),
+    samples = {cell.name: config.samples(cell) for cell in config.cells()}
+    return CellSearch(fixed, spaces, references, samples, config.seed, config.max_concurrent or 0,
+                      config.per_cell_concurrent or per_cell_limit(max(samples.values())),
                       journal=str(optuna_journal_path(config)), costs=costs)
 
 
@@ -366,13 +369,13 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
         param_space={},  # every configuration comes whole from CellSearch
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=cell_search(config, cell_costs),
                                     scheduler=cell_schedule(config),
-                                    num_samples=len(config.cells()) * config.num_samples,
+                                    num_samples=config.trials,
                                     reuse_actors=local_ray(config)),
         run_config=tune.RunConfig(
             name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
             callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
                        StateRecorder(tracker.tracking_uri, tracker.parent_run_id),
-                       Progress(len(config.cells()) * config.num_samples, config.protocol.folds * config.protocol.epochs),
+                       Progress(config.trials, config.protocol.folds * config.protocol.epochs),
                        SyncStudyFolder(config.storage_path, config.name), JsonLoggerCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=2),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search_spaces import SPACES, TASKS, Choice, LogUniform, Protocol, SearchSpace, get_space
+from search_spaces import SPACES, TASKS, Choice, LogUniform, Protocol, SearchSpace, SearchSpaceError, get_space
 from trainables.config import TrainConfig
 
 
@@ -134,3 +134,29 @@ def test_a_space_file_may_share_one_protocol_between_budgets_with_an_alias(tmp_p
                     "protocols:\n  demo: &p {folds: 2, epochs: 2, num_samples: 1, grace_epochs: 1}\n  full: *p\n")
     space = load_space(path)
     assert space.protocols["demo"] == space.protocols["full"]
+
+
+def test_the_demo_searches_one_cell_deeper_and_num_samples_makes_every_cell_alike(tmp_path):
+    """The demo runs the reference recipe alone in most cells and a search in one (`cell_samples`),
+    so that it shows a choice among finished configurations in its time budget."""
+    from study.config import resolve
+    from study.run import build_parser
+
+    def config(*flags):
+        return resolve(build_parser().parse_args(["--storage-path", str(tmp_path / "runs"), *flags]))
+
+    demo = config()
+    deep = {cell.label: demo.samples(cell) for cell in demo.cells() if demo.samples(cell) > 1}
+    assert deep == get_space("literature_priors").protocols["demo"].cell_samples and len(deep) == 1
+    assert demo.trials == len(demo.cells()) - 1 + next(iter(deep.values()))
+    uniform = config("--num-samples", "3")
+    assert {uniform.samples(cell) for cell in uniform.cells()} == {3} and uniform.trials == 3 * len(uniform.cells())
+    other = config("--backbones", "resnet50_cbam")  # the searched cell is not in the study: every cell its reference
+    assert other.trials == len(other.cells())
+
+
+@pytest.mark.parametrize("value", [{"densenet121/nope": 3}, {"densenet121": 3}, {"densenet121/os_all": 0},
+                                   {"densenet121/os_all": True}, ["densenet121/os_all"]])
+def test_cell_samples_must_name_a_cell_and_a_positive_count(value):
+    with pytest.raises(SearchSpaceError, match="cell_samples"):
+        Protocol(folds=2, epochs=2, num_samples=1, grace_epochs=1, cell_samples=value)

@@ -102,13 +102,13 @@ def test_asha_and_slot_arithmetic():
     assert asha_epochs(200, 20, 3) == pytest.approx(20 + 40 / 3 + 120 / 9 + 20 / 27)
     assert asha_epochs(20, 6, 2) == pytest.approx(6 + 6 / 2 + 8 / 4)
     assert asha_epochs(10, 10, 2) == 10
-    config = SimpleNamespace(cpus_per_trial=4, gpus_per_trial=1, num_samples=20, cells=lambda: [None] * 12)
+    config = SimpleNamespace(cpus_per_trial=4, gpus_per_trial=1, trials=240)
     # 3 nodes x 8 GPUs hold 24 one-GPU trials; a CPU head holds none; an autoscaler group adds its maximum.
     shapes = [NodeShape(0, 0), NodeShape(96, 8), NodeShape(96, 8), NodeShape(96, 8)]
     assert trial_slots(config, shapes) == 24
     assert trial_slots(config, [*shapes, NodeShape(16, 1, count=4, pending=True)]) == 28
     assert trial_slots(config, [NodeShape(16, 1, count=-1, pending=True)]) == 240  # no limit: every trial
-    assert trial_slots(SimpleNamespace(cpus_per_trial=1, gpus_per_trial=0.25, num_samples=1, cells=lambda: [0] * 99),
+    assert trial_slots(SimpleNamespace(cpus_per_trial=1, gpus_per_trial=0.25, trials=99),
                        [NodeShape(8, 2)]) == 8
     assert per_cell_limit(20) == 10 and per_cell_limit(2) == 10 and per_cell_limit(40) == 20
 

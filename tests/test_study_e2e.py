@@ -411,3 +411,48 @@ def test_a_second_driver_of_a_running_study_is_refused(small_store, tmp_path, ca
         first.kill()
         first.wait(timeout=60)
     StudyFolder(str(tmp_path / "rr"), "busy").acquire()  # a killed driver holds nothing
+
+
+def test_repeated_cross_validation_runs_the_study_on_other_partitions(small_store, tmp_path):
+    """--repeats 2: the whole study twice, each on its own partition of the patients into folds
+    (repeat 0 is the plain study's partition), summarised per cell as mean +- between-repeat SD."""
+    import numpy as np
+
+    from datasets import Cohort
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    assert main(["--space", "smoke", "--data", str(small_store), "--tasks", "os_all", "--backbones", "seresnext50",
+                 "--num-samples", "1", "--repeats", "2", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "rr"), "--name", "rep"]) == 0
+    client = MlflowClient(uri)
+    partitions = []
+    for r in (0, 1):
+        _, parents, trials = _runs(uri, f"rep-repeat{r}of2")
+        assert parents[0].data.params["repeat"] == str(r)
+        finished = [t for t in trials if t.info.status == "FINISHED"]
+        oof = pd.read_csv(client.download_artifacts(finished[0].info.run_id, "oof_predictions.csv"))
+        partitions.append(oof.set_index("patient_id")["fold"].sort_index())
+    cohort = Cohort(small_store)
+    assert (partitions[0].to_numpy() == cohort.folds(2, 0)[np.argsort(cohort.patient_ids)]).all(), \
+        "repeat 0 is the plain study's partition"
+    assert not (partitions[0] == partitions[1]).all() and not (partitions[0] != partitions[1]).all(), \
+        "repeat 1 is another partition"
+    summary = pd.read_csv(tmp_path / "rr" / "rep-repeats2" / "repeats.csv")
+    assert list(summary["repeat"]) == [0, 1]
+    table = pd.read_csv(tmp_path / "rr" / "rep-repeats2" / "results.csv", index_col=0)
+    mean, sd = (float(v) for v in table.loc["C-index, BBC-CV, mean +- SD over repeats"].iloc[0].split(" +- "))
+    assert mean == pytest.approx(summary["headline"].mean(), abs=1e-3)
+    assert sd == pytest.approx(summary["headline"].std(ddof=1), abs=1e-3)
+    (cell_run,) = [r for r in client.search_runs([client.get_experiment_by_name("rep-repeats2").experiment_id])
+                   if r.data.tags.get("study_role") == "cell"]
+    assert cell_run.data.metrics[names.REPEATS_CINDEX_SD.name] == pytest.approx(summary["headline"].std(ddof=1))
+
+
+@pytest.mark.parametrize("flags, says", [(["--repeats", "1"], "--repeats must be 0"),
+                                         (["--repeats", "-2"], "--repeats must be 0"),
+                                         (["--repeats", "2", "--outer-folds", "2"], "cannot be combined")])
+def test_repeats_that_cannot_run_exit_2_naming_the_flag(small_store, tmp_path, capsys, flags, says):
+    assert main(["--space", "smoke", "--data", str(small_store), "--storage-path", str(tmp_path / "rr"),
+                 "--dry-run", *flags]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "rr").exists()
