@@ -1,1 +1,1 @@
-"""Analysis: survival metrics (`analysis.metrics`) and the study report."""
+"""Analysis: the study report, its sections and figures, external validation and added value."""

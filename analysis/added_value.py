@@ -44,7 +44,7 @@ import pandas as pd
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from scipy import stats
 
-from analysis.metrics import SurvivalDataError, harrell_c
+from evaluation.metrics import SurvivalDataError, harrell_c
 from datasets.clinical import COVARIATES as CLINICAL
 from datasets.clinical_features import usable_columns
 

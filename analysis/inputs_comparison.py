@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 
-from analysis.metrics import Estimate, SurvivalDataError, bootstrap_ci, brier_score, harrell_c
+from evaluation.metrics import Estimate, SurvivalDataError, bootstrap_ci, brier_score, harrell_c
 from datasets.clinical_features import ClinicalEncoder
 from trainables.cross_validation import alive_past_horizon
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from analysis.metrics import harrell_c
+from evaluation.metrics import harrell_c
 
 KINDS = {"clinical": "lp_clinical", "image_content": "lp_image_content", "imaging_term": "lp_imaging", "total": "lp"}
 LABELS = {"clinical": "true clinical predictor", "image_content": "what the images can tell",

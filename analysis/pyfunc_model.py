@@ -121,7 +121,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
 
 
 DISTRIBUTION = "glioma-survival-study"
-PROJECT_PACKAGES = ("analysis", "datasets", "trainables", "study", "search_spaces")
+PROJECT_PACKAGES = ("analysis", "datasets", "evaluation", "trainables", "study", "search_spaces")
 _NOT_FOR_SERVING = {"ray"}  # the cluster runtime: a served model needs none of it (70 MB and its own dependencies)
 
 

@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from analysis.added_value import CLINICAL, Design, Models, added_value_row, external_added_value
 from analysis.ensemble import DevelopmentScale, development_scale, load_fold_models, predict_ensemble
 from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof, compare, ensemble_predict
 from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
-from analysis.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
+from evaluation.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
 from analysis.oracle import FALLBACK_NOTE, oracle_cindices, oracle_text
-from analysis.selection import bbc_cv
+from evaluation.selection import bbc_cv
 from analysis.study_reader import Study, Trial, logged_model_meta, oof_predictions
 from datasets.clinical_features import FUSION_DEFAULT
 from datasets.cohort import Cohort, CohortSpec

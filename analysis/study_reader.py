@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from datasets.errors import InputError, StudyError
 from datasets.remote import cache_root, download_folder, is_remote, list_folder
 from search_spaces import Cell, cell_name
-from trainables.trainable import EXPERIMENT
 
 
 class ReportError(StudyError):
@@ -81,7 +80,7 @@ class Study:
         """The trial's folder in Tune's storage (downloaded once if the storage is remote)."""
         storage = self.config["storage_path"]
         if is_remote(storage):
-            experiment_uri = f"{storage.rstrip('/')}/{self.config['name']}/{EXPERIMENT}"
+            experiment_uri = f"{storage.rstrip('/')}/{self.config['name']}/{names.EXPERIMENT}"
             found = [n for n in list_folder(experiment_uri) if trial.trial_id in n]
             if not found:
                 raise ReportError(f"no folder for trial {trial.trial_id} under {experiment_uri}")
@@ -89,7 +88,7 @@ class Study:
             if not (local / "params.json").exists():
                 download_folder(f"{experiment_uri}/{found[0]}", local)
             return local
-        experiment = Path(storage) / self.config["name"] / EXPERIMENT
+        experiment = Path(storage) / self.config["name"] / names.EXPERIMENT
         matches = sorted(experiment.glob(f"*{trial.trial_id}*"))
         if not matches:
             raise ReportError(f"no folder for trial {trial.trial_id} under {experiment}")

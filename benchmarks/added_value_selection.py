@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.added_value import lr_test, selection_adjusted
-from analysis.metrics import harrell_c
+from evaluation.metrics import harrell_c
 from benchmarks._machine import describe, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -70,7 +70,7 @@ def stand_in_trial(config: dict, seconds_per_unit: float) -> None:
     """Sleeps as the cost model says and reports a synthetic learning curve (see module doc)."""
     from ray import tune
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
 
     seconds = seconds_per_unit * report_cost(config)
     final, values = learning_curve(config)

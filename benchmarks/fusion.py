@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import harrell_c
+from evaluation.metrics import harrell_c
 from benchmarks._machine import describe, markdown_table, write_result
 from benchmarks.learning import cross_validate, recipe
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import _Concordance, check_survival, harrell_c
+from evaluation.metrics import _Concordance, check_survival, harrell_c
 from benchmarks._machine import describe, markdown_table, write_result
 from datasets.synthetic import (NECROSIS_RANGE, VOLUME_RANGE_ML, SyntheticConfig, image_content_predictor,
                                 latent_cohort)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.metrics import bootstrap_ci, brier_score, harrell_c
+from evaluation.metrics import bootstrap_ci, brier_score, harrell_c
 from benchmarks._machine import describe, write_result
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -71,7 +71,7 @@ def simulate(policy: str, cap: int, seed: int, gpus: int, configurations: int, s
     """One study in simulated time; returns its schedule and search figures."""
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
     from study.tuning import cell_search
 
     config = replace(study_config(f"sim{seed}", list(TASK_COST), list(BACKBONE_COST), configurations,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from benchmarks._machine import describe, markdown_table, write_result
 from search_spaces import SPACES
 from study.demo import demo_store

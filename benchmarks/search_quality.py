@@ -28,7 +28,7 @@ the budget) and reduction factor 3, as the full protocol's 20 of 200 epochs and 
 trials at once in a discrete-event run. Every search gets the same compute (fold-epochs); the
 selected configuration is the finished one with the best pooled out-of-fold C-index, as in the
 study. Reported per search: the selected configuration's test C-index (its real skill), the
-study's headline for it (`analysis.selection.bbc_search`, BBC-CV replaying ASHA), the naive
+study's headline for it (`evaluation.selection.bbc_search`, BBC-CV replaying ASHA), the naive
 out-of-fold C of the selected configuration, the gaps, and the curve of test C against compute.
 """
 
@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import metric_names as names
-from analysis.metrics import harrell_c
+from evaluation import metric_names as names
+from evaluation.metrics import harrell_c
 from benchmarks._machine import describe, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def selected_at(trials: list[dict], table: dict, until: float) -> str | None:
 def headline(trials: list[dict], table: dict, time_, event, epochs: int, seed: int, pruning: bool) -> float:
     """The study's headline of the search: BBC-CV replaying ASHA with pruning (`study.headline`),
     BBC-CV over the finished configurations without."""
-    from analysis.selection import SearchedTrial, bbc_cv, bbc_search
+    from evaluation.selection import SearchedTrial, bbc_cv, bbc_search
 
     if not pruning:
         risks = np.array([table[t["key"]]["final"] for t in trials if t["finished"]])

@@ -13,7 +13,7 @@ cohort and new noise are drawn; the cell selects the configuration with the best
 (the naive best) and we compare, against the selected configuration's true C:
 
 - the naive best's own out-of-fold C (what the leaderboard used to report),
-- the BBC-CV estimate (`analysis.selection.bbc_cv`, 500 bootstrap samples) and its 95% interval.
+- the BBC-CV estimate (`evaluation.selection.bbc_cv`, 500 bootstrap samples) and its 95% interval.
 
 Scenarios: all configurations equally good (s_j equal), and unequal (s_j spread so that the
 true C ranges over about 0.63-0.70). No network is trained: only the selection is simulated.
@@ -28,7 +28,7 @@ rule (`ray.tune.schedulers.async_hyperband._Bracket`, rungs at 20, 60 and 180 of
 rate 3), which sees at each rung the mean of 5 folds' validation C-indices, in the order the rung
 results arrive. The cell selects its best finisher; against that configuration's true C we compare
 its own out-of-fold C, BBC-CV over the finishers (the headline before) and BBC-CV with the search
-replayed in each bootstrap sample (`analysis.selection.bbc_search`, the headline now), by the number
+replayed in each bootstrap sample (`evaluation.selection.bbc_search`, the headline now), by the number
 of configurations that finished.
 """
 
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import harrell_c
-from analysis.selection import SearchedTrial, bbc_cv, bbc_search
+from evaluation.metrics import harrell_c
+from evaluation.selection import SearchedTrial, bbc_cv, bbc_search
 from benchmarks._machine import describe, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
                   markdown_table(pd.DataFrame(asha_rows)), "",
                   "The selected finisher's own C keeps the optimism of both choices (ASHA's stops and the final one, "
                   "made on the same patients). BBC-CV over the finishers pays for the final choice only; replaying "
-                  "ASHA inside each bootstrap sample (the headline, `analysis.selection.bbc_search`) pays for both, "
+                  "ASHA inside each bootstrap sample (the headline, `evaluation.selection.bbc_search`) pays for both, "
                   "and errs on the conservative side where the configurations differ, as BBC-CV itself does. Read "
                   "the rows with 3 or fewer finishers against the issue's bound of +-0.005; a stopped configuration "
                   "the replay would keep is not a final candidate (`bbc_search(stand_in=False)`, measured against "

@@ -305,7 +305,7 @@ def development_cutoff(checkpoint: Path) -> float:
     patients (the report's Kaplan-Meier split, `analysis.sections`)."""
     import pandas as pd
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
 
     return float(pd.read_csv(checkpoint / names.OOF_FILE)["risk"].median())
 
@@ -315,7 +315,7 @@ def dpi_scale(checkpoint: Path, folds: int, store: CohortStore, cohort) -> dict:
     computes it: the model's DPI for a new patient is the report's for the same patient."""
     import pandas as pd
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
     from analysis.ensemble import development_scale, load_fold_models
 
     oof = pd.read_csv(checkpoint / names.OOF_FILE)["risk"].to_numpy(float)
@@ -600,7 +600,7 @@ def mlflow_ui_pages(experiment_id: str | None) -> dict[str, str]:
     directly, with the filter and order that the runs page reads from its address."""
     from urllib.parse import quote
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
 
     runs = f"#/experiments/{experiment_id}/runs"
     only_cells, by_headline = quote("tags.study_role = 'cell'"), quote(f"metrics.`{names.BBC_CINDEX.name}`")

@@ -1,4 +1,4 @@
-"""Each cell's headline: BBC-CV that replays the cell's whole search (`analysis.selection.bbc_search`),
+"""Each cell's headline: BBC-CV that replays the cell's whole search (`evaluation.selection.bbc_search`),
 computed from the study's records in MLflow.
 
 A cell's trial runs hold what the search saw: each trial's scores at every rung of the scheduler it
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import metric_names as names
-from analysis.metrics import Estimate, SurvivalDataError
-from analysis.selection import SearchedTrial, bbc_search
+from evaluation import metric_names as names
+from evaluation.metrics import Estimate, SurvivalDataError
+from evaluation.selection import SearchedTrial, bbc_search
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from analysis.ensemble import load_fold_models, predict_ensemble
 from datasets.cohort import Cohort, CohortSpec
 from datasets.cohort import HORIZONS

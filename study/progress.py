@@ -22,7 +22,7 @@ import time
 
 from ray import tune
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from search_spaces import Cell
 
 

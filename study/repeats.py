@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from study.config import StudyConfig
 from study.driver import run_study
 from study.nested import track_summary

@@ -3,7 +3,7 @@
 Rows (`ROWS`), one column per cell:
 
 - the BBC-CV C-index [95% CI] of the selected configuration (the headline: the selection among
-  the cell's configurations is paid for, `analysis.selection`);
+  the cell's configurations is paid for, `evaluation.selection`);
 - the selected configuration's own pooled out-of-fold C-index [95% CI] (the naive best,
   optimistic by construction) and the reference recipe's;
 - the mean +- SD of the selected configuration's per-fold C-indices and the folds that learned
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import metric_names as names
-from analysis.metrics import Estimate, SurvivalDataError
+from evaluation import metric_names as names
+from evaluation.metrics import Estimate, SurvivalDataError
 from analysis.oracle import ROW as ORACLE_ROW, ceiling, oracle_text
-from analysis.selection import bbc_cv
+from evaluation.selection import bbc_cv
 from search_spaces import cell_name
 from trainables.config import TrainConfig
 
@@ -72,7 +72,7 @@ class CellResult:
         return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''} / {self.task}"
 
     def metrics(self) -> dict[str, float]:
-        """The cell's numbers as metrics of its run (`analysis.metric_names.CELL_METRICS`)."""
+        """The cell's numbers as metrics of its run (`evaluation.metric_names.CELL_METRICS`)."""
         values = {**self.best, names.TRIALS_FINISHED.name: self.finished, names.TRIALS_PRUNED.name: self.pruned,
                   names.TRIALS_FAILED.name: self.failed}
         if self.bbc is not None:

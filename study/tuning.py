@@ -1,7 +1,7 @@
 """Ray Tune wiring: one Tuner for the whole study, in which every backbone x task x inputs cell is its own
 search (its own Optuna TPE study and its own ASHA brackets).
 
-Per-cell searches (ARCHITECTURE decision 10): every backbone gets exactly the same number of
+Per-cell searches (docs/architecture.md, decision 10): every backbone gets exactly the same number of
 configurations on every task (a fair comparison table), TPE models each backbone's own response
 to the learning rate, the reference recipe is evaluated first in every cell, and ASHA never
 compares trials of different tasks. `CellSearch` multiplexes the cells' Optuna searches and
@@ -57,7 +57,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from datasets.remote import is_remote
 from search_spaces import Cell, Choice, LogUniform, Uniform
 from study.config import StudyConfig, fixed_parameters
@@ -65,7 +65,7 @@ from study.progress import Progress
 from study.resume_trust import StateRecorder, check_state, study_run_tags
 from study.study_folder import SyncStudyFolder
 from study.tracking import MlflowTrialCallback, StudyTracker
-from trainables.trainable import EXPERIMENT, TrialSetup, cv_trainable
+from trainables.trainable import TrialSetup, cv_trainable
 
 METRIC, MODE = names.EPOCH_CINDEX.name, "max"
 TPE_STARTUP_TRIALS = 10  # optuna.samplers.TPESampler's n_startup_trials default
@@ -372,7 +372,7 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
                                     num_samples=config.trials,
                                     reuse_actors=local_ray(config)),
         run_config=tune.RunConfig(
-            name=EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
+            name=names.EXPERIMENT, storage_path=path.rsplit("/", 1)[0],
             callbacks=[MlflowTrialCallback(tracker, config.protocol.epochs), DropStoppedCheckpoints(),
                        StateRecorder(tracker.tracking_uri, tracker.parent_run_id),
                        Progress(config.trials, config.protocol.folds * config.protocol.epochs),
@@ -386,7 +386,7 @@ def run_trials(config: StudyConfig, setup: TrialSetup | None, tracker: StudyTrac
 
 def tune_path(config: StudyConfig) -> str:
     """The study's Tune experiment folder (a local path or a URI)."""
-    return f"{config.storage_path.rstrip('/')}/{config.name}/{EXPERIMENT}"
+    return f"{config.storage_path.rstrip('/')}/{config.name}/{names.EXPERIMENT}"
 
 
 def local_ray(config: StudyConfig) -> bool:

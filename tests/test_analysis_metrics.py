@@ -11,7 +11,7 @@ from sksurv.datasets import load_gbsg2, load_veterans_lung_cancer, load_whas500
 from sksurv.linear_model import CoxPHSurvivalAnalysis
 from sksurv.util import Surv
 
-from analysis.metrics import (
+from evaluation.metrics import (
     SurvivalDataError,
     bootstrap_ci,
     brier_score,

@@ -14,9 +14,9 @@ from lifelines import CoxPHFitter
 from lifelines.statistics import logrank_test
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from analysis.added_value import added_value, calibration, default_covariates
-from analysis.metrics import harrell_c
+from evaluation.metrics import harrell_c
 from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof
 from analysis.report import build_report, main
 from analysis.study_reader import ReportError, oof_predictions, read_study

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.metrics import SurvivalDataError, harrell_c
-from analysis.selection import bbc_cv
+from evaluation.metrics import SurvivalDataError, harrell_c
+from evaluation.selection import bbc_cv
 from benchmarks.selection_bias import cohort, true_cindex
 
 
@@ -47,7 +47,7 @@ def test_bbc_cv_refuses_bad_input(risks, message):
 # -- the headline that replays the search (bbc_search) ------------------------------------------
 
 def _search_cell(seed: int = 0, n: int = 300):
-    from analysis.selection import SearchedTrial
+    from evaluation.selection import SearchedTrial
 
     rng = np.random.default_rng(seed)
     x = rng.normal(size=n)
@@ -69,7 +69,7 @@ def _search_cell(seed: int = 0, n: int = 300):
 
 def test_the_search_replay_of_one_configuration_is_its_out_of_bag_c():
     """One configuration, no choice to pay for: BBC-CV over it and the replay give the same estimate."""
-    from analysis.selection import SearchedTrial, bbc_search
+    from evaluation.selection import SearchedTrial, bbc_search
 
     time, event, trials = _search_cell()
     only = [SearchedTrial(trials[0].final, trials[0].rungs, trials[0].reported)]
@@ -79,7 +79,7 @@ def test_the_search_replay_of_one_configuration_is_its_out_of_bag_c():
 
 
 def test_the_search_replay_is_seeded_and_order_free():
-    from analysis.selection import bbc_search
+    from evaluation.selection import bbc_search
 
     time, event, trials = _search_cell()
     first = bbc_search(time, event, trials, 20, 200, 3, n_bootstrap=200, seed=1)
@@ -89,7 +89,7 @@ def test_the_search_replay_is_seeded_and_order_free():
 
 
 def test_the_search_replay_needs_a_finished_configuration():
-    from analysis.selection import SearchedTrial, bbc_search
+    from evaluation.selection import SearchedTrial, bbc_search
 
     time, event, trials = _search_cell()
     with pytest.raises(SurvivalDataError, match="No configuration of the search finished"):

@@ -121,7 +121,7 @@ def _uncluttered(page) -> None:
 def test_the_cells_are_compared_side_by_side_sorted_by_their_headline(study, mlflow_ui, browser, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
 
     _, uri, _ = study
     page = browser.new_page(viewport={"width": 1400, "height": 640})
@@ -169,7 +169,7 @@ def test_the_cells_are_compared_side_by_side_sorted_by_their_headline(study, mlf
 def test_the_chart_view_compares_the_headline_across_cells_in_one_chart(study, mlflow_ui, browser, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from analysis import metric_names as names
+    from evaluation import metric_names as names
 
     _, uri, _ = study
     client = MlflowClient(uri)

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import free_port, running_study, wait_for
 from tests.test_faults import EPOCHS, assert_resumed_not_restarted, reported_epochs, study_command, trial_runs

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import PostgresServer, S3Server, TrackingServer, postgres_binaries
 from tests.test_cluster import RAY, LocalCluster

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from tests.conftest import PROJECT_ROOT
 from tests.services import running_study, wait_for
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from analysis.inputs_comparison import clinical_oof, compare, paired_difference
-from analysis.metrics import harrell_c
+from evaluation.metrics import harrell_c
 from datasets import Cohort, CohortSpec, InputError
 from datasets.clinical_features import ClinicalEncoder
 from trainables import FoldData, FoldTrainer, TrainConfig

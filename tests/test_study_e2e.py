@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import metric_names as names
-from analysis.metrics import brier_score, harrell_c
+from evaluation import metric_names as names
+from evaluation.metrics import brier_score, harrell_c
 from study.results import ROWS
 from study.run import main
 from trainables.cross_validation import alive_past_horizon

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from study import progress as progress_module
 from study.progress import Progress
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from analysis import metric_names as names
-from analysis.metrics import Estimate
+from evaluation import metric_names as names
+from evaluation.metrics import Estimate
 from study.results import CellResult, terminal_table
 
 
@@ -50,8 +50,8 @@ def test_selection_and_headline_do_not_depend_on_the_order_trials_are_listed(tmp
     import pandas as pd
     from ray.tune import Checkpoint
 
-    from analysis import metric_names as names
-    from analysis.metrics import harrell_c
+    from evaluation import metric_names as names
+    from evaluation.metrics import harrell_c
     from search_spaces import SPACES
     from study.results import summarise
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from optuna.trial import TrialState
 from ray import tune
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from study.tuning import CellSearch
 
 

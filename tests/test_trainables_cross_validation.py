@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import metric_names as names
-from analysis.metrics import brier_score
+from evaluation import metric_names as names
+from evaluation.metrics import brier_score
 from datasets import Cohort, CohortSpec
 from trainables import TrainConfig
 from trainables.cross_validation import CohortArrays, CrossValidation, alive_past_horizon, collapsed_folds, cv_metrics

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.metrics import brier_score, harrell_c
+from evaluation.metrics import brier_score, harrell_c
 from datasets import Cohort, CohortSpec, InputError
 from trainables import FoldData, FoldTrainer, TrainConfig, TrainingDivergedError, train_fold
 

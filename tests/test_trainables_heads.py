@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import metric_names as names
-from analysis.metrics import harrell_c
+from evaluation import metric_names as names
+from evaluation.metrics import harrell_c
 from datasets.cohort import truncate
 from trainables.config import TrainConfig
 from trainables.cross_validation import cv_metrics

@@ -2,11 +2,11 @@
 
 Pure training code (no Ray): `CrossValidation.step()` advances every unfinished fold by one
 epoch and returns the cross-fold mean of that epoch's validation C-index
-(`analysis.metric_names.EPOCH_CINDEX`), so the caller (the Ray trainable) can report it after
+(`evaluation.metric_names.EPOCH_CINDEX`), so the caller (the Ray trainable) can report it after
 every epoch and ASHA prunes configurations by their CV mean, not by a lucky fold. Lock-step
 rather than fold after fold because a per-fold report would let the scheduler judge a
 configuration on fold 0 alone. `cv_metrics` computes the final metrics from the pooled
-out-of-fold predictions; the names and meanings are in `analysis.metric_names`.
+out-of-fold predictions; the names and meanings are in `evaluation.metric_names`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from analysis import metric_names as names  # noqa: E402
-from analysis.metrics import (  # noqa: E402
+from evaluation import metric_names as names  # noqa: E402
+from evaluation.metrics import (  # noqa: E402
     SurvivalDataError,
     bootstrap_ci,
     brier_score,
@@ -130,7 +130,7 @@ class CrossValidation:
         (a fold that stopped early: its selected epoch's), as this epoch's fold C-indices used them:
         columns ``patient_id``, ``fold``, ``score`` (higher = worse; comparable within a fold only).
         What the scheduler judged at a rung, kept so the headline can replay its decisions
-        (`analysis.selection.bbc_search`)."""
+        (`evaluation.selection.bbc_search`)."""
         frames = []
         for t in self.trainers:
             outputs = t.best_val_outputs if t.stopped_early else t.last_val_outputs
@@ -170,7 +170,7 @@ def alive_past_horizon(time: np.ndarray, event: np.ndarray, horizon: float | Non
 
 
 def collapsed_folds(fold_cindex: dict[int, float], fold_risk_sd: dict[int, float]) -> list[int]:
-    """Folds that learned nothing while the others did (`analysis.metric_names.FOLDS_COLLAPSED`)."""
+    """Folds that learned nothing while the others did (`evaluation.metric_names.FOLDS_COLLAPSED`)."""
     out = []
     for fold, c in fold_cindex.items():
         others = [v for f, v in fold_cindex.items() if f != fold and np.isfinite(v)]
@@ -184,7 +184,7 @@ def cv_metrics(oof: pd.DataFrame, eval_times, horizon: float | None = None, seed
     """Cross-validation metrics from out-of-fold predictions (recomputable from the CSV).
 
     `horizon`: the endpoint's administrative censoring [days] (365 for 1-year tasks, None for
-    OS). Names and meanings: `analysis.metric_names`; definitions: the README's "Metrics".
+    OS). Names and meanings: `evaluation.metric_names`; definitions: the README's "Metrics".
     """
     time, event, risk = oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float)
     out: dict[str, float] = {}

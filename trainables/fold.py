@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from analysis.metrics import SurvivalDataError, harrell_c
+from evaluation.metrics import SurvivalDataError, harrell_c
 from datasets.clinical_features import ClinicalEncoder
 from datasets.errors import StudyError
 from datasets.store import CohortStore

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from pycox.preprocessing.label_transforms import LabTransDiscreteTime
 
-from analysis.metrics import CensoringKM
+from evaluation.metrics import CensoringKM
 from datasets.cohort import ONE_YEAR_DAYS as ONE_YEAR
 from datasets.errors import InputError
 from trainables.losses import binary_nll, cox_nll, logistic_hazard_nll

@@ -15,7 +15,7 @@ import threading
 
 import psutil
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 
 
 def _nvml_handles() -> list:

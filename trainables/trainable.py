@@ -3,7 +3,7 @@
 The only Ray calls below `study` live here: `tune.report` (with checkpoints), `tune.get_checkpoint`
 and `ray.get` of the shared volumes. The trial's configuration is its task (``task``) plus the
 training parameters of `TrainConfig`. It reports after every epoch the mean of the folds'
-validation C-index at that epoch (`analysis.metric_names.EPOCH_CINDEX`, what ASHA prunes on),
+validation C-index at that epoch (`evaluation.metric_names.EPOCH_CINDEX`, what ASHA prunes on),
 the per-fold values and the fold-epochs spent; the last report carries ``final: True``, the
 pooled out-of-fold metrics with their 95% CI (`FINAL_METRICS`), and a checkpoint holding
 ``oof_predictions.csv`` and ``learning_curve.png``. A restarted trial
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import InputError
 from datasets.remote import stage_store
@@ -37,8 +37,6 @@ from trainables.fold_model import model_file
 from trainables.resource_use import ResourceSampler
 
 
-# Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
-EXPERIMENT = "trials"
 # The final report, kept in the final checkpoint so that a restored finished trial repeats it.
 FINAL_FILE = "final_metrics.json"
 
@@ -72,7 +70,7 @@ class TrialSetup:
         Train on the CPU when the GPUs Ray assigned cannot be used (else the trial fails at once).
     rungs
         The scheduler's rungs (epochs); the report of each carries every patient's validation
-        scores (`analysis.metric_names.RUNG_SCORES`), so the headline can replay the search.
+        scores (`evaluation.metric_names.RUNG_SCORES`), so the headline can replay the search.
     """
 
     store: str

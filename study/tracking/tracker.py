@@ -1,12 +1,12 @@
-"""MLflow tracking from the driver only (the single writer; see ARCHITECTURE decision 1).
+"""MLflow tracking from the driver only (the single writer; docs/architecture.md, decision 1).
 
 One MLflow experiment per study holds a parent run (the study: tags, resolved config and
 manifest, results table, the cells' comparison figure), one nested run per cell (tags
 ``backbone``, ``task``, ``inputs``; params = the selected configuration; the same metric names in
-every cell, `analysis.metric_names.CELL_METRICS`, so MLflow's runs table sorts and groups cells
+every cell, `evaluation.metric_names.CELL_METRICS`, so MLflow's runs table sorts and groups cells
 and its charts compare them), and under each cell one nested run per trial (params = its
 configuration; the per-epoch metrics of
-`analysis.metric_names.EPOCH_METRICS` and each fold's validation C-index as step series; the
+`evaluation.metric_names.EPOCH_METRICS` and each fold's validation C-index as step series; the
 final metrics of `FINAL_METRICS` with their CI; ``oof_predictions.csv`` and ``learning_curve.png``).
 Trial status: FINISHED, KILLED (pruned by ASHA, tagged ``pruned_at_epoch``) or FAILED (tagged
 ``failure_reason``); a trial restarted from its checkpoint after losing its worker keeps its run
@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from analysis import metric_names as names
+from evaluation import metric_names as names
 from datasets.errors import StudyError
 from search_spaces import Cell
 from study.resume_trust import TAG_PREFIX as RESUME_TAG_PREFIX

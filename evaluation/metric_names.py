@@ -94,6 +94,9 @@ RUNG_FOLDER = "rungs"  # a trial run's artifacts: rungs/epoch_NNNN.csv, the scor
 def rung_file(epoch: int) -> str:
     return f"epoch_{int(epoch):04d}.csv"
 
+# Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
+EXPERIMENT = "trials"
+
 # Files a finished trial writes into its final checkpoint (read by `study.results`, logged by the tracker).
 OOF_FILE = "oof_predictions.csv"  # patient_id, fold, time, event, risk (the DPI), surv_365, surv_t<t>: out-of-fold
 CURVE_FILE = "learning_curve.png"  # per-fold training loss and validation C-index over epochs

@@ -15,7 +15,7 @@ of those out-of-bag scores and its 95% interval their percentiles. No model is r
 stop configurations early (ASHA decided them on the same patients), so the headline pays for the
 whole search, not only for the choice among the configurations that finished.
 
-numpy (the concordance kernel of `analysis.metrics`) and, for `bbc_search`, Ray's own ASHA rule.
+numpy (the concordance kernel of `evaluation.metrics`) and, for `bbc_search`, Ray's own ASHA rule.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.metrics import Estimate, SurvivalDataError, _Concordance, check_survival
+from evaluation.metrics import Estimate, SurvivalDataError, _Concordance, check_survival
 
 
 def _bootstrap_samples(event: np.ndarray, n_bootstrap: int, seed: int):

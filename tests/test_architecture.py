@@ -1,0 +1,55 @@
+"""The house's layout (docs/architecture.md): each package imports only the packages below it, and
+the comments that cite a document cite one that exists."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+# Bottom to top, as docs/architecture.md's table lists them.
+FLOORS = ("datasets", "search_spaces", "evaluation", "trainables", "analysis", "study")
+# Packages on one floor's level that must not import each other either.
+SIBLINGS = {("search_spaces", "evaluation")}
+
+
+def _imports(path) -> set[str]:
+    """Top-level project packages a module imports (at module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & set(FLOORS)
+
+
+@pytest.mark.parametrize("package", FLOORS)
+def test_a_package_imports_only_packages_below_it(package):
+    above = set(FLOORS[FLOORS.index(package) + 1:]) | {b for a, b in SIBLINGS if a == package} \
+        | {a for a, b in SIBLINGS if b == package}
+    wrong = {str(path.relative_to(PROJECT_ROOT)): sorted(_imports(path) & above)
+             for path in (PROJECT_ROOT / package).rglob("*.py") if _imports(path) & above}
+    assert not wrong, f"imports of packages above {package} (docs/architecture.md): {wrong}"
+
+
+def test_the_documented_layers_are_the_project_packages():
+    table = (PROJECT_ROOT / "docs" / "architecture.md").read_text()
+    listed = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)
+    assert tuple(listed) == FLOORS
+
+
+def test_comments_cite_documents_that_exist():
+    missing = []
+    for package in (*FLOORS, "benchmarks"):
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            if "ARCHITECTURE decision" in text:
+                missing.append(f"{path.name}: ARCHITECTURE decision (the sketch is docs/architecture.md)")
+            for cited in re.findall(r"\b(docs/[\w./-]+\.md)\b", text):
+                if not (PROJECT_ROOT / cited).is_file():
+                    missing.append(f"{path.relative_to(PROJECT_ROOT)}: {cited}")
+    assert not missing, missing
