@@ -115,20 +115,20 @@ def read_study(name: str, tracking_uri: str) -> Study:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
         raise InputError(f"no study called {name!r} in {tracking_uri}; studies there: {known}")
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
-    parents = [r for r in runs if r.data.tags.get("study_role") == "study"]
+    parents = [r for r in runs if r.data.tags.get(names.ROLE_TAG) == names.STUDY_ROLE]
     if not parents:
         raise ReportError(f"experiment {name!r} has no study run (was it made by python -m study.run?)")
     parent = parents[0]
-    config = json.loads(_artifact_text(client, parent.info.run_id, "study_config.json"))
+    config = json.loads(_artifact_text(client, parent.info.run_id, names.CONFIG_FILE))
     trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
                     r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
                     r.info.start_time or 0, r.data.tags.get("inputs", "image"))
-              for r in runs if r.data.tags.get("study_role") == "trial"]
+              for r in runs if r.data.tags.get(names.ROLE_TAG) == names.TRIAL_ROLE]
     trials.sort(key=lambda t: t.start_time)
-    cells = {r.data.tags["cell_key"]: dict(r.data.metrics) for r in runs
-             if r.data.tags.get("study_role") == "cell" and r.data.tags.get("cell_key")}
-    cell_ids = {r.data.tags["cell_key"]: r.info.run_id for r in runs
-                if r.data.tags.get("study_role") == "cell" and r.data.tags.get("cell_key")}
+    cells = {r.data.tags[names.CELL_KEY_TAG]: dict(r.data.metrics) for r in runs
+             if r.data.tags.get(names.ROLE_TAG) == names.CELL_ROLE and r.data.tags.get(names.CELL_KEY_TAG)}
+    cell_ids = {r.data.tags[names.CELL_KEY_TAG]: r.info.run_id for r in runs
+                if r.data.tags.get(names.ROLE_TAG) == names.CELL_ROLE and r.data.tags.get(names.CELL_KEY_TAG)}
     study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics), cells, cell_ids)
     if not study.finished():
         raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "

@@ -94,6 +94,19 @@ RUNG_FOLDER = "rungs"  # a trial run's artifacts: rungs/epoch_NNNN.csv, the scor
 def rung_file(epoch: int) -> str:
     return f"epoch_{int(epoch):04d}.csv"
 
+# MLflow tags that say what a run is: the study, one of its cells, or one of a cell's trials, each
+# found again by its key (a resumed study reuses its runs rather than duplicating them).
+ROLE_TAG, CELL_KEY_TAG, TRIAL_KEY_TAG = "study_role", "cell_key", "trial_key"
+STUDY_ROLE, CELL_ROLE, TRIAL_ROLE = "study", "cell", "trial"
+# The study run's copy of its resolved configuration (`study.config.StudyConfig.to_dict`).
+CONFIG_FILE = "study_config.json"
+
+
+def role_filter(role: str) -> str:
+    """MLflow's search filter for the runs of one role."""
+    return f"tags.{ROLE_TAG} = '{role}'"
+
+
 # Tune's experiment folder under STORAGE/NAME: every trial of a study lives in it.
 EXPERIMENT = "trials"
 

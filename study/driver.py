@@ -17,6 +17,7 @@ from datasets.environment import seconds
 from datasets.errors import StudyError
 from datasets.remote import check_writable
 from datasets.store import CohortStore
+from evaluation import metric_names as names
 from search_spaces import TASKS
 from study.config import StudyConfig
 from study.data import check_external, excluded_patients, open_data, read_volumes, task_cohorts
@@ -246,7 +247,7 @@ def open_tracking(config: StudyConfig, store: CohortStore, journal: Path):
                          "seed": config.seed, **({"repeat": config.repeat, "fold_seed": config.fold_seed}
                                                  if config.repeats else {}),
                          "folds": config.protocol.folds, "max_epochs": config.protocol.epochs},
-                  {"study_config.json": json.dumps(config.to_dict(), indent=1),
+                  {names.CONFIG_FILE: json.dumps(config.to_dict(), indent=1),
                    "manifest.json": json.dumps(record, indent=1)})
     from study.tracking.tracker import cell_tags
 
@@ -305,8 +306,6 @@ def development_cutoff(checkpoint: Path) -> float:
     patients (the report's Kaplan-Meier split, `analysis.sections`)."""
     import pandas as pd
 
-    from evaluation import metric_names as names
-
     return float(pd.read_csv(checkpoint / names.OOF_FILE)["risk"].median())
 
 
@@ -315,7 +314,6 @@ def dpi_scale(checkpoint: Path, folds: int, store: CohortStore, cohort) -> dict:
     computes it: the model's DPI for a new patient is the report's for the same patient."""
     import pandas as pd
 
-    from evaluation import metric_names as names
     from analysis.ensemble import development_scale, load_fold_models
 
     oof = pd.read_csv(checkpoint / names.OOF_FILE)["risk"].to_numpy(float)
@@ -600,10 +598,8 @@ def mlflow_ui_pages(experiment_id: str | None) -> dict[str, str]:
     directly, with the filter and order that the runs page reads from its address."""
     from urllib.parse import quote
 
-    from evaluation import metric_names as names
-
     runs = f"#/experiments/{experiment_id}/runs"
-    only_cells, by_headline = quote("tags.study_role = 'cell'"), quote(f"metrics.`{names.BBC_CINDEX.name}`")
+    only_cells, by_headline = quote(names.role_filter(names.CELL_ROLE)), quote(f"metrics.`{names.BBC_CINDEX.name}`")
     cells = f"{runs}?searchFilter={only_cells}&orderByKey={by_headline}&orderByAsc=false"
     return {"cells": cells, "chart": f"{cells}&compareRunsMode=CHART", "runs": runs}
 

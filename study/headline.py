@@ -37,11 +37,11 @@ def _csv(client, run_id: str, path: str, tmp: str) -> pd.DataFrame:
 def searched_trials(client, experiment_id: str, cell: str) -> tuple[pd.DataFrame, list[SearchedTrial]] | None:
     """The cell's patients (``patient_id``, ``time``, ``event``, sorted by id) and its trials as the
     search saw them, from MLflow; None if some trial has no rung records."""
-    runs = [r for r in client.search_runs([experiment_id], "tags.study_role = 'trial'", max_results=50000)
-            if r.data.tags.get("trial_key", "").startswith(f"{cell}/")]
+    runs = [r for r in client.search_runs([experiment_id], names.role_filter(names.TRIAL_ROLE), max_results=50000)
+            if r.data.tags.get(names.TRIAL_KEY_TAG, "").startswith(f"{cell}/")]
     patients, trials = None, []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in sorted(runs, key=lambda r: r.data.tags.get("trial_key", "")):
+        for run in sorted(runs, key=lambda r: r.data.tags.get(names.TRIAL_KEY_TAG, "")):
             outcome = run.data.tags.get("outcome")
             if outcome == "failed" or run.info.status == "FAILED":
                 continue

@@ -139,7 +139,7 @@ def track_summary(config: StudyConfig, metrics: dict[str, dict], files: dict, fo
     tracker.start({"space": config.space, "budget": config.budget, **tags},
                   {"space": config.space, "budget": config.budget, **tags,
                    "tasks": ",".join(config.tasks), "backbones": ",".join(config.backbones)},
-                  {"study_config.json": json.dumps(config.to_dict(), indent=1)})
+                  {names.CONFIG_FILE: json.dumps(config.to_dict(), indent=1)})
     for cell in config.cells():
         if cell.name in metrics:
             tracker.cell_run(cell.name, cell.label, cell_tags(cell))

@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from datasets.errors import StudyError
 from datasets.cli import new_parser
+from datasets.errors import StudyError
+from evaluation import metric_names as names
 
 EXIT_BAD_INPUT, EXIT_SOME_NOT_SCORED = 2, 1
 
@@ -74,10 +75,10 @@ def model_uri(args: argparse.Namespace, tracking_uri: str) -> str:
     if experiment is None:
         raise StudyError(f"--study {args.study}: no such study in {tracking_uri}")
     runs = client.search_runs([experiment.experiment_id],
-                              f"tags.study_role = 'cell' and tags.cell_key = '{args.cell.replace(chr(39), '')}'")
+                              f"{names.role_filter(names.CELL_ROLE)} and tags.{names.CELL_KEY_TAG} = '{args.cell.replace(chr(39), '')}'")
     if not runs:
-        cells = sorted(r.data.tags.get("cell_key", "") for r in client.search_runs(
-            [experiment.experiment_id], "tags.study_role = 'cell'"))
+        cells = sorted(r.data.tags.get(names.CELL_KEY_TAG, "") for r in client.search_runs(
+            [experiment.experiment_id], names.role_filter(names.CELL_ROLE)))
         raise StudyError(f"--cell {args.cell}: no such cell in study {args.study}; its cells: {cells}")
     return f"runs:/{runs[0].info.run_id}/{MODEL_PATH}"
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from ray import tune
 
 from datasets.errors import StudyError
+from datasets.remote import is_remote
+from evaluation import metric_names as names
 
 TAG_PREFIX = "resume_state."
 # Versions of one file kept per tag: the storage copy lags the driver's by at most an upload.
@@ -59,7 +61,7 @@ def storage_digests(experiment_path: str) -> dict[str, str]:
     """file name -> SHA-256 of the state files of a Tune experiment folder (a local path or a URI)."""
     import pyarrow.fs as pafs
 
-    if "://" in experiment_path:
+    if is_remote(experiment_path):
         filesystem, root = pafs.FileSystem.from_uri(experiment_path)
     else:
         filesystem, root = pafs.LocalFileSystem(), str(Path(experiment_path).absolute())
@@ -113,7 +115,7 @@ def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
         experiment = client.get_experiment_by_name(study_name)
         if experiment is None:
             return {}
-        found = client.search_runs([experiment.experiment_id], "tags.study_role = 'study'", max_results=1)
+        found = client.search_runs([experiment.experiment_id], names.role_filter(names.STUDY_ROLE), max_results=1)
     except Exception as exc:
         raise StudyError(f"--resume: the digests of the study's state files cannot be read from {tracking_uri} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

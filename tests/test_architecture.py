@@ -53,3 +53,22 @@ def test_comments_cite_documents_that_exist():
                 if not (PROJECT_ROOT / cited).is_file():
                     missing.append(f"{path.relative_to(PROJECT_ROOT)}: {cited}")
     assert not missing, missing
+
+
+# Contracts spelt once (evaluation.metric_names, datasets.remote): literals that must not come back
+# in the packages' code, with where they live instead.
+SPELT_ONCE = {r"[\"']study_role[\"']|tags\.study_role": "evaluation.metric_names.ROLE_TAG / role_filter",
+              r"[\"']cell_key[\"']|[\"']trial_key[\"']": "evaluation.metric_names.CELL_KEY_TAG / TRIAL_KEY_TAG",
+              r"[\"']study_config\.json[\"']": "evaluation.metric_names.CONFIG_FILE",
+              r"[\"']://[\"'] (not )?in\b": "datasets.remote.is_remote",
+              r"EXPERIMENT = [\"']trials[\"']": "evaluation.metric_names.EXPERIMENT"}
+
+
+@pytest.mark.parametrize("pattern", SPELT_ONCE)
+def test_a_contract_is_spelt_once(pattern):
+    home = {"evaluation/metric_names.py", "datasets/remote.py"}
+    found = [f"{path.relative_to(PROJECT_ROOT)}:{n}" for package in FLOORS
+             for path in (PROJECT_ROOT / package).rglob("*.py") if str(path.relative_to(PROJECT_ROOT)) not in home
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(pattern, line) and not line.lstrip().startswith("#")]
+    assert not found, f"use {SPELT_ONCE[pattern]}: {found}"

@@ -137,7 +137,7 @@ class StudyTracker:
         else:
             self.experiment_id = experiment.experiment_id
         values = {k: str(v)[:6000] for k, v in params.items()}
-        found = self._find_run("tags.study_role = 'study'")
+        found = self._find_run(names.role_filter(names.STUDY_ROLE))
         if found is not None:
             logged = found.data.params
             changed = {k: (logged[k], v) for k, v in values.items() if k in logged and logged[k] != v}
@@ -154,7 +154,7 @@ class StudyTracker:
             key = secrets.token_hex(32)
             self._load_journal(key)
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={"study_role": "study", KEY_TAG: key, **tags})
+                                         tags={names.ROLE_TAG: names.STUDY_ROLE, KEY_TAG: key, **tags})
             self.parent_run_id = run.info.run_id
         # Logged on every start: a start that died between creating the run and this call left none.
         self.client.log_batch(self.parent_run_id, params=[Param(k, v) for k, v in values.items()],
@@ -340,7 +340,7 @@ class StudyTracker:
     @staticmethod
     def _query(key: str) -> str:
         """How a cell's or a trial's run is found (a trial's key is ``CELL/TRIAL_ID``)."""
-        return f"tags.trial_key = '{key}'" if "/" in key else f"tags.cell_key = '{key}'"
+        return f"tags.{names.TRIAL_KEY_TAG if '/' in key else names.CELL_KEY_TAG} = '{key}'"
 
     def _run_id(self, key: str | None) -> str:
         if key is None:
@@ -391,11 +391,11 @@ class StudyTracker:
             op, key = entry["op"], entry["key"]
             if op == "cell":
                 self._find_or_create(key, entry["run_name"], {
-                    "mlflow.parentRunId": self.parent_run_id, "study_role": "cell", "cell_key": key, **entry["tags"]})
+                    "mlflow.parentRunId": self.parent_run_id, names.ROLE_TAG: names.CELL_ROLE, names.CELL_KEY_TAG: key, **entry["tags"]})
             elif op == "trial":
                 parent = self._run_id(entry["cell"]) if entry.get("cell") else self.parent_run_id
                 run_id = self._find_or_create(key, entry["run_name"], {
-                    "mlflow.parentRunId": parent, "study_role": "trial", "trial_key": key, **entry["tags"]})
+                    "mlflow.parentRunId": parent, names.ROLE_TAG: names.TRIAL_ROLE, names.TRIAL_KEY_TAG: key, **entry["tags"]})
                 # Every delivery: the run may exist without them (created just before an outage).
                 self._call("log_batch", run_id, params=[Param(k, v) for k, v in sorted(entry["params"].items())])
             elif op == "cell_params":
