@@ -51,13 +51,28 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def searched_parameters(study: Study) -> list[str]:
-    """The parameters the study searched (from its space), in the space's order."""
+    """The parameters the study searched, in its space's order: a built-in space by name, a space
+    file from the file the study recorded, or, where that file is no longer readable (the report
+    made elsewhere), the parameters whose values differ between the study's trials."""
     from search_spaces import SPACES
+    from search_spaces._space import OWNED_KEYS
+    from search_spaces.from_file import SearchSpaceError, load_space
 
+    budget = study.config.get("budget", "full")
     space = SPACES.get(study.config.get("space", ""))
-    if space is None:
-        return ["lr", "weight_decay", "batch_size", "optimizer", "dropout", "augmentation"]
-    return list(space.distributions_for(study.config.get("budget", "full")))
+    if space is None and study.config.get("space_file"):
+        try:
+            space = load_space(study.config["space_file"])
+        except SearchSpaceError:
+            space = None
+    if space is not None:
+        return list(space.distributions_for(budget))
+    varying: list[str] = []
+    for trial in study.trials:
+        for key in trial.params:
+            if key not in varying and key not in (*OWNED_KEYS, "task") and len({t.params.get(key) for t in study.trials}) > 1:
+                varying.append(key)
+    return varying
 
 
 def leaderboard(study: Study) -> pd.DataFrame:
