@@ -14,7 +14,10 @@ The file mirrors `SearchSpace`::
     reference: {lr: 1.0e-4, weight_decay: 1.0e-6, batch_size: 64, dropout: 0.0}
     protocols:                                  # both budgets; keys of `Protocol`
       full: {folds: 10, epochs: 200, num_samples: 20, grace_epochs: 20}
-      demo: {folds: 3, epochs: 4, num_samples: 4, grace_epochs: 1, width: 0.25, depth: 0.2}
+      demo: {folds: 3, epochs: 4, num_samples: 1, grace_epochs: 1, width: 0.25, depth: 0.2,
+             cell_samples: {densenet121/os_all: 4}}  # optional: one cell searched deeper
+
+Numbers in exponent form need a decimal point (``1.0e-4``, not ``1e-4``, which YAML reads as text).
 
 YAML is read with ``safe_load`` (no object construction), from a file of at most 64 KiB whose
 values, once aliases (``*name``) are expanded, number at most 10,000: a few lines of nested

@@ -160,3 +160,16 @@ def test_the_demo_searches_one_cell_deeper_and_num_samples_makes_every_cell_alik
 def test_cell_samples_must_name_a_cell_and_a_positive_count(value):
     with pytest.raises(SearchSpaceError, match="cell_samples"):
         Protocol(folds=2, epochs=2, num_samples=1, grace_epochs=1, cell_samples=value)
+
+
+def test_a_space_file_may_search_one_cell_deeper(tmp_path):
+    from search_spaces.from_file import load_space
+
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: deep\nsummary: one cell deeper\ndistributions: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+                    "reference: {lr: 1.0e-3}\nprotocols:\n  demo: &p {folds: 2, epochs: 2, num_samples: 1, "
+                    "grace_epochs: 1, cell_samples: {seresnext50/os_all: 3}}\n  full: *p\n")
+    assert load_space(path).protocols["demo"].cell_samples == {"seresnext50/os_all": 3}
+    path.write_text(path.read_text().replace("{seresnext50/os_all: 3}", "[seresnext50]"))
+    with pytest.raises(SearchSpaceError, match="cell_samples"):
+        load_space(path)
