@@ -83,6 +83,19 @@ REPEATS_CINDEX_SD = MetricName(
 # Keys of a trial's reports that are flags, not metrics.
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
+FINISHED, PRUNED, FAILED_OUTCOME = "finished", "pruned", "failed"  # how a trial ended (`outcome`)
+
+
+def outcome(last_result: dict | None, errored: bool = False) -> str:
+    """How an ended trial ended, from its last report (the one definition every part of the study
+    uses): ``failed`` (an error, or a trial that diverged), ``finished`` (it ran its whole budget:
+    its last report carries FINAL) or ``pruned`` (the scheduler stopped it)."""
+    last = last_result or {}
+    if errored or last.get(FAILED):
+        return FAILED_OUTCOME
+    return FINISHED if last.get(FINAL) else PRUNED
+
+
 # On a report at a rung of the scheduler: {"patient_id": [...], "fold": [...], "score": [...]}, what it judged.
 RUNG_SCORES = "rung_scores"
 RUNG_SEEN = MetricName(

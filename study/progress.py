@@ -47,14 +47,6 @@ def default_interval() -> float:
     return 30.0 if sys.stdout.isatty() else 120.0
 
 
-def _outcome(last_result: dict | None, errored: bool = False) -> str:
-    """How an ended trial ended, from its last report: finished, pruned (stopped by ASHA) or failed."""
-    last = last_result or {}
-    if errored or last.get(names.FAILED):
-        return "failed"
-    return "finished" if last.get(names.FINAL) else "pruned"
-
-
 class Progress(tune.Callback):
     def __init__(self, total_trials: int, fold_epochs_per_trial: int, interval_s: float | None = None):
         self.total, self.per_trial = total_trials, fold_epochs_per_trial
@@ -90,10 +82,10 @@ class Progress(tune.Callback):
         state["cindex"] = result.get(names.EPOCH_CINDEX.name, math.nan)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, _outcome(trial.last_result))
+        self._end(trial, names.outcome(trial.last_result))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(trial, "failed")
+        self._end(trial, names.FAILED_OUTCOME)
 
     def _end(self, trial, outcome: str) -> None:
         state = self._running.pop(trial.trial_id, None)
@@ -106,14 +98,14 @@ class Progress(tune.Callback):
             self._last_print = time.monotonic()
             for trial in trials:  # trials that ended before a resume are counted too
                 if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self._ended:
-                    self._ended[trial.trial_id] = _outcome(trial.last_result, trial.status == "ERROR")
+                    self._ended[trial.trial_id] = names.outcome(trial.last_result, trial.status == "ERROR")
                     self._running.pop(trial.trial_id, None)
             print("\n".join(self.lines()), flush=True)
 
     def lines(self) -> list[str]:
         now = time.monotonic()
         pace = sorted(self._pace)[len(self._pace) // 2] if self._pace else math.nan  # median s per fold-epoch
-        counts = {o: list(self._ended.values()).count(o) for o in ("finished", "pruned", "failed")}
+        counts = {o: list(self._ended.values()).count(o) for o in (names.FINISHED, names.PRUNED, names.FAILED_OUTCOME)}
         running_left = sum(max(0, self.per_trial - s["fold_epochs"]) for s in self._running.values())
         waiting = max(0, self.total - len(self._ended) - len(self._running))
         typical = (sum(self._ended_fold_epochs) / len(self._ended_fold_epochs) if self._ended_fold_epochs

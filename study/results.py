@@ -134,10 +134,11 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
                                 CellResult(config["backbone"], config["task"], inputs))
         metrics = result.metrics or {}
         cell.fold_epochs += int(metrics.get(names.FOLD_EPOCHS.name, 0) or 0)
-        if result.error is not None or metrics.get(names.FAILED):
+        ended = names.outcome(metrics, result.error is not None)
+        if ended == names.FAILED_OUTCOME:
             cell.failed += 1
             continue
-        if not metrics.get(names.FINAL):
+        if ended == names.PRUNED:
             cell.pruned += 1
             continue
         cell.finished += 1

@@ -137,9 +137,10 @@ class CellOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         result = result or {}
         value = result.get(names.OOF_CINDEX.name)
-        if error or result.get(names.FAILED) or (result.get(names.FINAL) and not _finite(value)):
+        ended = names.outcome(result, error)
+        if ended == names.FAILED_OUTCOME or (ended == names.FINISHED and not _finite(value)):
             state, value = TrialState.FAIL, None
-        elif result.get(names.FINAL):
+        elif ended == names.FINISHED:
             state = TrialState.COMPLETE
         else:
             state, value = TrialState.PRUNED, None
@@ -300,7 +301,7 @@ class DropStoppedCheckpoints(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        if last.get(names.FINAL) or last.get(names.FAILED) or trial.checkpoint is None:
+        if names.outcome(last) != names.PRUNED or trial.checkpoint is None:
             return
         try:
             trial.checkpoint.filesystem.delete_dir(trial.checkpoint.path)

@@ -61,7 +61,8 @@ SPELT_ONCE = {r"[\"']study_role[\"']|tags\.study_role": "evaluation.metric_names
               r"[\"']cell_key[\"']|[\"']trial_key[\"']": "evaluation.metric_names.CELL_KEY_TAG / TRIAL_KEY_TAG",
               r"[\"']study_config\.json[\"']": "evaluation.metric_names.CONFIG_FILE",
               r"[\"']://[\"'] (not )?in\b": "datasets.remote.is_remote",
-              r"EXPERIMENT = [\"']trials[\"']": "evaluation.metric_names.EXPERIMENT"}
+              r"EXPERIMENT = [\"']trials[\"']": "evaluation.metric_names.EXPERIMENT",
+              r"get\(names\.(FINAL|FAILED)\)": "evaluation.metric_names.outcome (how a trial ended)"}
 
 
 @pytest.mark.parametrize("pattern", SPELT_ONCE)
@@ -72,3 +73,12 @@ def test_a_contract_is_spelt_once(pattern):
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if re.search(pattern, line) and not line.lstrip().startswith("#")]
     assert not found, f"use {SPELT_ONCE[pattern]}: {found}"
+
+
+def test_how_a_trial_ended_is_decided_in_one_place():
+    from evaluation import metric_names as names
+
+    assert names.outcome({names.FINAL: True, "epoch": 20}) == names.FINISHED
+    assert names.outcome({"epoch": 6}) == names.PRUNED and names.outcome(None) == names.PRUNED
+    assert names.outcome({names.FAILED: "diverged"}) == names.FAILED_OUTCOME
+    assert names.outcome({names.FINAL: True}, errored=True) == names.FAILED_OUTCOME

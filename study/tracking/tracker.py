@@ -516,7 +516,7 @@ class MlflowTrialCallback(tune.Callback):
         if result.get("node_id") and self._nodes.get(key) != result["node_id"]:
             self._nodes[key] = result["node_id"]
             self.tracker.set_tags(key, {"node_id": result["node_id"]})
-        if result.get(names.FINAL):
+        if names.outcome(result) == names.FINISHED:  # the last report of a finished trial
             self.tracker.log_metrics(key, {m.name: result.get(m.name) for m in names.FINAL_METRICS})
 
     def _rung(self, key: str, epoch: int, scores: dict) -> None:
@@ -534,19 +534,20 @@ class MlflowTrialCallback(tune.Callback):
         key = self._key(trial)
         last = trial.last_result or {}
         tracker = self.tracker
-        if last.get(names.FAILED):
+        ended = names.outcome(last)
+        if ended == names.FAILED_OUTCOME:
             tracker.set_tags(key, {"failure_reason": str(last[names.FAILED])[-4000:]})
-            self._outcome(key, trial, "failed", "FAILED")
+            self._outcome(key, trial, names.FAILED_OUTCOME, "FAILED")
             tracker.terminate(key, "FAILED")
             print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {last['failed']}", flush=True)
-        elif last.get(names.FINAL):
+        elif ended == names.FINISHED:
             checkpoint = trial.checkpoint
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:
                     for name in (names.OOF_FILE, names.CURVE_FILE):
                         if (Path(directory) / name).exists():
                             tracker.log_artifact(key, Path(directory) / name)
-            self._outcome(key, trial, "finished")
+            self._outcome(key, trial, names.FINISHED)
             tracker.terminate(key, "FINISHED")
             collapsed = int(last.get(names.FOLDS_COLLAPSED.name, 0) or 0)
             print(f"  {self._cell(trial)}: trial {trial.trial_id} finished, out-of-fold C-index "
@@ -556,7 +557,7 @@ class MlflowTrialCallback(tune.Callback):
         else:
             epoch = last.get("epoch", 0)
             tracker.set_tags(key, {"pruned_at_epoch": str(epoch)})
-            self._outcome(key, trial, "pruned", f"pruned@{epoch}")
+            self._outcome(key, trial, names.PRUNED, f"pruned@{epoch}")
             tracker.terminate(key, "KILLED")
             print(f"  {self._cell(trial)}: trial {trial.trial_id} pruned by ASHA after epoch {epoch} "
                   f"(mean validation C-index of the folds at that epoch {last.get(names.EPOCH_CINDEX.name, math.nan):.3f})", flush=True)
@@ -575,7 +576,7 @@ class MlflowTrialCallback(tune.Callback):
         error = trial.get_error() if hasattr(trial, "get_error") else None
         reason = str(error) if error is not None else "unknown error"
         self.tracker.set_tags(key, {"failure_reason": reason[-4000:]})
-        self._outcome(key, trial, "failed", "FAILED")
+        self._outcome(key, trial, names.FAILED_OUTCOME, "FAILED")
         self.tracker.terminate(key, "FAILED")
         print(f"  {self._cell(trial)}: trial {trial.trial_id} FAILED: {reason.strip().splitlines()[-1] if reason.strip() else ''}",
               flush=True)
