@@ -34,7 +34,7 @@ class Trial:
     def ranks_above(self, other: "Trial") -> bool:
         """Higher pooled out-of-fold C-index; a tie goes to the lower trial id, as in the driver's
         selection (`study.results.summarise`), whatever order the runs are read in."""
-        return (self.oof_cindex, other.trial_id) > (other.oof_cindex, self.trial_id)
+        return names.ranks_above(self.oof_cindex, self.trial_id, other.oof_cindex, other.trial_id)
 
     @property
     def cell(self) -> str:

@@ -7,6 +7,7 @@ which censoring distribution) are docs/concepts.md's Definitions, one line each.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -84,6 +85,17 @@ REPEATS_CINDEX_SD = MetricName(
 FINAL = "final"  # True on the last report of a finished trial (it carries FINAL_METRICS)
 FAILED = "failed"  # the reason, on the last report of a trial that diverged
 FINISHED, PRUNED, FAILED_OUTCOME = "finished", "pruned", "failed"  # how a trial ended (`outcome`)
+
+
+def ranks_above(cindex: float, trial_id: str, other_cindex: float, other_trial_id: str) -> bool:
+    """The study's one criterion for the best of a cell's finished configurations: the higher pooled
+    out-of-fold C-index (OOF_CINDEX); a tie goes to the lower trial id, so the choice does not
+    depend on the order trials are read in (the driver's results, the report, a resume). A C-index
+    that is not a number ranks below every other."""
+    def finite(value) -> float:
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+    return (finite(cindex), other_trial_id) > (finite(other_cindex), trial_id)
 
 
 def outcome(last_result: dict | None, errored: bool = False) -> str:

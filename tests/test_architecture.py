@@ -82,3 +82,11 @@ def test_how_a_trial_ended_is_decided_in_one_place():
     assert names.outcome({"epoch": 6}) == names.PRUNED and names.outcome(None) == names.PRUNED
     assert names.outcome({names.FAILED: "diverged"}) == names.FAILED_OUTCOME
     assert names.outcome({names.FINAL: True}, errored=True) == names.FAILED_OUTCOME
+
+
+def test_the_best_configuration_is_chosen_by_one_criterion_whatever_the_order():
+    from evaluation import metric_names as names
+
+    assert names.ranks_above(0.70, "b", 0.60, "a") and not names.ranks_above(0.60, "a", 0.70, "b")
+    assert names.ranks_above(0.70, "a", 0.70, "b") and not names.ranks_above(0.70, "b", 0.70, "a")  # tie: lower id
+    assert names.ranks_above(0.51, "z", float("nan"), "a") and not names.ranks_above(float("nan"), "a", 0.51, "z")
