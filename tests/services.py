@@ -286,3 +286,22 @@ class S3Server:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+
+
+def kill_conversion_workers(out: Path, patient_id: str, stop, killed: list) -> None:
+    """Kill (SIGKILL) every conversion worker that takes `patient_id` while converting into the
+    store `out`, as a file that crashes its reader would, until `stop` is set (run in a thread;
+    `killed` collects the process ids). The converter names a patient's worker in
+    ``.converting/<slot>``."""
+    import json
+
+    while not stop.is_set():
+        try:
+            slot = json.loads((out / "zarr.json").read_text())["attributes"]["patient_ids"].index(patient_id)
+            worker = int((out / ".converting" / str(slot)).read_text())
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.01)
+            continue
+        if worker != os.getpid() and worker not in killed:
+            os.kill(worker, signal.SIGKILL)
+            killed.append(worker)

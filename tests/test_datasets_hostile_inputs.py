@@ -446,26 +446,13 @@ def test_a_patient_whose_worker_dies_is_excluded_naming_it_and_the_rest_convert(
     """A killed conversion worker (the OOM killer, a crash in a reader) gave BrokenProcessPool and a
     traceback naming no patient, and a rerun died at the same patient. Here every process that
     takes SYN-0002 is killed, as a file that crashes its reader would."""
-    import os
-    import signal
     import threading
+
+    from tests.services import kill_conversion_workers
 
     out = tmp_path / "s.zarr"
     stop, killed = threading.Event(), []
-
-    def killer():
-        while not stop.is_set():
-            try:
-                slot = json.loads((out / "zarr.json").read_text())["attributes"]["patient_ids"].index("SYN-0002")
-                pid = int((out / ".converting" / str(slot)).read_text())
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.01)
-                continue
-            if pid != os.getpid() and pid not in killed:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-
-    watcher = threading.Thread(target=killer, daemon=True)
+    watcher = threading.Thread(target=kill_conversion_workers, args=(out, "SYN-0002", stop, killed), daemon=True)
     watcher.start()
     try:
         summary = convert(export_copy / "images", export_copy / "clinical.csv", out, TINY, workers=2, progress=False)

@@ -503,23 +503,6 @@ def _withdraw(export: Path, pid: str, what: str) -> None:
         shutil.rmtree(export / "images" / pid)
 
 
-def _kill_workers_of(out: Path, pid: str, stop, killed: list) -> None:
-    """Kill (SIGKILL) every conversion worker that takes `pid`, as a file crashing its reader would."""
-    import signal
-    import time
-
-    while not stop.is_set():
-        try:
-            slot = json.loads((out / "zarr.json").read_text())["attributes"]["patient_ids"].index(pid)
-            worker = int((out / ".converting" / str(slot)).read_text())
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.01)
-            continue
-        if worker != os.getpid() and worker not in killed:
-            os.kill(worker, signal.SIGKILL)
-            killed.append(worker)
-
-
 def _small_disk(root: Path) -> Path | None:
     import subprocess
 
@@ -611,7 +594,9 @@ def _fault_case(tiny_export: Path, tmp_path: Path, case: dict, capsys) -> None:
         assert verify_store(out) == []
     elif kind == "worker":
         stop, killed = threading.Event(), []
-        watcher = threading.Thread(target=_kill_workers_of, args=(out, p, stop, killed), daemon=True)
+        from tests.services import kill_conversion_workers
+
+        watcher = threading.Thread(target=kill_conversion_workers, args=(out, p, stop, killed), daemon=True)
         watcher.start()
         try:
             summary = convert(export / "images", export / "clinical.csv", out, SMALL, workers=case["workers"],
