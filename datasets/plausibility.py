@@ -18,6 +18,9 @@ declared voxels            at most 2**27        checked in the header before dec
                                                 1.8 MB .nii.gz declaring 1 GiB took 5.9 GB
 sequences' head masks      overlap (Dice) 0.5   on the output grid: a sequence whose head lies
                                                 elsewhere has a wrong affine (or is another scan)
+left-right asymmetry       correlation > -0.3   between each sequence and the others, on grids
+                                                where the head is 64+ voxels wide: a mirrored
+                                                sequence's is negated (``datasets.laterality``)
 ``--spacing``              0.1-10 mm            the output grid (finite)
 head mask                  100-8,000 mL         an infant head to a very large adult one
 intensities in the mask    not constant         per present sequence: constant means no image

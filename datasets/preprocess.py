@@ -32,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from datasets.errors import ImageError
+from datasets.laterality import doubtful, laterality_scores, mirrored
 from datasets.plausibility import content_problem, geometry_problem
 
 # MONAI's pydicom plugin prints a notice on import when nvImageCodec is absent.
@@ -241,22 +242,9 @@ def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: Prepr
     return patient
 
 
-def preprocess_files(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig) -> PreprocessedPatient:
-    """Load, align, crop, resize and normalise one patient's sequences.
-
-    Parameters
-    ----------
-    files
-        sequence key -> file (or DICOM folder); keys outside `config.sequences` other than
-        the tumour label are ignored. Absent sequences are zero-filled and flagged.
-    patient_id
-        Used in error messages.
-
-    Raises
-    ------
-    ImageError
-        A file is unreadable, not 3D, has NaN/inf voxels, or no sequence has any signal.
-    """
+def _load_sequences(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig):
+    """(loaded volumes, their shapes and spacings before, problems noted); an all-zero sequence
+    counts as missing."""
     problems: list[str] = []
     loaded = {}
     before = {}
@@ -269,13 +257,17 @@ def preprocess_files(files: Mapping[str, Path], patient_id: str, config: Preproc
             problems.append(f"{key}: file {files[key]} is empty (all zero); treated as missing")
             continue
         loaded[key] = volume
-    available = [k for k in config.sequences if k in loaded]
-    if not available:
+    if not any(k in loaded for k in config.sequences):
         raise ImageError(f"patient {patient_id}: none of the sequences {list(config.sequences)} is usable")
-    for key in config.sequences:
-        if key not in files:
-            problems.append(f"{key}: missing; zero-filled and flagged")
+    problems += [f"{key}: missing; zero-filled and flagged" for key in config.sequences if key not in files]
+    return loaded, before, problems
 
+
+def _common_grid(loaded: dict, files: Mapping[str, Path], patient_id: str, config: PreprocessConfig):
+    """(every loaded volume on the output grid, the reference sequence, the head's extent in mm,
+    the output spacing in mm):
+    the finest sequence, reoriented to RAS, cropped to its head and resampled once."""
+    available = [k for k in config.sequences if k in loaded]
     reference_key = min(available, key=lambda k: float(np.prod(_spacing_of(loaded[k]))))
     reference = Orientation(axcodes="RAS", labels=None)(loaded[reference_key])
     native = reference[0].numpy()
@@ -292,35 +284,67 @@ def preprocess_files(files: Mapping[str, Path], patient_id: str, config: Preproc
     # coarse enough that the head fits the output shape.
     out_spacing = float(max(config.spacing, *(extent_mm / np.array(config.shape))))
     grid = {reference_key: Spacing(pixdim=out_spacing, mode="bilinear")(cropped)}
-    fit = ResizeWithPadOrCrop(spatial_size=config.shape, method="symmetric")
-    grid[reference_key] = fit(grid[reference_key])
+    grid[reference_key] = ResizeWithPadOrCrop(spatial_size=config.shape, method="symmetric")(grid[reference_key])
     resample = ResampleToMatch(mode="bilinear", padding_mode="zeros")
     resample_label = ResampleToMatch(mode="nearest", padding_mode="zeros")
     for key in loaded:
         if key != reference_key:
             grid[key] = (resample_label if key == LABEL_KEY else resample)(loaded[key], img_dst=grid[reference_key])
-    affine = np.asarray(grid[reference_key].affine, dtype=float)
-    n = len(config.sequences)
-    present = [i for i, k in enumerate(config.sequences) if k in grid]
-    planes = [grid[k][0].numpy() if k in grid else None for k in config.sequences]
-    misplaced = _misplaced(planes, list(config.sequences), reference_key, config.mask_fraction)
-    if misplaced:
-        raise ImageError(f"patient {patient_id}: {misplaced}")
-    if BRAIN_MASK_KEY in files:  # the brain, not the head, is what is normalised and stored
+    return grid, reference_key, extent_mm, out_spacing
+
+
+def _output_mask(reference, planes: dict, files: Mapping[str, Path], patient_id: str,
+                 config: PreprocessConfig) -> np.ndarray:
+    """The brain mask where one was given (the brain, not the head, is then normalised and stored),
+    else the head's; `reference` is the output grid's reference volume."""
+    if BRAIN_MASK_KEY in files:
         brain = load_volume(Path(files[BRAIN_MASK_KEY]), patient_id, "brain mask")
-        out_mask = resample_label(brain, img_dst=grid[reference_key])[0].numpy() > 0.5
-        if not out_mask.any():
+        mask = ResampleToMatch(mode="nearest", padding_mode="zeros")(brain, img_dst=reference)[0].numpy() > 0.5
+        if not mask.any():
             raise ImageError(f"patient {patient_id}: the brain mask is empty")
     else:
-        out_mask = _head_mask([planes[i] for i in present], config.mask_fraction)
-    if not out_mask.any():
+        mask = _head_mask(list(planes.values()), config.mask_fraction)
+    if not mask.any():
         raise ImageError(f"patient {patient_id}: no head foreground left after resampling")
-    out = np.zeros((n, *config.shape), dtype=np.float32)
+    return mask
+
+
+def preprocess_files(files: Mapping[str, Path], patient_id: str, config: PreprocessConfig) -> PreprocessedPatient:
+    """Load, align, crop, resize and normalise one patient's sequences.
+
+    Parameters
+    ----------
+    files
+        sequence key -> file (or DICOM folder); keys outside `config.sequences` other than
+        the tumour label are ignored. Absent sequences are zero-filled and flagged.
+    patient_id
+        Used in error messages.
+
+    Raises
+    ------
+    ImageError
+        A file is unreadable, not 3D, has NaN/inf voxels, no sequence has any signal, or the
+        sequences disagree in where the head is or in left and right.
+    """
+    loaded, before, problems = _load_sequences(files, patient_id, config)
+    grid, reference_key, extent_mm, out_spacing = _common_grid(loaded, files, patient_id, config)
+    planes = {k: grid[k][0].numpy() for k in config.sequences if k in grid}
+    misplaced = _misplaced([planes.get(k) for k in config.sequences], list(config.sequences), reference_key,
+                           config.mask_fraction)
+    if misplaced:
+        raise ImageError(f"patient {patient_id}: {misplaced}")
+    out_mask = _output_mask(grid[reference_key], planes, files, patient_id, config)
+    laterality = laterality_scores(planes, out_mask)
+    disagreement = mirrored(laterality)
+    if disagreement:
+        raise ImageError(f"patient {patient_id}: {disagreement}")
+    problems += doubtful(laterality)
+    out = np.zeros((len(config.sequences), *config.shape), dtype=np.float32)
     stats = {}
     for i, key in enumerate(config.sequences):
-        if key in grid:
-            out[i], stats[key] = _normalise(planes[i], out_mask, config.clip_percentiles)
-    missing = np.array([k not in grid for k in config.sequences], dtype=bool)
+        if key in planes:
+            out[i], stats[key] = _normalise(planes[key], out_mask, config.clip_percentiles)
+    missing = np.array([k not in planes for k in config.sequences], dtype=bool)
     problem = content_problem(out, out_mask, missing, out_spacing)
     if problem:
         raise ImageError(f"patient {patient_id}: after preprocessing, {problem}")
@@ -331,6 +355,7 @@ def preprocess_files(files: Mapping[str, Path], patient_id: str, config: Preproc
                   "head_extent_mm": [round(float(e), 1) for e in extent_mm]},
         "intensity": stats,
         "mask_voxels": int(out_mask.sum()),
+        "laterality": laterality,
         "problems": problems,
     }
     return PreprocessedPatient(
@@ -338,7 +363,7 @@ def preprocess_files(files: Mapping[str, Path], patient_id: str, config: Preproc
         mask=out_mask.astype(np.uint8),
         label=(grid[LABEL_KEY][0].numpy() > 0.5).astype(np.uint8) if LABEL_KEY in grid else np.zeros(config.shape, np.uint8),
         missing=missing,
-        affine=affine,
+        affine=np.asarray(grid[reference_key].affine, dtype=float),
         has_label=LABEL_KEY in grid,
         info=info,
     )

@@ -506,6 +506,41 @@ def test_a_sequence_whose_affine_puts_it_elsewhere_excludes_the_patient(export_c
     assert sorted(summary.converted) == ["SYN-0002", "SYN-0003"]
 
 
+
+@pytest.fixture(scope="module")
+def fine_export(tmp_path_factory) -> Path:
+    """Two synthetic patients at 2 mm (the left-right check needs a head at least 64 voxels wide)."""
+    from datasets.synthetic import SyntheticConfig, generate
+
+    out = tmp_path_factory.mktemp("fine")
+    generate(out, SyntheticConfig(n=2, voxel_size=2.0, seed=11))
+    return out
+
+
+def test_a_sequence_mirrored_in_its_voxels_with_its_header_kept_excludes_the_patient(fine_export, tmp_path):
+    """A T2 flipped left-right in its voxels (affine kept) overlaps the others' head perfectly and
+    was used: the tumour on the wrong side in one channel. Known scores of this patient
+    (benchmarks/results/mirror_detection.csv): aligned +0.58 to +0.79 (FLAIR +0.25), T2 mirrored -0.62."""
+    from benchmarks.mirror_detection import mirror_file
+    from datasets.laterality import MIRRORED_BELOW
+    from datasets.preprocessing_config import PreprocessConfig
+
+    export = tmp_path / "export"
+    shutil.copytree(fine_export, export)
+    t2 = export / "images" / "SYN-0001" / "SYN-0001_t2.nii.gz"
+    mirror_file(t2, t2.with_name("flipped.nii.gz"))
+    t2.with_name("flipped.nii.gz").replace(t2)
+    summary = convert(export / "images", export / "clinical.csv", tmp_path / "s.zarr", PreprocessConfig(),
+                      progress=False)
+    reason = summary.excluded.get("SYN-0001", "")
+    assert "t2 is mirrored left-right against the other sequences" in reason and f"{MIRRORED_BELOW:g}" in reason, (
+        reason, summary.converted)
+    assert summary.converted == ["SYN-0002"]
+    manifest = json.loads((tmp_path / "s.zarr" / "manifest.json").read_text())
+    scores = manifest["patients"]["SYN-0002"]["info"]["laterality"]
+    assert set(scores) == {"t1", "t1c", "t2", "flair"} and min(scores.values()) > 0, scores
+
+
 # -- 14. a full disk ---------------------------------------------------------------------------
 
 @pytest.fixture

@@ -533,6 +533,40 @@ def test_a_worker_killed_on_a_random_patient_excludes_that_patient_alone(tiny_ex
     _fault_case(tiny_export, tmp_path, data.draw(fault_cases("worker"), label="case"), capsys)
 
 
+
+@cases(3)
+@given(seed=st.integers(0, 10**6), index=st.integers(0, 5), sequence=st.sampled_from(["t1", "t1c", "t2", "flair"]),
+       site=st.booleans())
+@pytest.mark.timeout(300)
+def test_a_random_sequence_mirrored_in_its_voxels_is_never_used_silently_as_aligned(tmp_path, seed, index, sequence,
+                                                                                      site):
+    """Class 9, mirrored content (header kept), on a random synthetic patient at 2 mm and the default
+    grid: the aligned patient converts; with the sequence mirrored the patient is excluded for its
+    laterality, or (a lesion near the midline, see benchmarks/results/mirror_detection.md) it
+    converts with that sequence scoring lower than aligned. Never a traceback."""
+    from benchmarks.mirror_detection import FILE_NAMES, mirror_file
+    from datasets.errors import ImageError
+    from datasets.synthetic import write_patient
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    clinical, _ = write_patient(index, SyntheticConfig(n=index + 1, voxel_size=2.0, seed=seed, site_shift=site),
+                                str(folder))
+    pid = clinical["patient_id"]
+    files = {k: folder / pid / f"{pid}_{v}.nii.gz" for k, v in FILE_NAMES.items()}
+    aligned = preprocess_patient(files, pid, PreprocessConfig()).info["laterality"]
+    assert aligned, "a 2 mm head on the default grid is checked"
+    flipped = folder / "flipped.nii.gz"
+    mirror_file(files[sequence], flipped)
+    try:
+        scores = preprocess_patient({**files, sequence: flipped}, pid, PreprocessConfig()).info["laterality"]
+    except ImageError as error:
+        assert "left-right" in str(error), error
+        event("excluded")
+        return
+    event("missed")
+    assert scores[sequence] < aligned[sequence], (sequence, aligned, scores)
+
+
 def _fault_case(tiny_export: Path, tmp_path: Path, case: dict, capsys) -> None:
     import gzip
     import subprocess
