@@ -97,3 +97,21 @@ def test_a_registered_heads_options_are_saved_with_its_fold_model_and_reloaded(m
     FoldModel.from_training(0, config, 4, network.state_dict(), head).save(tmp_path / "fold0_model.pt")
     loaded = FoldModel.load(tmp_path / "fold0_model.pt")
     assert isinstance(loaded.head, ClippedCoxHead) and loaded.head.clip == 3.0  # not the default 1.0
+
+
+def test_a_resumed_fold_checks_every_option_of_its_head(monkeypatch, small_store, tmp_path):
+    """The checkpoint's architecture once listed two logistic-hazard options by hand: a fold resumed
+    with another `horizon_days`, or another option of a head registered later, continued silently."""
+    from tests.test_trainables_fold import TINY, _fold_data
+    from trainables import CheckpointError, FoldTrainer
+
+    monkeypatch.setitem(HEADS, ClippedCoxHead.name, ClippedCoxHead)
+    for head, option, first, second in [("clipped_cox", "grad_clip", 3.0, 2.0),
+                                        ("logistic_hazard", "horizon_days", 1825.0, 1095.0)]:
+        path = tmp_path / f"{head}.pt"
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, head=head, **{option: first}, **TINY),
+                    path).step()
+        FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, head=head, **{option: first}, **TINY), path)
+        with pytest.raises(CheckpointError, match=rf"'{option}': {first}"):
+            FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, head=head, **{option: second}, **TINY),
+                        path)

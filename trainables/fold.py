@@ -35,21 +35,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from evaluation.metrics import SurvivalDataError, harrell_c
-from datasets.clinical_features import ClinicalEncoder
+from datasets.clinical_features import ClinicalEncoder, IMAGE
 from datasets.errors import StudyError
 from datasets.store import CohortStore
 from datasets.torch_data import CohortDataset, training_augmentation
 from trainables.batches import BatchAugmentation, InMemoryBatches, VolumeCache
 from trainables.config import TrainConfig
-from trainables.fold_model import FoldModel, network_spec
+from trainables.fold_model import FoldModel, network_spec, resume_keys
 from trainables.fusion import build_network
 from trainables.heads import build_head
+from trainables.optimizers import build_optimizer
 
 CHECKPOINT_FORMAT = 2
-# Parameters that must match for a checkpoint to be resumed.
-_ARCHITECTURE_KEYS = ("backbone", "width", "depth", "head", "intervals", "cut_spacing", "dropout", "inputs",
-                      "clinical_inputs", "clinical_hidden")
-_ARCHITECTURE_DEFAULTS = {"inputs": "image", "clinical_inputs": list(TrainConfig.clinical_inputs), "clinical_hidden": 0}
 
 
 class TrainingDivergedError(StudyError):
@@ -192,12 +189,7 @@ class FoldTrainer:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         params = [{"params": [p for n, p in self.model.named_parameters() if p.ndim > 1], "weight_decay": config.weight_decay},
                   {"params": [p for n, p in self.model.named_parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-        if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True)
-        elif config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=config.lr)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr)
+        self.optimizer = build_optimizer(params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.head.prepare(data.time[self.fit], data.event[self.fit])
         if data.volumes is not None and volume_cache is None:
@@ -236,7 +228,7 @@ class FoldTrainer:
 
     def _clinical_inputs(self) -> tuple[ClinicalEncoder | None, torch.Tensor | None]:
         """The clinical encoding learned on the fitting patients, and every patient's features."""
-        if self.config.inputs == "image":
+        if self.config.inputs == IMAGE:
             return None, None
         if self.data.clinical is None:
             raise StudyError(f"fold {self.data.fold}: inputs image+clinical need the cohort's clinical table")
@@ -269,9 +261,10 @@ class FoldTrainer:
             "stopped_early": self.stopped_early,
         }
 
-    def _architecture(self) -> dict:
+    def _architecture(self, config: TrainConfig | None = None) -> dict:
+        config = config or self.config
         return {k: list(v) if isinstance(v, tuple) else v for k, v in
-                ((k, getattr(self.config, k)) for k in _ARCHITECTURE_KEYS)}
+                ((k, getattr(config, k)) for k in resume_keys(self.config))}
 
     def _load(self) -> None:
         try:
@@ -282,8 +275,8 @@ class FoldTrainer:
         expected = self._architecture()
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"checkpoint {self.checkpoint} is not a fold checkpoint of format {CHECKPOINT_FORMAT}")
-        # Checkpoints written before a key existed hold its default (e.g. inputs "image").
-        saved = {**_ARCHITECTURE_DEFAULTS, **state.get("architecture", {})}
+        # Checkpoints written before a key was recorded were trained with its default (e.g. inputs "image").
+        saved = {**self._architecture(TrainConfig()), **state.get("architecture", {})}
         if saved != expected or state.get("fold") != self.data.fold:
             raise CheckpointError(f"checkpoint {self.checkpoint} was written for {state.get('architecture')} fold "
                                   f"{state.get('fold')}, not {expected} fold {self.data.fold}")

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from datasets.clinical_features import ClinicalEncoder
+from datasets.clinical_features import ClinicalEncoder, IMAGE
 from datasets.errors import StudyError
 from trainables.backbones import Backbone
 from trainables.fusion import build_network, image_branch
@@ -39,6 +39,12 @@ def network_spec(config, in_channels: int, out_features: int, encoder: ClinicalE
     return {"in_channels": in_channels, "out_features": out_features,
             "clinical_features": len(encoder) if encoder is not None else 0,
             **{k: getattr(config, k) for k in ARCHITECTURE_KEYS + head_keys(config.head)}}
+
+
+def resume_keys(config) -> tuple[str, ...]:
+    """What a checkpoint must agree on to be resumed: what the network is built from (the
+    architecture and the head with its own options) and the clinical columns it is fed."""
+    return (*ARCHITECTURE_KEYS, *head_keys(config.head), "clinical_inputs")
 
 
 def head_keys(head: str) -> tuple[str, ...]:
@@ -83,7 +89,7 @@ class FoldModel:
 
     @property
     def inputs(self) -> str:
-        return self.spec.get("inputs", "image")
+        return self.spec.get("inputs", IMAGE)
 
     @property
     def image_network(self) -> Backbone:
