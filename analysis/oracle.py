@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from datasets.clinical_features import IMAGE_CLINICAL
 from evaluation.metrics import harrell_c
 
 KINDS = {"clinical": "lp_clinical", "image_content": "lp_image_content", "imaging_term": "lp_imaging", "total": "lp"}
@@ -105,4 +106,4 @@ def oracle_text(oracle: Mapping[str, float]) -> str:
 def ceiling(oracle: Mapping[str, float], inputs: str) -> float | None:
     """What a cell with these inputs could reach: the image-content oracle for an image-only cell,
     the total for image + clinical; None when unknown."""
-    return oracle.get("total" if inputs == "image+clinical" else "image_content")
+    return oracle.get("total" if inputs == IMAGE_CLINICAL else "image_content")

@@ -37,6 +37,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.errors import StudyError
 
 MODEL_PATH = "model"  # the artifact path of a cell's model in its cell run
@@ -61,7 +62,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
         expected = (len(self.meta["sequences"]), *self.meta["shape"])
         if volumes.ndim != 5 or tuple(volumes.shape[1:]) != expected:
             raise ModelInputError(f"volumes of shape {tuple(volumes.shape)}; the model takes [n, {expected}]")
-        if self.meta["inputs"] == "image+clinical" and clinical is None:
+        if self.meta["inputs"] == IMAGE_CLINICAL and clinical is None:
             raise ModelInputError(f"cell {self.meta['cell']} also reads clinical values: pass their rows")
         times = tuple(self.meta["eval_times"])
         scale = DevelopmentScale.from_dict(self.meta["dpi_scale"]) if "dpi_scale" in self.meta else None

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.errors import StudyError
 
 # What a model must record to score a patient folder (older models lack the last two).
@@ -129,7 +130,7 @@ def score(model, patients: NewPatients, clinical: pd.DataFrame | None = None) ->
     reads them (blanks and absent patients are NaN, imputed as in training)."""
     meta = model.meta
     rows = None
-    if meta["inputs"] == "image+clinical":
+    if meta["inputs"] == IMAGE_CLINICAL:
         if clinical is None:
             raise ScoringError(f"the model of cell {meta['cell']} also reads clinical values: pass --clinical CSV "
                                "(patient_id and the covariates; no outcome needed)")

@@ -24,7 +24,7 @@ from evaluation.metrics import SurvivalDataError, bootstrap_ci, brier_score, har
 from analysis.oracle import FALLBACK_NOTE, oracle_cindices, oracle_text
 from evaluation.selection import bbc_cv
 from analysis.study_reader import Study, Trial, logged_model_meta, oof_predictions
-from datasets.clinical_features import FUSION_DEFAULT
+from datasets.clinical_features import FUSION_DEFAULT, IMAGE, IMAGE_CLINICAL
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
 from datasets.file_names import safe_name
@@ -401,7 +401,7 @@ class Report:
     def added_value(self, cells: list[CellAnalysis], external: dict) -> None:
         rows, calibration = [], []
         for cell in cells:
-            if cell.inputs != "image":
+            if cell.inputs != IMAGE:
                 rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
                              "cohort": "development (out-of-fold)",
                              "note": f"not run: the DPI of an {cell.inputs} network already contains the clinical "
@@ -565,8 +565,8 @@ def _input_pairs(cells: list[CellAnalysis], with_clinical: bool) -> list[tuple[s
     for cell in cells:
         by_backbone.setdefault(cell.backbone, {})[cell.inputs] = cell.label
     for labels in by_backbone.values():
-        if "image+clinical" in labels and "image" in labels:
-            pairs.append((labels["image+clinical"], labels["image"]))
+        if IMAGE_CLINICAL in labels and IMAGE in labels:
+            pairs.append((labels[IMAGE_CLINICAL], labels[IMAGE]))
         if with_clinical:
             pairs += [(label, CLINICAL_MODEL) for label in labels.values()]
     return pairs

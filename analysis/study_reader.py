@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation import metric_names as names
+from datasets.clinical_features import IMAGE
 from datasets.errors import InputError, StudyError
 from datasets.remote import cache_root, download_folder, is_remote, list_folder
 from search_spaces import Cell, cell_name
@@ -29,7 +30,7 @@ class Trial:
     params: dict
     metrics: dict
     start_time: int = 0
-    inputs: str = "image"
+    inputs: str = IMAGE
 
     def ranks_above(self, other: "Trial") -> bool:
         """Higher pooled out-of-fold C-index; a tie goes to the lower trial id, as in the driver's
@@ -122,7 +123,7 @@ def read_study(name: str, tracking_uri: str) -> Study:
     config = json.loads(_artifact_text(client, parent.info.run_id, names.CONFIG_FILE))
     trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
                     r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
-                    r.info.start_time or 0, r.data.tags.get("inputs", "image"))
+                    r.info.start_time or 0, r.data.tags.get("inputs", IMAGE))
               for r in runs if r.data.tags.get(names.ROLE_TAG) == names.TRIAL_ROLE]
     trials.sort(key=lambda t: t.start_time)
     cells = {r.data.tags[names.CELL_KEY_TAG]: dict(r.data.metrics) for r in runs

@@ -31,7 +31,9 @@ from datasets.clinical import COVARIATES
 from datasets.errors import InputError
 
 # What a network sees: the study's inputs axis (`trainables.fusion` builds the networks).
-INPUTS = ("image", "image+clinical")
+IMAGE = "image"  # what a network is fed: the volumes alone,
+IMAGE_CLINICAL = "image+clinical"  # or with the clinical variables (`trainables.fusion`)
+INPUTS = (IMAGE, IMAGE_CLINICAL)
 FUSION_DEFAULT = ("age", "sex", "grade", "glioblastoma", "idh", "mgmt")
 # Training parameters that only an image+clinical network has.
 FUSION_PARAMS = ("clinical_inputs", "clinical_hidden", "clinical_dropout")

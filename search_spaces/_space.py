@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from datasets.clinical_features import FUSION_PARAMS, INPUTS
+from datasets.clinical_features import FUSION_PARAMS, IMAGE, IMAGE_CLINICAL, INPUTS
 from datasets.errors import InputError
 
 # The reference study's three backbones: the default of a space's `backbones`. The networks are
@@ -106,11 +106,11 @@ TASKS: dict[str, Task] = {
 }
 
 
-def cell_name(backbone: str, task: str, inputs: str = "image") -> str:
+def cell_name(backbone: str, task: str, inputs: str = IMAGE) -> str:
     """The name of a backbone x task x inputs cell (an independent search; folders, MLflow keys,
     files): ``densenet121__os_all``, ``densenet121-clinical__os_all`` for image+clinical inputs
     (MLflow keys allow no '+')."""
-    return f"{backbone}__{task}" if inputs == "image" else f"{backbone}-clinical__{task}"
+    return f"{backbone}__{task}" if inputs == IMAGE else f"{backbone}-clinical__{task}"
 
 
 class Cell(NamedTuple):
@@ -118,7 +118,7 @@ class Cell(NamedTuple):
 
     backbone: str
     task: str
-    inputs: str = "image"
+    inputs: str = IMAGE
 
     @property
     def name(self) -> str:
@@ -127,12 +127,12 @@ class Cell(NamedTuple):
     @property
     def label(self) -> str:
         """How people read the cell: ``backbone/task``, ``backbone+clinical/task`` for fusion."""
-        return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''}/{self.task}"
+        return f"{self.backbone}{'+clinical' if self.inputs == IMAGE_CLINICAL else ''}/{self.task}"
 
     @classmethod
     def of(cls, trial_config: dict) -> Cell:
         """The cell of a trial, from its configuration (``backbone``, ``task``, ``inputs``)."""
-        return cls(trial_config["backbone"], trial_config["task"], trial_config.get("inputs", "image"))
+        return cls(trial_config["backbone"], trial_config["task"], trial_config.get("inputs", IMAGE))
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class Protocol:
     checkpoint_every: int = 1
     distributions: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
-    inputs: tuple[str, ...] = ("image",)
+    inputs: tuple[str, ...] = (IMAGE,)
     cell_samples: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -265,11 +265,11 @@ class SearchSpace:
     def distributions_for(self, budget: str, inputs: str | None = None) -> dict[str, Distribution]:
         """The budget's distributions (with `inputs` given, only those its cells search)."""
         out = {**self.distributions, **self.protocols[budget].distributions}
-        return out if inputs in (None, "image+clinical") else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
+        return out if inputs in (None, IMAGE_CLINICAL) else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
 
     def reference_for(self, budget: str, inputs: str | None = None) -> dict[str, Any]:
         out = {**self.reference, **self.protocols[budget].reference}
-        return out if inputs in (None, "image+clinical") else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
+        return out if inputs in (None, IMAGE_CLINICAL) else {k: v for k, v in out.items() if k not in FUSION_PARAMS}
 
     def sample(self, rng: np.random.Generator, budget: str = "full") -> dict[str, Any]:
         return {k: d.sample(rng) for k, d in self.distributions_for(budget).items()}

@@ -45,6 +45,7 @@ task and 0.635 with 1.5, while the OS cells of ResNet50-CBAM and DenseNet-121 we
 0.696 to about 0.66 and 0.67 (one seed, one thread, as the demo trains).
 """
 
+from datasets.clinical_features import IMAGE, IMAGE_CLINICAL
 from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Uniform
 
 SPACE = SearchSpace(
@@ -66,7 +67,7 @@ SPACE = SearchSpace(
                          os_head="logistic_hazard",
                          fixed={"warmup_epochs": 5, "patience": 40, "selection_fraction": 0.15,
                                 "cut_spacing": "exponential", "intervals": 19},
-                         checkpoint_every=5, inputs=("image", "image+clinical"),
+                         checkpoint_every=5, inputs=(IMAGE, IMAGE_CLINICAL),
                          distributions={"clinical_hidden": Choice((0, 32)), "clinical_dropout": Uniform(0.0, 0.5)},
                          reference={"clinical_hidden": 0, "clinical_dropout": 0.0}),
         # CPU-sized: scaled networks on the 32 x 32 x 24 demo cohort (about 100 training patients per

@@ -2,6 +2,7 @@
 batches 8-64, Adam/AdamW/SGD, either survival head for the OS tasks); the full protocol trains image
 and image+clinical cells, the fusion's clinical branch linear or with 16 or 64 hidden units."""
 
+from datasets.clinical_features import IMAGE, IMAGE_CLINICAL
 from search_spaces._space import Choice, LogUniform, Protocol, SearchSpace, Uniform
 
 SPACE = SearchSpace(
@@ -20,7 +21,7 @@ SPACE = SearchSpace(
     protocols={
         "full": Protocol(folds=10, epochs=200, num_samples=40, grace_epochs=10, reduction_factor=3,
                          fixed={"warmup_epochs": 5, "patience": 40, "selection_fraction": 0.15}, checkpoint_every=5,
-                         inputs=("image", "image+clinical"),
+                         inputs=(IMAGE, IMAGE_CLINICAL),
                          distributions={"clinical_hidden": Choice((0, 16, 64)), "clinical_dropout": Uniform(0.0, 0.6)},
                          reference={"clinical_hidden": 0, "clinical_dropout": 0.0}),
         "demo": Protocol(folds=3, epochs=20, num_samples=3, grace_epochs=5, reduction_factor=2, width=0.25,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets.clinical_features import FUSION_DEFAULT, FUSION_PARAMS, INPUTS
+from datasets.clinical_features import FUSION_DEFAULT, FUSION_PARAMS, IMAGE, INPUTS
 from datasets.environment import seconds
 from datasets.errors import InputError
 from datasets.remote import is_remote
@@ -107,7 +107,7 @@ class StudyConfig:
     outer_fold: int | None = None
     repeats: int = 0
     repeat: int = 0
-    inputs: tuple[str, ...] = ("image",)
+    inputs: tuple[str, ...] = (IMAGE,)
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     per_cell_concurrent: int | None = None
     cpu_fallback: bool = False
@@ -334,7 +334,7 @@ def fixed_parameters(config: StudyConfig, cell: Cell) -> dict:
     fixed = {"backbone": cell.backbone, "head": head_for(config, cell.task), "width": protocol.width,
              "depth": protocol.depth, "epochs": protocol.epochs, "seed": config.seed, "inputs": cell.inputs}
     fixed.update(protocol.fixed)
-    if cell.inputs == "image":  # an image-only network has no clinical branch to configure
+    if cell.inputs == IMAGE:  # an image-only network has no clinical branch to configure
         fixed = {k: v for k, v in fixed.items() if k not in FUSION_PARAMS}
     else:
         fixed["clinical_inputs"] = list(config.clinical_inputs)

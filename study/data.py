@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from datasets.clinical_features import check_clinical_inputs
+from datasets.clinical_features import IMAGE_CLINICAL, check_clinical_inputs
 from datasets.cohort import Cohort, CohortSpec
 from datasets.errors import StudyError
 from datasets.remote import stage_store
@@ -52,7 +52,7 @@ def task_cohorts(config: StudyConfig, store: CohortStore) -> dict[str, tuple[Coh
     for task in config.tasks:
         spec = TASKS[task]
         cohort = Cohort(store, CohortSpec(spec.filter, spec.endpoint, exclude))
-        if "image+clinical" in config.inputs:
+        if IMAGE_CLINICAL in config.inputs:
             check_clinical_inputs(cohort.clinical, config.clinical_inputs, f"cohort store {store.path}, task {task}")
         out[task] = (cohort, cohort.folds(config.protocol.folds, config.fold_seed))
     return out
@@ -65,7 +65,7 @@ def check_external(config: StudyConfig, store: CohortStore) -> None:
     for path in config.external:
         external = CohortStore(stage_store(path))
         check_compatible(external, store, "--external")
-        if "image+clinical" in config.inputs:  # applied unchanged, a fusion model needs their values too
+        if IMAGE_CLINICAL in config.inputs:  # applied unchanged, a fusion model needs their values too
             check_clinical_inputs(external.clinical().iloc[external.usable()], config.clinical_inputs,
                                   f"--external {path}")
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.environment import seconds
 from datasets.errors import StudyError
 from datasets.remote import check_writable
@@ -184,7 +185,7 @@ def describe(config: StudyConfig, store: CohortStore, cohorts) -> str:
              f"({', '.join(config.inputs)}) x {config.num_samples} configurations"
              + "".join(f", {label} {n}" for label, n in config.cell_samples.items())
              + f" = {config.trials} trials"]
-    if "image+clinical" in config.inputs:
+    if IMAGE_CLINICAL in config.inputs:
         lines.append(f"  image+clinical networks see: {', '.join(config.clinical_inputs)} (encoded on each training "
                      "fold; missing values get an indicator)")
     gpus = config.gpus_per_trial

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from datasets.cli import new_parser
+from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.errors import StudyError
 from evaluation import metric_names as names
 
@@ -131,7 +132,7 @@ def predict(args: argparse.Namespace) -> int:
     check_model(meta, uri)
     clinical, clinical_excluded = (read_covariates(args.clinical, column_map) if args.clinical is not None
                                    else (None, {}))
-    if meta["inputs"] == "image+clinical" and clinical is None:
+    if meta["inputs"] == IMAGE_CLINICAL and clinical is None:
         raise StudyError(f"--model {uri} (cell {meta['cell']}) also reads clinical values: pass --clinical CSV")
     print(f"model {uri}: cell {meta['cell']} of study {meta['study']} ({meta['folds']} fold models)", flush=True)
     patients = read_new_patients(args.images, meta, patterns)

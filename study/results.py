@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from datasets.clinical_features import IMAGE, IMAGE_CLINICAL
 from evaluation import metric_names as names
 from evaluation.metrics import Estimate, SurvivalDataError
 from analysis.oracle import ROW as ORACLE_ROW, ceiling, oracle_text
@@ -42,7 +43,7 @@ ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", 
 class CellResult:
     backbone: str
     task: str
-    inputs: str = "image"
+    inputs: str = IMAGE
     finished: int = 0
     pruned: int = 0
     failed: int = 0
@@ -69,7 +70,7 @@ class CellResult:
     @property
     def label(self) -> str:
         """The results table's column: ``backbone / task``, ``backbone+clinical / task`` for fusion."""
-        return f"{self.backbone}{'+clinical' if self.inputs == 'image+clinical' else ''} / {self.task}"
+        return f"{self.backbone}{'+clinical' if self.inputs == IMAGE_CLINICAL else ''} / {self.task}"
 
     def metrics(self) -> dict[str, float]:
         """The cell's numbers as metrics of its run (`evaluation.metric_names.CELL_METRICS`)."""
@@ -128,7 +129,7 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
         config = result.config or {}
         if "backbone" not in config or "task" not in config:
             continue
-        inputs = config.get("inputs", "image")
+        inputs = config.get("inputs", IMAGE)
         searched, reference = list(space.distributions_for(budget, inputs)), space.reference_for(budget, inputs)
         cell = cells.setdefault(cell_name(config["backbone"], config["task"], inputs),
                                 CellResult(config["backbone"], config["task"], inputs))

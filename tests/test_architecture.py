@@ -55,19 +55,21 @@ def test_comments_cite_documents_that_exist():
     assert not missing, missing
 
 
-# Contracts spelt once (evaluation.metric_names, datasets.remote): literals that must not come back
+# Contracts spelt once (evaluation.metric_names, datasets.remote, datasets.clinical_features): literals that must not come back
 # in the packages' code, with where they live instead.
 SPELT_ONCE = {r"[\"']study_role[\"']|tags\.study_role": "evaluation.metric_names.ROLE_TAG / role_filter",
               r"[\"']cell_key[\"']|[\"']trial_key[\"']": "evaluation.metric_names.CELL_KEY_TAG / TRIAL_KEY_TAG",
               r"[\"']study_config\.json[\"']": "evaluation.metric_names.CONFIG_FILE",
               r"[\"']://[\"'] (not )?in\b": "datasets.remote.is_remote",
               r"EXPERIMENT = [\"']trials[\"']": "evaluation.metric_names.EXPERIMENT",
-              r"get\(names\.(FINAL|FAILED)\)": "evaluation.metric_names.outcome (how a trial ended)"}
+              r"get\(names\.(FINAL|FAILED)\)": "evaluation.metric_names.outcome (how a trial ended)",
+              r"[\"']image\+clinical[\"']": "datasets.clinical_features.IMAGE_CLINICAL",
+              r"inputs.{0,30}[\"']image[\"']|[\"']image[\"'].{0,30}inputs": "datasets.clinical_features.IMAGE"}
 
 
 @pytest.mark.parametrize("pattern", SPELT_ONCE)
 def test_a_contract_is_spelt_once(pattern):
-    home = {"evaluation/metric_names.py", "datasets/remote.py"}
+    home = {"evaluation/metric_names.py", "datasets/remote.py", "datasets/clinical_features.py"}
     found = [f"{path.relative_to(PROJECT_ROOT)}:{n}" for package in FLOORS
              for path in (PROJECT_ROOT / package).rglob("*.py") if str(path.relative_to(PROJECT_ROOT)) not in home
              for n, line in enumerate(path.read_text().splitlines(), 1)

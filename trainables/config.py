@@ -9,11 +9,10 @@ from typing import Any
 
 from datasets.errors import InputError
 from trainables.backbones import BACKBONES
-from datasets.clinical_features import FUSION_DEFAULT, INPUTS, check_known
+from datasets.clinical_features import FUSION_DEFAULT, IMAGE, INPUTS, check_known
 from trainables.batches import PLACEMENTS
 from trainables.heads import CUT_SPACINGS, HEADS
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
+from trainables.optimizers import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ class TrainConfig:
     depth: float = 1.0
     dropout: float = 0.0
     head: str = "cox"
-    inputs: str = "image"
+    inputs: str = IMAGE
     clinical_inputs: tuple[str, ...] = FUSION_DEFAULT
     clinical_hidden: int = 0
     clinical_dropout: float = 0.0
@@ -122,7 +121,7 @@ class TrainConfig:
              f"width and depth must be in (0, 4], got width={self.width}, depth={self.depth}"),
             (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
             (0 <= self.clinical_dropout < 1, f"clinical_dropout must be in [0, 1), got {self.clinical_dropout}"),
-            (self.inputs == "image" or len(self.clinical_inputs) > 0, "inputs image+clinical need clinical_inputs"),
+            (self.inputs == IMAGE or len(self.clinical_inputs) > 0, "inputs image+clinical need clinical_inputs"),
             (0 < self.lr < math.inf, f"lr must be positive and finite, got {self.lr}"),
             (0 <= self.weight_decay < math.inf, f"weight_decay must be >= 0 and finite, got {self.weight_decay}"),
             (int(self.batch_size) >= 2, f"batch_size must be at least 2 (batch norm), got {self.batch_size}"),

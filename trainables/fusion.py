@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datasets.clinical_features import IMAGE
 from trainables.backbones import Backbone, build_backbone
 
 
@@ -58,7 +59,7 @@ def build_network(spec: dict) -> nn.Module:
     dropout, and for ``image+clinical`` inputs clinical_features, clinical_hidden, clinical_dropout."""
     image = build_backbone(spec["backbone"], spec["in_channels"], spec["out_features"], spec["width"],
                            spec["depth"], spec["dropout"])
-    if spec.get("inputs", "image") == "image":
+    if spec.get("inputs", IMAGE) == IMAGE:
         return image
     return FusionNetwork(image, spec["clinical_features"], spec["out_features"], spec["clinical_hidden"],
                          spec["clinical_dropout"])
