@@ -163,6 +163,27 @@ def external_metrics(time, event, dpi, surv_365, curves, times, horizon) -> dict
     return out
 
 
+def out_of_fold_for_development_patients(pred: dict, patient_ids, matches: dict[str, str], oof: pd.DataFrame,
+                                          times) -> tuple[dict, int]:
+    """`pred` with the rows of external patients who are development patients (`matches`: external id
+    -> development id, `datasets.external.development_matches`) replaced by their out-of-fold
+    predictions: a patient the fold models trained on is never scored in-sample; its DPI and survival
+    come from the fold model that did not see it, as in development. Returns the predictions and how
+    many rows were replaced."""
+    rows = oof.set_index("patient_id")
+    pairs = [(k, matches[pid]) for k, pid in enumerate(patient_ids) if matches.get(pid) in rows.index]
+    if not pairs:
+        return pred, 0
+    at, dev = [k for k, _ in pairs], [d for _, d in pairs]
+    out = {key: np.array(value, dtype=float, copy=True) for key, value in pred.items()}
+    out["risk"][at] = rows.loc[dev, "risk"].to_numpy(float)
+    out["surv_365"][at] = rows.loc[dev, "surv_365"].to_numpy(float)
+    columns = [f"surv_t{int(t)}" for t in times]
+    if all(c in rows.columns for c in columns):
+        out["curves"][at] = rows.loc[dev, columns].to_numpy(float)
+    return out, len(pairs)
+
+
 def choose_patients(oof: pd.DataFrame, n_random: int = 2, seed: int = 0) -> dict[str, int]:
     """Rows of `oof` to explain: highest/lowest DPI, best/worst predicted deaths, random ones."""
     chosen = {"highest DPI": int(oof["dpi"].idxmax()), "lowest DPI": int(oof["dpi"].idxmin())}
@@ -273,22 +294,25 @@ class Report:
 
     def external_validation(self, cells: list[CellAnalysis]) -> dict:
         """Each cell's fold ensemble on every external store; returns {(cell, store): predictions}."""
-        from datasets.external import development_patients
+        from datasets.external import development_matches
 
         rows, predictions = [], {}
-        shared = {ext.path.name: development_patients(ext, self.store) for ext in self.externals}
+        shared = {ext.path.name: development_matches(ext, self.store) for ext in self.externals}
         for cell in cells:
             spec = TASKS[cell.task]
             for ext in self.externals:
                 cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
                 times = cell.eval_times
                 pred = predict_ensemble(cell.models, ext.images(cohort.slots), times, cohort.clinical, cell.scale)
+                pred, replaced = out_of_fold_for_development_patients(pred, cohort.patient_ids, shared[ext.path.name],
+                                                                      cell.oof, times)
                 rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
                              "cohort": ext.path.name,
                              "patients": len(cohort), **external_metrics(cohort.time, cohort.event, pred["risk"],
                                                                          pred["surv_365"], pred["curves"], times,
                                                                          cohort.horizon),
                              "development patients among them": len(shared[ext.path.name]),
+                             "scored out of fold": replaced,
                              "DPI scale factor (development)": round(cell.scale.factor, 3),
                              SPREAD_RATIO: round(float(np.std(pred["risk"])) / np.sqrt(cell.scale.oof_var), 3)
                              if cell.scale.oof_var > 0 else float("nan")})
@@ -306,10 +330,13 @@ class Report:
                              "ratio compares the external DPI's SD with the development out-of-fold DPI's: near 1 "
                              "when the models vary on new patients as they did out of fold.</p>")
             overlap = {name: ids for name, ids in shared.items() if ids}
-            for name, ids in overlap.items():
+            for name, matches in overlap.items():
+                ids = sorted(matches)
                 self.html.append(f"<p><b>Warning</b>: {len(ids)} patient(s) of {html.escape(name)} have the images "
-                                 "of development patients (the same source files): the fold models trained on them, "
-                                 "so their numbers are optimistic, not an external validation: "
+                                 "of development patients (the same source files). The fold models trained on them, so "
+                                 "they are scored with their out-of-fold predictions (from the fold model that did not "
+                                 "see them, as in development; column 'scored out of fold'), never in-sample; they are "
+                                 "not an external validation: "
                                  f"{html.escape(', '.join(ids[:10]))}{' ...' if len(ids) > 10 else ''}.</p>")
             self.table(pd.DataFrame(rows), "external_validation.csv")
         else:

@@ -55,10 +55,10 @@ def check_external(external, development, flag: str) -> None:
                          "--sequences, --shape and preprocessing flags (its attributes list them)")
 
 
-def development_patients(external, development) -> list[str]:
+def development_matches(external, development) -> dict[str, str]:
     """The external store's patients whose images are a development patient's (a source file of the
-    same SHA-256, as the converter recorded them): models that trained on them would score them, so
-    their external numbers would be optimistic."""
+    same SHA-256, as the converter recorded them), each with that development patient's id: models
+    that trained on them would score them in-sample."""
     def digests(store) -> dict[str, set[str]]:
         out = {}
         for pid, record in store.manifest.get("patients", {}).items():
@@ -67,6 +67,6 @@ def development_patients(external, development) -> list[str]:
                             if isinstance(source, dict) and source.get("sha256")}
         return out
 
-    seen = set().union(*digests(development).values()) if development.manifest.get("patients") else set()
-    return sorted(pid for pid, mine in digests(external).items() if mine & seen)
-
+    owner = {digest: pid for pid, mine in sorted(digests(development).items()) for digest in mine}
+    return {pid: owner[min(mine & owner.keys())] for pid, mine in sorted(digests(external).items())
+            if mine & owner.keys()}
