@@ -181,73 +181,20 @@ def check_space(space: SearchSpace, source: str) -> None:
 
 def resolve(args) -> StudyConfig:
     """Validate parsed CLI arguments into a `StudyConfig` (raises InputError naming the flag)."""
-    space_file = None
-    if is_space_file(args.space):
-        space = load_space(args.space)
-        check_space(space, str(args.space))
-        if space.name in BUILTIN_SPACES:
-            raise InputError(f"--space {args.space}: name {space.name!r} is a built-in space; choose another name")
-        SPACES[space.name] = space  # the driver looks spaces up by name from here on
-        space_file = str(Path(args.space).expanduser().absolute())
-    elif args.space not in SPACES:
-        raise InputError(f"--space {args.space!r} is not a known search space or a .yaml/.json space file; valid "
-                         f"spaces are {sorted(SPACES)} (see --list-spaces)")
-    else:
-        space = SPACES[args.space]
-        check_space(space, f"--space {args.space}")
+    space, space_file = _resolve_space(args.space)
     budget = args.budget or ("demo" if args.data is None else "full")
     backbones = tuple(args.backbones or space.backbones)
     tasks = tuple(args.tasks or space.tasks)
     inputs = tuple(args.inputs or space.protocols[budget].inputs)
     clinical_inputs = tuple(args.clinical_inputs or FUSION_DEFAULT)
-    from datasets.clinical import COVARIATES
-    from trainables.backbones import BACKBONES
-
-    for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS)),
-                                ("--inputs", inputs, INPUTS), ("--clinical-inputs", clinical_inputs, COVARIATES)):
-        unknown = [v for v in values if v not in valid]
-        if unknown:
-            raise InputError(f"{flag}: unknown {unknown}; valid values are {list(valid)}")
-        if len(set(values)) != len(values):
-            raise InputError(f"{flag}: repeated values in {list(values)}")
+    _check_cell_flags(backbones, tasks, inputs, clinical_inputs)
     protocol = space.protocols[budget]
     num_samples = args.num_samples if args.num_samples is not None else protocol.num_samples
     labels = {Cell(b, t, i).label for b in backbones for t in tasks for i in inputs}
     cell_samples = ({} if args.num_samples is not None
                     else {label: n for label, n in protocol.cell_samples.items() if label in labels})
-    if num_samples < 1:
-        raise InputError(f"--num-samples must be at least 1, got {num_samples}")
-    if args.cpus_per_trial < 1:
-        raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
-    if args.seed < 0 or args.seed >= 2**31:
-        raise InputError(f"--seed must be a whole number in [0, 2^31), got {args.seed}")
-    if (not math.isfinite(args.gpus_per_trial) or args.gpus_per_trial < 0
-            or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial))):
-        raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
-    max_concurrent = args.max_concurrent  # None: every trial slot of the cluster (study.preflight.trial_slots)
-    if max_concurrent is not None and max_concurrent < 1:
-        raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
-    if args.per_cell_concurrent is not None and args.per_cell_concurrent < 1:
-        raise InputError(f"--per-cell-concurrent must be at least 1, got {args.per_cell_concurrent}")
-    for flag, path in [("--data", args.data), *(("--external", p) for p in args.external)]:
-        if path is None or is_remote(path):
-            continue
-        try:
-            exists = Path(path).exists()
-        except OSError as exc:  # a name too long for the file system, say
-            raise InputError(f"{flag} {path[:80]}{'...' if len(path) > 80 else ''}: not a usable path "
-                             f"({exc.strerror})") from None
-        if not exists:
-            raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
-    outer_folds = args.outer_folds
-    if outer_folds == 1 or outer_folds < 0:
-        raise InputError(f"--outer-folds must be 0 (no nested CV) or at least 2, got {outer_folds}")
     repeats = getattr(args, "repeats", 0)
-    if repeats == 1 or repeats < 0 or repeats > MAX_REPEATS:
-        raise InputError(f"--repeats must be 0 (one partition) or 2 to {MAX_REPEATS}, got {repeats}")
-    if repeats and outer_folds:
-        raise InputError("--repeats and --outer-folds cannot be combined (each runs the whole study several times); "
-                         "choose one")
+    _check_numbers(args, num_samples, repeats)  # --data and --external in their old place among them
     storage = args.storage_path
     if not is_remote(storage):
         storage = str(Path(storage).expanduser().absolute())
@@ -261,22 +208,95 @@ def resolve(args) -> StudyConfig:
 
         if importlib.util.find_spec("aiohttp") is None:
             raise InputError("--dashboard needs Ray's dashboard: pip install 'ray[default]'")
-    name = args.name or f"{space.name}-{budget}"
-    if len(name) > MAX_NAME:
-        raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
-    if not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
-        raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
+    name = _check_name(args.name or f"{space.name}-{budget}")
     return StudyConfig(
         space=space.name, space_file=space_file, budget=budget,
         data=_location(args.data) if args.data else None,
         external=tuple(_location(p) for p in args.external),
-        backbones=backbones, tasks=tasks, num_samples=num_samples, cell_samples=cell_samples, max_concurrent=max_concurrent,
+        backbones=backbones, tasks=tasks, num_samples=num_samples, cell_samples=cell_samples,
+        max_concurrent=args.max_concurrent,  # None: every trial slot of the cluster (study.preflight.trial_slots)
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, address=args.address,
         tracking_uri=tracking, storage_path=storage, name=name, resume=args.resume,
         trust_storage=args.trust_storage, register_models=args.register_models, seed=args.seed,
-        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=outer_folds, repeats=repeats, inputs=inputs,
-        clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
+        share_volumes=args.share_volumes, pruning=args.pruning, outer_folds=args.outer_folds, repeats=repeats,
+        inputs=inputs, clinical_inputs=clinical_inputs, per_cell_concurrent=args.per_cell_concurrent,
         cpu_fallback=args.cpu_fallback, dashboard=getattr(args, "dashboard", False))
+
+
+def _resolve_space(value: str):
+    """(the search space --space names, the absolute path of its file or None for a built-in one)."""
+    if is_space_file(value):
+        space = load_space(value)
+        check_space(space, str(value))
+        if space.name in BUILTIN_SPACES:
+            raise InputError(f"--space {value}: name {space.name!r} is a built-in space; choose another name")
+        SPACES[space.name] = space  # the driver looks spaces up by name from here on
+        return space, str(Path(value).expanduser().absolute())
+    if value not in SPACES:
+        raise InputError(f"--space {value!r} is not a known search space or a .yaml/.json space file; valid "
+                         f"spaces are {sorted(SPACES)} (see --list-spaces)")
+    check_space(SPACES[value], f"--space {value}")
+    return SPACES[value], None
+
+
+def _check_cell_flags(backbones, tasks, inputs, clinical_inputs) -> None:
+    from datasets.clinical import COVARIATES
+    from trainables.backbones import BACKBONES
+
+    for flag, values, valid in (("--backbones", backbones, BACKBONES), ("--tasks", tasks, tuple(TASKS)),
+                                ("--inputs", inputs, INPUTS), ("--clinical-inputs", clinical_inputs, COVARIATES)):
+        unknown = [v for v in values if v not in valid]
+        if unknown:
+            raise InputError(f"{flag}: unknown {unknown}; valid values are {list(valid)}")
+        if len(set(values)) != len(values):
+            raise InputError(f"{flag}: repeated values in {list(values)}")
+
+
+def _check_numbers(args, num_samples: int, repeats: int) -> None:
+    """The numeric flags, in the order the errors have always come (the stores' between them)."""
+    if num_samples < 1:
+        raise InputError(f"--num-samples must be at least 1, got {num_samples}")
+    if args.cpus_per_trial < 1:
+        raise InputError(f"--cpus-per-trial must be at least 1, got {args.cpus_per_trial}")
+    if args.seed < 0 or args.seed >= 2**31:
+        raise InputError(f"--seed must be a whole number in [0, 2^31), got {args.seed}")
+    if (not math.isfinite(args.gpus_per_trial) or args.gpus_per_trial < 0
+            or (args.gpus_per_trial > 1 and args.gpus_per_trial != int(args.gpus_per_trial))):
+        raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {args.gpus_per_trial}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    if args.per_cell_concurrent is not None and args.per_cell_concurrent < 1:
+        raise InputError(f"--per-cell-concurrent must be at least 1, got {args.per_cell_concurrent}")
+    _check_stores(args)
+    if args.outer_folds == 1 or args.outer_folds < 0:
+        raise InputError(f"--outer-folds must be 0 (no nested CV) or at least 2, got {args.outer_folds}")
+    if repeats == 1 or repeats < 0 or repeats > MAX_REPEATS:
+        raise InputError(f"--repeats must be 0 (one partition) or 2 to {MAX_REPEATS}, got {repeats}")
+    if repeats and args.outer_folds:
+        raise InputError("--repeats and --outer-folds cannot be combined (each runs the whole study several times); "
+                         "choose one")
+
+
+def _check_stores(args) -> None:
+    """--data and --external name stores that exist (remote ones are checked when staged)."""
+    for flag, path in [("--data", args.data), *(("--external", p) for p in args.external)]:
+        if path is None or is_remote(path):
+            continue
+        try:
+            exists = Path(path).exists()
+        except OSError as exc:  # a name too long for the file system, say
+            raise InputError(f"{flag} {path[:80]}{'...' if len(path) > 80 else ''}: not a usable path "
+                             f"({exc.strerror})") from None
+        if not exists:
+            raise InputError(f"cohort store {path} does not exist (give a store made by python -m datasets.convert)")
+
+
+def _check_name(name: str) -> str:
+    if len(name) > MAX_NAME:
+        raise InputError(f"--name is {len(name)} characters; at most {MAX_NAME} (it names folders and files)")
+    if not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
+        raise InputError(f"--name {name!r}: use letters, digits, '-' and '_' only")
+    return name
 
 
 RAY_PROBE_S = 10.0

@@ -30,6 +30,13 @@ def resume_command(arguments: Sequence[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = new_parser("study.run", __doc__.split("\n\n")[0])
+    for add_group in (_data_arguments, _search_arguments, _resource_arguments, _tracking_arguments,
+                      _preview_arguments):
+        add_group(parser)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data and cells")
     data.add_argument("--space", default="literature_priors",
                       help="search space: a built-in name (see --list-spaces) or a .yaml/.json space file")
@@ -48,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--clinical-inputs", nargs="+", default=None, metavar="COLUMN",
                       help="stored clinical columns an image+clinical network sees (default: age sex grade "
                            "glioblastoma idh mgmt; kps and resection when the store has them)")
+
+
+def _search_arguments(parser: argparse.ArgumentParser) -> None:
     search = parser.add_argument_group("search")
     search.add_argument("--num-samples", type=int, default=None,
                         help="configurations per cell (default: the protocol's)")
@@ -65,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="repeated cross-validation: run the whole study R times, each on another partition of "
                              "the patients into folds, and report each cell's headline as mean +- between-repeat SD "
                              "(R x the cost of a study; 0: one partition)")
+
+
+def _resource_arguments(parser: argparse.ArgumentParser) -> None:
     resources = parser.add_argument_group("resources")
     resources.add_argument("--address", default=None,
                            help="Ray cluster address (default: RAY_ADDRESS if set, else a local Ray)")
@@ -88,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--dashboard", action="store_true",
                            help="a local study starts Ray's dashboard on 127.0.0.1 and prints its address (a "
                                 "cluster's is the head's, port 8265)")
+
+
+def _tracking_arguments(parser: argparse.ArgumentParser) -> None:
     tracking = parser.add_argument_group("tracking and storage")
     tracking.add_argument("--tracking-uri", default=None,
                           help="MLflow tracking URI (default: MLFLOW_TRACKING_URI if set, else sqlite:///$PWD/mlflow.db)")
@@ -103,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="resume without checking Tune's state files on the storage path against the digests "
                                "the driver recorded in MLflow (they are unpickled: only for storage only you can "
                                "write)")
+
+
+def _preview_arguments(parser: argparse.ArgumentParser) -> None:
     preview = parser.add_argument_group("preview")
     preview.add_argument("--dry-run", action="store_true",
                          help="print the resolved study and its cost (trials, fold-epochs, GPU-hours with and "
@@ -110,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--epoch-seconds", type=float, default=None,
                          help="seconds of one fold-epoch on a trial's GPU share, for --dry-run's cost (default: an "
                               "assumed throughput, see study/cost.py)")
-    return parser
 
 
 def list_spaces() -> str:
