@@ -554,24 +554,74 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
     unreadable source.
     """
     store_ids = store_ids if store_ids is not None else StoreIds()
-    matcher = SequenceMatcher(tuple(config.sequences), patterns)
     folders, clashes = discover_patients(images)
-    source = table.source
+    table, all_ids = _validated_rows(table, folders, store_ids, stored_ids)
+    excluded = _naming_exclusions(images, table, all_ids, folders, clashes, store_ids)
+    unmatched = [pid for pid in table.unvalidated if pid not in clashes and pid not in excluded]
+    unmatched += [pid for pid in [*table.rows.index, *table.excluded]
+                  if pid not in folders and pid not in clashes and pid not in excluded]
+    candidates = [pid for pid in table.rows.index if pid in folders and pid not in excluded]
+    scans = _scan_folders(candidates, folders, SequenceMatcher(tuple(config.sequences), patterns), store_ids, excluded)
+    found = {pid: dict(scan.found) for pid, scan in scans.items()}
+    recognised = {pid: scan.recognised() for pid, scan in scans.items()}
+    # A misfiled scan first: it explains two files for one sequence, and its owner is not to blame.
+    for pid, (path, other) in _misfiled(recognised, all_ids, [*folders, *clashes]).items():
+        key = recognised[pid][path]
+        excluded[pid] = (f"{key} file {path} carries the id of another patient of the export, "
+                         f"{store_ids(other)!r}: a misfiled scan is not used as this patient's {key}; move it to "
+                         "its own patient's folder (or rename it, if the id in its name is a coincidence)")
+        del found[pid]
+    for pid in list(found):
+        problem = scans[pid].problem(pid)
+        if problem:
+            excluded[pid] = problem
+            del found[pid]
+        elif not any(k in found[pid] for k in config.sequences):
+            excluded[pid] = f"folder {folders[pid]} holds no file matching sequences {list(config.sequences)}"
+            del found[pid]
+    unused = {pid: scan.unrecognised for pid, scan in scans.items()}
+    hashes, unused_digests = _hash_sources([pid for pid in candidates if pid in found], found, unused,
+                                           store_ids.withheld, excluded)
+    _exclude_shared_files(hashes, found, store_ids, excluded)
+    # Which DICOM series was taken for which sequence, and why; then the files nothing matched.
+    notes = {pid: list(scan.evidence.values()) for pid, scan in scans.items()}
+    unrecognised: dict[str, list[str]] = {}
+    for pid, entries in unused.items():
+        if entries:
+            unrecognised[pid] = [f"unrecognised {entry}: {why}"
+                                 + (f" ({unused_digests[pid][n]}; name withheld under --pseudonymise-key)"
+                                    if store_ids.withheld else "") + "; --pattern SEQUENCE=REGEX maps it"
+                                 for n, (entry, why) in enumerate(entries)]
+        for entry, why in entries:
+            notes.setdefault(pid, []).append(f"file {entry} {why}; ignored")
+    ids = [pid for pid in candidates if pid in hashes and pid not in excluded]
+    return MatchedExport(ids, {pid: found[pid] for pid in ids}, {pid: notes.get(pid, []) for pid in ids},
+                         {pid: hashes[pid] for pid in ids}, excluded, unrecognised, unmatched, table.event_note,
+                         table.rows)
+
+
+def _validated_rows(table, folders: dict, store_ids: StoreIds, stored_ids: Collection[str]):
+    """(the validated clinical table, every id of the table): a `ClinicalSource` is validated for
+    the patients with a folder and those of the store whose folder is gone (their values are kept)."""
     if isinstance(table, clinical_mod.ClinicalSource):
         all_ids = table.ids
         keep = set(folders)
         missing = set(stored_ids) - {store_ids(fid) for fid in folders}
-        if missing:  # patients of the store whose folder is gone: their clinical values are kept
+        if missing:
             keep |= missing if not store_ids.withheld else {pid for pid in all_ids if store_ids(pid) in missing}
-        table = table.validate(only=keep)
-    else:  # a validated table: every row was validated
-        import pandas as pd
+        return table.validate(only=keep), all_ids
+    import pandas as pd
 
-        all_ids = pd.Series(list(table.rows.index) + list(table.excluded), dtype=object)
+    return table, pd.Series(list(table.rows.index) + list(table.excluded), dtype=object)
+
+
+def _naming_exclusions(images: Path, table, all_ids, folders: dict, clashes: dict, store_ids: StoreIds) -> dict[str, str]:
+    """Patients excluded for their names: several folders for one id, a row and a folder spelled
+    apart, the table's own exclusions of patients with a folder, formula-like folder names, and
+    folders without a row."""
+    source, withheld = table.source, store_ids.withheld
     has_row = set(all_ids[all_ids.isin(set(folders))])
     excluded: dict[str, str] = {}
-    withheld = store_ids.withheld
-
     for pid, paths in clashes.items():
         if withheld:
             excluded[pid] = (f"{len(paths)} image folders name this patient (their names differ only in surrounding "
@@ -581,8 +631,7 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
             excluded[pid] = ("folders " + " and ".join(_spelled(str(p)) for p in paths) + f" all map to patient id "
                              f"{pid!r} (their names differ only in surrounding spaces, letter case or Unicode "
                              "normalisation); rename or remove all but one")
-    apart = _spelling_clashes(all_ids, folders, has_row)
-    for rid, fid in apart.items():
+    for rid, fid in _spelling_clashes(all_ids, folders, has_row).items():
         if withheld:
             reason = (f"the clinical row and the image folder of this patient are spelled apart (letter case or "
                       f"Unicode normalisation; names withheld under --pseudonymise-key; the folder's pseudonym is "
@@ -604,16 +653,14 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
     for fid in sorted(set(folders) - has_row - set(excluded)):
         folder = f"{images}/{store_ids(fid)}" if withheld else folders[fid]
         excluded[fid] = f"image folder {folder} has no row in {source}"
-    unmatched = [pid for pid in table.unvalidated if pid not in clashes and pid not in excluded]
-    unmatched += [pid for pid in [*table.rows.index, *table.excluded]
-                  if pid not in folders and pid not in clashes and pid not in excluded]
+    return excluded
 
-    candidates = [pid for pid in table.rows.index if pid in folders and pid not in excluded]
-    found: dict[str, dict[str, Path]] = {}
-    notes: dict[str, list[str]] = {}
-    unused: dict[str, list[tuple[Path, str]]] = {}
-    recognised: dict[str, dict[Path, str]] = {}  # every file that matched a sequence -> the sequence
-    problems: dict[str, str | None] = {}
+
+def _scan_folders(candidates: list[str], folders: dict, matcher: SequenceMatcher, store_ids: StoreIds,
+                  excluded: dict[str, str]) -> dict:
+    """Each readable candidate's folder scan (`SequenceMatcher.scan`); an unreadable folder or entry
+    excludes its patient. Every scanned name is registered for redaction under pseudonymisation."""
+    scans = {}
     for pid in candidates:
         folder = folders[pid]
         try:
@@ -629,35 +676,28 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
             excluded[pid] = f"folder {folder}: an entry cannot be read ({exc.strerror or type(exc).__name__})"
             continue
         store_ids.add_redactor(pid, folder, scan.entries, scan.found)
-        unused[pid] = scan.unrecognised
-        notes[pid] = list(scan.evidence.values())  # which DICOM series was taken for which sequence, and why
-        recognised[pid] = scan.recognised()
-        found[pid] = dict(scan.found)
-        problems[pid] = scan.problem(pid)
-    # A misfiled scan first: it explains two files for one sequence, and its owner is not to blame.
-    for pid, (path, other) in _misfiled(recognised, all_ids, [*folders, *clashes]).items():
-        key = recognised[pid][path]
-        excluded[pid] = (f"{key} file {path} carries the id of another patient of the export, "
-                         f"{store_ids(other)!r}: a misfiled scan is not used as this patient's {key}; move it to "
-                         "its own patient's folder (or rename it, if the id in its name is a coincidence)")
-        del found[pid]
-    for pid in list(found):
-        if problems[pid]:
-            excluded[pid] = problems[pid]
-            del found[pid]
-        elif not any(k in found[pid] for k in config.sequences):
-            excluded[pid] = f"folder {folders[pid]} holds no file matching sequences {list(config.sequences)}"
-            del found[pid]
+        scans[pid] = scan
+    return scans
+
+
+def _hash_sources(patients: list[str], found: dict, unused: dict, withheld: bool, excluded: dict[str, str]):
+    """(SHA-256 of each patient's source files, a size-and-digest description of each unrecognised
+    entry under pseudonymisation); a patient whose sources cannot be hashed is excluded."""
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashing releases the GIL
-        pending = {pid: pool.submit(source_hashes, found[pid]) for pid in candidates if pid in found}
-        digests = ({pid: [pool.submit(_entry_digest, entry) for entry, _ in unused[pid]] for pid in unused}
-                   if withheld else {})
+        pending = {pid: pool.submit(source_hashes, found[pid]) for pid in patients}
+        described = ({pid: [pool.submit(_entry_digest, entry) for entry, _ in unused[pid]] for pid in unused}
+                     if withheld else {})
     hashes: dict[str, dict[str, str]] = {}
     for pid, result in pending.items():
         try:
             hashes[pid] = result.result()
         except InputError as exc:  # this patient only: the others convert
             excluded[pid] = f"patient {pid}: {exc}"
+    return hashes, {pid: [f.result() for f in futures] for pid, futures in described.items()}
+
+
+def _exclude_shared_files(hashes: dict, found: dict, store_ids: StoreIds, excluded: dict[str, str]) -> None:
+    """The same source file (SHA-256) under two patients excludes both, each naming the other."""
     owners: dict[str, list[tuple[str, str]]] = {}
     for pid, by_key in hashes.items():
         for key, digest in by_key.items():
@@ -669,20 +709,6 @@ def match_export(images: Path, table, config: PreprocessConfig, patterns: Mappin
             others = ", ".join(f"patient {store_ids(o)!r}'s {k} file" for o, k in uses if o != pid)
             excluded[pid] = (f"{key} file {found[pid][key]} is the same file (SHA-256 {digest[:16]}...) as {others}: "
                              "one scan filed under two patients; remove it from the wrong patient's folder")
-    unrecognised: dict[str, list[str]] = {}
-    for pid, entries in unused.items():
-        if entries:
-            unrecognised[pid] = [f"unrecognised {entry}: {why}"
-                                 + (f" ({digests[pid][n].result()}; name withheld under --pseudonymise-key)"
-                                    if withheld else "") + "; --pattern SEQUENCE=REGEX maps it"
-                                 for n, (entry, why) in enumerate(entries)]
-        for entry, why in entries:
-            notes.setdefault(pid, []).append(f"file {entry} {why}; ignored")
-    ids = [pid for pid in candidates if pid in hashes and pid not in excluded]
-    return MatchedExport(ids, {pid: found[pid] for pid in ids}, {pid: notes.get(pid, []) for pid in ids},
-                         {pid: hashes[pid] for pid in ids}, excluded, unrecognised, unmatched, table.event_note,
-                         table.rows)
-
 
 WITHDRAWN = ("no longer in the export (its clinical row or image folder was removed, e.g. withdrawn consent, or it "
              "is excluded now): its images, mask, label and QC pictures were erased from the store")
@@ -947,39 +973,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.verify:
-            problems = verify_store(args.verify)
-            for problem in problems:
-                print(f"PROBLEM {problem}")
-            store = CohortStore(args.verify)
-            print(f"{args.verify}: {len(store.usable())} usable patients, {len(problems)} problems")
-            return 1 if problems else 0
-        for flag in ("images", "clinical", "out"):
-            if getattr(args, flag) is None:
-                parser.error(f"--{flag} is required (or use --verify STORE)")
-        if not 1 <= args.workers <= MAX_WORKERS:
-            parser.error(f"--workers must be 1-{MAX_WORKERS}, got {args.workers}")
-        check_output(args.out)
-        manifest_flush_s()  # a bad GLIOMA_CONVERT_MANIFEST_FLUSH_S is an error before anything is written
-        clinical_mod.check_time_range(args.time_range_days)
-        raw = args.preset == "raw"
-        config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
-                                  spacing=args.spacing, clip_percentiles=tuple(args.clip),
-                                  register=args.register or ("rigid" if raw else "none"),
-                                  bias_correct=args.bias_correct or raw, brain_mask=args.brain_mask or raw,
-                                  reference_sequence=args.reference_sequence.lower())
-        check_raw_steps(config)
-        pseudonymiser = None
-        if args.pseudonymise_key is not None:
-            key, created = load_or_create_key(args.pseudonymise_key, args.out)
-            pseudonymiser = Pseudonymiser(key)
-            if created:
-                print(f"created pseudonymisation key {args.pseudonymise_key} (owner-only); keep it safe and outside "
-                      "the store: the same key is needed to resume or extend the store and to link results back")
-        summary = convert(args.images, args.clinical, args.out, config,
-                          clinical_mod.parse_column_map(args.column), parse_patterns(args.pattern),
-                          workers=args.workers, backend=args.backend, progress=not args.no_progress,
-                          pseudonymiser=pseudonymiser, time_range=args.time_range_days,
-                          event_coding=args.event_coding)
+            return _verify(args.verify)
+        summary = _convert(parser, args)
     except EnvironmentFault as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -992,6 +987,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.out} cannot be written: {exc}. Free space (or fix the disk) and rerun the same command: "
               "what was converted is kept, and no patient was excluded for it", file=sys.stderr)
         return 3
+    _print_summary(summary)
+    return 0
+
+
+def _verify(store_path: str) -> int:
+    problems = verify_store(store_path)
+    for problem in problems:
+        print(f"PROBLEM {problem}")
+    print(f"{store_path}: {len(CohortStore(store_path).usable())} usable patients, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def _convert(parser: argparse.ArgumentParser, args) -> ConversionSummary:
+    """Every flag checked before anything is written, then the conversion."""
+    for flag in ("images", "clinical", "out"):
+        if getattr(args, flag) is None:
+            parser.error(f"--{flag} is required (or use --verify STORE)")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be 1-{MAX_WORKERS}, got {args.workers}")
+    check_output(args.out)
+    manifest_flush_s()  # a bad GLIOMA_CONVERT_MANIFEST_FLUSH_S is an error before anything is written
+    clinical_mod.check_time_range(args.time_range_days)
+    raw = args.preset == "raw"
+    config = PreprocessConfig(sequences=tuple(s.lower() for s in args.sequences), shape=args.shape,
+                              spacing=args.spacing, clip_percentiles=tuple(args.clip),
+                              register=args.register or ("rigid" if raw else "none"),
+                              bias_correct=args.bias_correct or raw, brain_mask=args.brain_mask or raw,
+                              reference_sequence=args.reference_sequence.lower())
+    check_raw_steps(config)
+    pseudonymiser = None
+    if args.pseudonymise_key is not None:
+        key, created = load_or_create_key(args.pseudonymise_key, args.out)
+        pseudonymiser = Pseudonymiser(key)
+        if created:
+            print(f"created pseudonymisation key {args.pseudonymise_key} (owner-only); keep it safe and outside "
+                  "the store: the same key is needed to resume or extend the store and to link results back")
+    return convert(args.images, args.clinical, args.out, config,
+                   clinical_mod.parse_column_map(args.column), parse_patterns(args.pattern),
+                   workers=args.workers, backend=args.backend, progress=not args.no_progress,
+                   pseudonymiser=pseudonymiser, time_range=args.time_range_days,
+                   event_coding=args.event_coding)
+
+
+def _print_summary(summary: ConversionSummary) -> None:
     print(f"{summary.store}: converted {len(summary.converted)}, already done {len(summary.skipped)}, "
           f"excluded {len(summary.excluded)} in {summary.seconds:.1f} s"
           + (f"; {summary.cost()}" if summary.cost() else ""))
@@ -1013,8 +1052,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  unrecognised image files are not converted (the sequence is zero-filled and flagged missing): "
               f"{PATTERN_HINT}")
     print(f"QC report: {summary.report}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,13 +71,7 @@ def bbc_cv(time, event, risks, n_bootstrap: int = 1000, level: float = 0.95, see
             values.append(concordance[int(np.argmax(in_bag))](out_of_bag))
         except SurvivalDataError:  # no comparable pair in this sample
             continue
-    values = np.asarray(values)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        raise SurvivalDataError("No bootstrap sample allowed computing the C-index.")
-    alpha = (1 - level) / 2
-    low, high = np.quantile(values, [alpha, 1 - alpha])
-    return Estimate(float(values.mean()), float(low), float(high), level, int(values.size))
+    return _percentile_estimate(values, level)
 
 
 # -- the headline that pays for the search's pruning too ----------------------------------------
@@ -155,7 +149,6 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
         finished trial, its halving rate)
     """
     from ray.tune.schedulers.async_hyperband import _Bracket
-    from ray.tune.schedulers.trial_scheduler import TrialScheduler
 
     time, event, _ = check_survival(time, event, np.zeros(len(time)), name="time")
     if not any(t.final is not None for t in trials):
@@ -163,16 +156,39 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
     if not event.any():
         raise SurvivalDataError("All samples are censored.")
     rung_epochs = sorted(milestone for milestone, _ in _Bracket(grace, max_t, reduction_factor, 0)._rungs)
+    rungs, finals = _sorted_scores(time, event, trials, stand_in)
+    events = _rung_events(trials, rungs, rung_epochs)
+    finished = {i for i, t in enumerate(trials) if t.final is not None}
+    values = []
+    for count, out_of_bag in _bootstrap_samples(event, n_bootstrap, seed):
+        stopped = _replay_asha(events, rungs, count, grace, max_t, reduction_factor)
+        # Where every finisher is stopped in this sample, the search's own finishers are the candidates.
+        in_bag = _in_bag(finals, set(range(len(trials))) - stopped, count) or _in_bag(finals, finished, count)
+        if not in_bag:
+            continue
+        best_c = max(in_bag.values())
+        try:  # configurations tied in the bag count alike (whatever order the trials are listed in)
+            values.append(float(np.mean([finals[i](out_of_bag) for i, c in in_bag.items() if c == best_c])))
+        except SurvivalDataError:  # no comparable pair out of the bag
+            continue
+    return _percentile_estimate(values, level)
+
+
+def _sorted_scores(time, event, trials: list[SearchedTrial], stand_in: bool) -> tuple[list[dict], list]:
+    """Each trial's rungs (`_Rung`) and its final predictions' concordance, sorted once for every
+    bootstrap sample; a stopped trial's last rung scores stand in for the predictions it never made
+    with `stand_in`, else it has none (None)."""
     rungs = [{epoch: _Rung(time, event, np.asarray(f), np.asarray(s, dtype=float))
               for epoch, (f, s) in t.rungs.items()} for t in trials]
-    finals = []
-    for t, own in zip(trials, rungs):
-        if t.final is not None:
-            finals.append(_Concordance(time, event, np.asarray(t.final, dtype=float)))
-        else:  # a stopped trial: its last rung's scores stand in for the predictions it never made
-            finals.append(own[max(own)].pooled if own and stand_in else None)
-    # The rung results in the order the scheduler saw them; a trial the replay keeps past its real
-    # stop meets its later rungs right after its last real result, with its last scores.
+    finals = [_Concordance(time, event, np.asarray(t.final, dtype=float)) if t.final is not None
+              else (own[max(own)].pooled if own and stand_in else None) for t, own in zip(trials, rungs)]
+    return rungs, finals
+
+
+def _rung_events(trials: list[SearchedTrial], rungs: list[dict], rung_epochs: list[int]) -> list[tuple]:
+    """(when reported, trial index, rung epoch, epoch of the scores used) in the order the scheduler saw
+    them; a trial the replay keeps past its real stop meets its later rungs right after its last real
+    result, with its last scores."""
     events = []
     for index, (t, own) in enumerate(zip(trials, rungs)):
         if not own:
@@ -181,45 +197,11 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
         events += [(t.reported[epoch], index, epoch, epoch) for epoch in own]
         if t.final is None:
             events += [(t.reported[last], index, epoch, last) for epoch in rung_epochs if epoch > last]
-    events.sort(key=lambda e: (e[0], e[2], e[1]))
+    return sorted(events, key=lambda e: (e[0], e[2], e[1]))
 
-    class _Id:  # what _Bracket reads of a trial
-        def __init__(self, index):
-            self.trial_id = str(index)
 
-    ids = [_Id(i) for i in range(len(trials))]
-    values = []
-    for count, out_of_bag in _bootstrap_samples(event, n_bootstrap, seed):
-        bracket, stopped = _Bracket(grace, max_t, reduction_factor, 0), set()
-        for _, index, epoch, source in events:
-            if index in stopped:
-                continue
-            value = rungs[index][source].value(count)
-            if bracket.on_result(ids[index], epoch, value) == TrialScheduler.STOP:
-                stopped.add(index)
-        in_bag = {}
-        for index, final in enumerate(finals):
-            if index in stopped or final is None:
-                continue
-            try:
-                in_bag[index] = final(count)
-            except SurvivalDataError:
-                continue
-        if not in_bag:  # every finisher stopped in this sample: the search's own finishers
-            in_bag = {}
-            for index, final in enumerate(finals):
-                if final is not None and trials[index].final is not None:
-                    try:
-                        in_bag[index] = final(count)
-                    except SurvivalDataError:
-                        continue
-        if not in_bag:
-            continue
-        best_c = max(in_bag.values())
-        try:  # configurations tied in the bag count alike (whatever order the trials are listed in)
-            values.append(float(np.mean([finals[i](out_of_bag) for i, c in in_bag.items() if c == best_c])))
-        except SurvivalDataError:  # no comparable pair out of the bag
-            continue
+def _percentile_estimate(values: list[float], level: float) -> Estimate:
+    """Mean and percentile interval of the finite bootstrap values."""
     values = np.asarray(values)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -227,3 +209,38 @@ def bbc_search(time, event, trials: list[SearchedTrial], grace: int, max_t: int,
     alpha = (1 - level) / 2
     low, high = np.quantile(values, [alpha, 1 - alpha])
     return Estimate(float(values.mean()), float(low), float(high), level, int(values.size))
+
+
+class _TrialId:
+    """What Ray's `_Bracket` reads of a trial."""
+
+    def __init__(self, index: int):
+        self.trial_id = str(index)
+
+
+def _replay_asha(events: list[tuple], rungs: list[dict], count: np.ndarray, grace: int, max_t: int,
+                 reduction_factor: float) -> set[int]:
+    """The trials Ray's ASHA rule stops when it sees the rung scores of the in-bag patients (`count`)."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    bracket, stopped = _Bracket(grace, max_t, reduction_factor, 0), set()
+    for _, index, epoch, source in events:
+        if index in stopped:
+            continue
+        if bracket.on_result(_TrialId(index), epoch, rungs[index][source].value(count)) == TrialScheduler.STOP:
+            stopped.add(index)
+    return stopped
+
+
+def _in_bag(finals: list, candidates: set[int], count: np.ndarray) -> dict[int, float]:
+    """The in-bag pooled C of each candidate that has final predictions (and a comparable pair)."""
+    out = {}
+    for index in sorted(candidates):
+        if finals[index] is None:
+            continue
+        try:
+            out[index] = finals[index](count)
+        except SurvivalDataError:
+            continue
+    return out

@@ -92,3 +92,17 @@ def test_the_best_configuration_is_chosen_by_one_criterion_whatever_the_order():
     assert names.ranks_above(0.70, "b", 0.60, "a") and not names.ranks_above(0.60, "a", 0.70, "b")
     assert names.ranks_above(0.70, "a", 0.70, "b") and not names.ranks_above(0.70, "b", 0.70, "a")  # tie: lower id
     assert names.ranks_above(0.51, "z", float("nan"), "a") and not names.ranks_above(float("nan"), "a", 0.51, "z")
+
+
+def test_no_function_of_the_packages_is_over_60_lines():
+    """A function longer than a screen does several jobs (issue 31); benchmarks and tests are exempt."""
+    import ast
+
+    long = []
+    for package in FLOORS:
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                    long.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -107,7 +107,6 @@ def _usable_device(train_config: TrainConfig, setup: TrialSetup) -> TrainConfig 
     """The trial's configuration if it can train on what Ray gave it; None after reporting the
     trial failed (GPUs it cannot use, `trainables.devices`), or on the CPU with ``cpu_fallback``."""
     import ray
-    from ray import tune
 
     assigned = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if not assigned or train_config.device == "cpu":
@@ -119,8 +118,16 @@ def _usable_device(train_config: TrainConfig, setup: TrialSetup) -> TrainConfig 
     if setup.cpu_fallback:
         print(f"warning: {message}; training on the CPU (--cpu-fallback)", flush=True)
         return replace(train_config, device="cpu")
-    tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: message})
+    _report_failure(message)
     return None
+
+
+def _report_failure(reason: str, epoch: int = 0, **progress) -> None:
+    """End the trial as failed with its reason, instead of raising (which would make Tune retry a
+    configuration that fails the same way every time)."""
+    from ray import tune
+
+    tune.report({"epoch": epoch, **progress, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: reason})
 
 
 def cv_trainable(config: dict, setup: TrialSetup) -> None:
@@ -130,14 +137,11 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
     import ray
 
     torch.set_num_threads(max(1, setup.cpus))
-    node = ray.get_runtime_context().get_node_id()  # tracked: which node ran (or re-ran) the trial
     task = config["task"]
     try:
         train_config = TrainConfig.from_dict({k: v for k, v in config.items() if k != "task"})
-    except InputError as exc:
-        # A configuration that cannot train fails the same way on every retry: end the trial as
-        # failed with the reason (study.config refuses such spaces at load; this is the last guard).
-        tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: f"configuration: {exc}"})
+    except InputError as exc:  # study.config refuses such spaces at load; this is the last guard
+        _report_failure(f"configuration: {exc}")
         return
     train_config = _usable_device(train_config, setup)
     if train_config is None:
@@ -167,42 +171,54 @@ def cv_trainable(config: dict, setup: TrialSetup) -> None:
             cv = CrossValidation(CohortArrays(cohort, volumes, rows), folds, train_config, workdir, devices,
                                  gpu_fraction=gpu_fraction)
         except InputError as exc:  # e.g. a fold without one usable clinical input: the same on a retry
-            tune.report({"epoch": 0, names.EPOCH_CINDEX.name: float("nan"), names.FAILED: str(exc)})
+            _report_failure(str(exc))
             return
-        train_seconds = 0.0  # time in training and validation since this (re)start, for the overhead split
-        while not cv.finished:
-            try:
-                started = time.perf_counter()
-                metrics = cv.step()
-                train_seconds += time.perf_counter() - started
-                metrics.update(node_id=node, train_seconds=train_seconds, **resources.take())
-                if cv.epoch in setup.rungs:
-                    metrics[names.RUNG_SCORES] = cv.rung_scores().to_dict(orient="list")
-            except TrainingDivergedError as exc:
-                # A diverging configuration fails the same way on every retry: end the trial with
-                # the reason instead of raising (which would make Tune retry it).
-                tune.report({"epoch": cv.epoch, names.FOLD_EPOCHS.name: cv.fold_epochs,
-                             names.EPOCH_CINDEX.name: float("nan"), names.FAILED: str(exc)})
-                return
-            if cv.finished:
-                results = cv.results()
-                oof = pd.concat([r.predictions for r in results], ignore_index=True)
-                oof.to_csv(workdir / names.OOF_FILE, index=False)
-                cv.write_learning_curve(workdir / names.CURVE_FILE)
-                # The final checkpoint keeps what analysis needs (fold models, predictions), not the
-                # trainers' optimizer states: a finished trial is never resumed.
-                for result in results:
-                    result.model.save(workdir / model_file(result.fold))
-                for trainer in cv.trainers:
-                    trainer.checkpoint.unlink(missing_ok=True)
-                metrics.update(cv_metrics(oof, train_config.eval_times, horizon=cohort.horizon,
-                                          seed=setup.fold_seed, n_resamples=setup.bootstrap))
-                metrics[names.FINAL] = True
-                (workdir / FINAL_FILE).write_text(json.dumps(metrics))
-            if cv.finished or cv.epoch % setup.checkpoint_every == 0:
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
-            else:
-                tune.report(metrics)
+        _train(cv, setup, train_config, cohort, workdir, resources)
     finally:
         resources.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _train(cv: CrossValidation, setup: TrialSetup, train_config: TrainConfig, cohort: Cohort, workdir: Path,
+           resources: ResourceSampler) -> None:
+    """Epochs of every fold until the trial finishes, is stopped (Tune stops reporting back) or diverges."""
+    from ray import tune
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # tracked: which node ran (or re-ran) the trial
+    train_seconds = 0.0  # time in training and validation since this (re)start, for the overhead split
+    while not cv.finished:
+        try:
+            started = time.perf_counter()
+            metrics = cv.step()
+            train_seconds += time.perf_counter() - started
+            metrics.update(node_id=node, train_seconds=train_seconds, **resources.take())
+            if cv.epoch in setup.rungs:
+                metrics[names.RUNG_SCORES] = cv.rung_scores().to_dict(orient="list")
+        except TrainingDivergedError as exc:
+            _report_failure(str(exc), cv.epoch, **{names.FOLD_EPOCHS.name: cv.fold_epochs})
+            return
+        if cv.finished:
+            metrics.update(_finish(cv, setup, train_config, cohort, workdir))
+            (workdir / FINAL_FILE).write_text(json.dumps(metrics))
+        if cv.finished or cv.epoch % setup.checkpoint_every == 0:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+        else:
+            tune.report(metrics)
+
+
+def _finish(cv: CrossValidation, setup: TrialSetup, train_config: TrainConfig, cohort: Cohort, workdir: Path) -> dict:
+    """The finished trial's records in its final checkpoint and its final metrics. The checkpoint keeps
+    what analysis needs (fold models, out-of-fold predictions, learning curve), not the trainers'
+    optimizer states: a finished trial is never resumed."""
+    results = cv.results()
+    oof = pd.concat([r.predictions for r in results], ignore_index=True)
+    oof.to_csv(workdir / names.OOF_FILE, index=False)
+    cv.write_learning_curve(workdir / names.CURVE_FILE)
+    for result in results:
+        result.model.save(workdir / model_file(result.fold))
+    for trainer in cv.trainers:
+        trainer.checkpoint.unlink(missing_ok=True)
+    return {**cv_metrics(oof, train_config.eval_times, horizon=cohort.horizon, seed=setup.fold_seed,
+                         n_resamples=setup.bootstrap), names.FINAL: True}
