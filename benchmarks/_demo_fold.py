@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datasets import Cohort, CohortSpec
 from study.demo import demo_store
-from trainables import FoldData
+from trainables.fold import FoldData
 
 
 def demo_fold(k: int = 5, fold: int = 0) -> FoldData:

@@ -19,7 +19,8 @@ import numpy as np
 
 from benchmarks._demo_fold import demo_fold
 from benchmarks._machine import describe, write_result
-from trainables import FoldData, FoldTrainer, TrainConfig
+from trainables.config import TrainConfig
+from trainables.fold import FoldData, FoldTrainer
 
 
 def _run(data: FoldData, lr: float, memory: int, seed: int, epochs: int) -> list[tuple[float, float, float]]:

@@ -20,7 +20,8 @@ import numpy as np
 
 from benchmarks._demo_fold import demo_fold
 from benchmarks._machine import describe, write_result
-from trainables import FoldTrainer, TrainConfig
+from trainables.config import TrainConfig
+from trainables.fold import FoldTrainer
 from trainables.backbones import BACKBONES
 from trainables.fold import TrainingDivergedError
 

@@ -158,7 +158,7 @@ class Protocol:
         Head (loss) of the overall-survival tasks: ``cox``, ``logistic_hazard`` or any head of
         `trainables.heads.HEADS` that models the ``os`` endpoint (checked by `study.config`).
     fixed
-        Further training parameters held constant (`trainables.TrainConfig` names).
+        Further training parameters held constant (`trainables.config.TrainConfig` names).
     checkpoint_every
         Epochs between trial checkpoints (the last epoch is always checkpointed).
     distributions, reference
@@ -225,7 +225,7 @@ class SearchSpace:
     name, summary
         Registry key and the one-line description ``--list-spaces`` prints.
     distributions
-        Training parameter name -> distribution (names of `trainables.TrainConfig`).
+        Training parameter name -> distribution (names of `trainables.config.TrainConfig`).
     reference
         The first configuration evaluated in every cell (the reference recipe).
     protocols

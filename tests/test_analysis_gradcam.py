@@ -105,7 +105,8 @@ def test_attention_of_a_model_trained_to_see_tumours_is_on_them(learnable_store)
     an untrained twin beside every score. Seeded, one thread; the assertion is on an effect size
     that held over seeds 0-2, not on exact values."""
     from datasets import Cohort
-    from trainables import FoldData, FoldTrainer, TrainConfig
+    from trainables.config import TrainConfig
+    from trainables.fold import FoldData, FoldTrainer
 
     torch.set_num_threads(1)
     cohort = Cohort(learnable_store)

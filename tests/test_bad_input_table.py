@@ -214,7 +214,8 @@ def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(case, workspa
 
 def test_checkpoint_corrupt_or_from_another_backbone_is_refused(small_store, tmp_path):
     from tests.test_trainables_fold import TINY, _fold_data
-    from trainables import CheckpointError, FoldTrainer, TrainConfig
+    from trainables.config import TrainConfig
+    from trainables.fold import CheckpointError, FoldTrainer
 
     path = tmp_path / "fold.pt"
     FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, **TINY), path).step()

@@ -8,7 +8,8 @@ import pytest
 import torch
 from lifelines.utils import concordance_index
 
-from datasets import Cohort, CohortDataset, CohortSpec, InputError, evaluate_filter, stratified_folds
+from datasets import Cohort, CohortSpec, InputError, evaluate_filter, stratified_folds
+from datasets.torch_data import CohortDataset
 from datasets.sequences import SequenceMatcher
 from datasets.synthetic import clinical_variables, linear_predictors, survival, tumour_features
 from datasets.torch_data import training_augmentation

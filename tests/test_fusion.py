@@ -12,7 +12,8 @@ from analysis.inputs_comparison import clinical_oof, compare, paired_difference
 from evaluation.metrics import harrell_c
 from datasets import Cohort, CohortSpec, InputError
 from datasets.clinical_features import ClinicalEncoder
-from trainables import FoldData, FoldTrainer, TrainConfig
+from trainables.config import TrainConfig
+from trainables.fold import FoldData, FoldTrainer
 
 TINY = dict(backbone="densenet121", width=0.25, depth=0.2, batch_size=8, warmup_epochs=1, lr=1e-2, epochs=2,
             augmentation=0.5, inputs="image+clinical")
@@ -85,7 +86,7 @@ def test_fusion_fold_trains_on_training_statistics_keeps_missing_and_reloads(sma
     assert result.model.network.clinical[-1].weight.abs().sum() > 0
     path = tmp_path / "fold0_model.pt"
     result.model.save(path)
-    from trainables import FoldModel
+    from trainables.fold_model import FoldModel
 
     loaded = FoldModel.load(path)
     assert loaded.inputs == "image+clinical"

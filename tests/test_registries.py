@@ -103,7 +103,7 @@ def test_a_resumed_fold_checks_every_option_of_its_head(monkeypatch, small_store
     """The checkpoint's architecture once listed two logistic-hazard options by hand: a fold resumed
     with another `horizon_days`, or another option of a head registered later, continued silently."""
     from tests.test_trainables_fold import TINY, _fold_data
-    from trainables import CheckpointError, FoldTrainer
+    from trainables.fold import CheckpointError, FoldTrainer
 
     monkeypatch.setitem(HEADS, ClippedCoxHead.name, ClippedCoxHead)
     for head, option, first, second in [("clipped_cox", "grad_clip", 3.0, 2.0),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from datasets import Cohort, CohortSpec
-from trainables import FoldData, batches
+from trainables import batches
+from trainables.fold import FoldData
 from trainables.batches import (
     DEVICE_SHARE,
     PLACEMENTS,

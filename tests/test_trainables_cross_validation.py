@@ -12,7 +12,7 @@ import pytest
 from evaluation import metric_names as names
 from evaluation.metrics import brier_score
 from datasets import Cohort, CohortSpec
-from trainables import TrainConfig
+from trainables.config import TrainConfig
 from trainables.cross_validation import CohortArrays, CrossValidation, alive_past_horizon, collapsed_folds, cv_metrics
 
 EVAL_TIMES = TrainConfig().eval_times

@@ -8,7 +8,8 @@ import pytest
 
 from evaluation.metrics import brier_score, harrell_c
 from datasets import Cohort, CohortSpec, InputError
-from trainables import FoldData, FoldTrainer, TrainConfig, TrainingDivergedError, train_fold
+from trainables.config import TrainConfig
+from trainables.fold import FoldData, FoldTrainer, TrainingDivergedError, train_fold
 
 TINY = dict(backbone="seresnext50", width=0.25, depth=0.34, batch_size=8, warmup_epochs=1, lr=1e-3,
             weight_decay=1e-4, augmentation=0.5, cox_memory=0)
@@ -136,7 +137,7 @@ def test_auto_precision_is_bf16_on_a_gpu_and_float32_on_a_cpu():
 
 @pytest.mark.parametrize("head, endpoint", [("cox", "os"), ("logistic_hazard", "os"), ("binary", "1yr")])
 def test_fold_model_reproduces_the_out_of_fold_predictions_after_a_round_trip(small_store, tmp_path, head, endpoint):
-    from trainables import FoldModel
+    from trainables.fold_model import FoldModel
 
     data = _fold_data(small_store, CohortSpec("all", endpoint), k=2)
     result = train_fold(data, TrainConfig(head=head, epochs=1, **TINY))
