@@ -1,6 +1,6 @@
 """The study's results table: per backbone x task x inputs cell, what its selected configuration predicts.
 
-Rows (`ROWS`), one column per cell:
+Rows (`rows()`), one column per cell:
 
 - the BBC-CV C-index [95% CI] of the selected configuration (the headline: the selection among
   the cell's configurations is paid for, `evaluation.selection`);
@@ -8,7 +8,8 @@ Rows (`ROWS`), one column per cell:
   optimistic by construction) and the reference recipe's;
 - the mean +- SD of the selected configuration's per-fold C-indices and the folds that learned
   nothing;
-- its Brier score at 365 days and integrated Brier score;
+- its Brier score at 365 days and integrated Brier score, then a row for each other metric of
+  `evaluation.metric_names.FINAL_METRICS` (Uno's C, the AUC at 365 days, and any metric added there);
 - on a synthetic cohort (`datasets.synthetic`), the oracle C-index of the true clinical predictor,
   of what the images can tell (E[lp | image content]: the ceiling of an image-only cell) and of the
   total predictor on the same patients: what there was to learn (`analysis.oracle`).
@@ -33,10 +34,25 @@ from evaluation.selection import bbc_cv
 from search_spaces import cell_name
 from trainables.config import TrainConfig
 
-ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
-        "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS",
-        ORACLE_ROW, "selected configuration",
-        "trials (finished/pruned/failed)")
+HEAD_ROWS = ("C-index, BBC-CV [95% CI]", "C-index, selected configuration [95% CI]", "C-index, reference recipe",
+             "per-fold C-index, mean +- SD", "folds that learned nothing", "Brier score (365 d)", "IBS")
+TAIL_ROWS = (ORACLE_ROW, "selected configuration", "trials (finished/pruned/failed)")
+# The final metrics the table lays out itself (with their intervals or spread).
+_LAID_OUT = {m.name for m in (names.OOF_CINDEX, names.OOF_CINDEX_LOW, names.OOF_CINDEX_HIGH, names.FOLD_CINDEX_MEAN,
+                              names.FOLD_CINDEX_SD, names.FOLDS_COLLAPSED, names.BRIER_365, names.IBS)}
+
+
+def metric_rows() -> dict[str, str]:
+    """Every other metric of `evaluation.metric_names.FINAL_METRICS` -> its row (its meaning), read
+    when a table is made: a metric added to the registry reaches results.md with no change here."""
+    return {m.name: m.meaning.split(" (")[0] for m in names.FINAL_METRICS if m.name not in _LAID_OUT}
+
+
+def rows() -> tuple[str, ...]:
+    return (*HEAD_ROWS, *metric_rows().values(), *TAIL_ROWS)
+
+
+ROWS = rows()
 
 
 @dataclass
@@ -198,10 +214,11 @@ def _fmt_config(config: dict) -> str:
 
 
 def results_table(cells: list[CellResult]) -> pd.DataFrame:
-    """Rows: `ROWS`; columns: backbone / task."""
+    """Rows: `rows()`; columns: backbone / task."""
     columns = {}
+    extra = metric_rows()
     for cell in cells:
-        best, column = cell.best, dict.fromkeys(ROWS, "")
+        best, column = cell.best, dict.fromkeys(rows(), "")
         if best:
             column[ROWS[1]] = _ci(best[names.OOF_CINDEX.name], best[names.OOF_CINDEX_LOW.name],
                                   best[names.OOF_CINDEX_HIGH.name])
@@ -211,7 +228,10 @@ def results_table(cells: list[CellResult]) -> pd.DataFrame:
             column[ROWS[4]] = f"{collapsed} (flagged)" if collapsed else "0"
             column[ROWS[5]] = f"{best[names.BRIER_365.name]:.3f}"
             column[ROWS[6]] = f"{best[names.IBS.name]:.3f}"
-            column[ROWS[8]] = _fmt_config(cell.best_config)
+            for metric, row in extra.items():
+                value = best.get(metric)
+                column[row] = f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+            column["selected configuration"] = _fmt_config(cell.best_config)
         else:
             column[ROWS[1]] = "no finished trial"
         if cell.bbc is not None:
@@ -222,12 +242,12 @@ def results_table(cells: list[CellResult]) -> pd.DataFrame:
         else:
             column[ROWS[2]] = "pruned or failed"
         if cell.oracle:
-            column[ROWS[7]] = oracle_text(cell.oracle)
-        column[ROWS[9]] = f"{cell.finished}/{cell.pruned}/{cell.failed}"
+            column[ORACLE_ROW] = oracle_text(cell.oracle)
+        column["trials (finished/pruned/failed)"] = f"{cell.finished}/{cell.pruned}/{cell.failed}"
         columns[cell.label] = column
     table = pd.DataFrame(columns)
     if not any(cell.oracle for cell in cells):
-        table = table.drop(index=ROWS[7])
+        table = table.drop(index=ORACLE_ROW)
     return table
 
 

@@ -77,3 +77,19 @@ def test_selection_and_headline_do_not_depend_on_the_order_trials_are_listed(tmp
     again = summarise(list(reversed(results)), SPACES["smoke"], "demo", bootstrap=200)[0]
     assert first.best_trial == again.best_trial == "trial_1", "a tie goes to the lower trial id"
     assert first.bbc == again.bbc
+
+
+def test_a_metric_added_to_the_registry_gets_its_row_in_the_results_table(monkeypatch):
+    """CONTRIBUTING's metric recipe: a name in evaluation.metric_names.FINAL_METRICS reaches results.md
+    with no change to study/results.py (its rows were hard-coded: Uno's C and the AUC never showed)."""
+    from study.results import results_table
+
+    time_auc = names.MetricName("time_auc_730", "cumulative/dynamic IPCW AUC at day 730")
+    monkeypatch.setattr(names, "FINAL_METRICS", (*names.FINAL_METRICS, time_auc))
+    cell = _cell("densenet121", "os_all", "image")
+    cell.best[time_auc.name] = 0.7123
+    table = results_table([cell])
+    column = table[cell.label]
+    assert column["cumulative/dynamic IPCW AUC at day 730"] == "0.712"
+    assert "Uno's IPCW C-index truncated at the 90th percentile of times" in table.index
+    assert list(table.index[-2:]) == ["selected configuration", "trials (finished/pruned/failed)"]
