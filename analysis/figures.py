@@ -57,13 +57,13 @@ def calibration_plot(table: pd.DataFrame, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path: Path) -> None:
+def search_diagnostics(trials: pd.DataFrame, params: dict, title: str, path: Path) -> None:
     """Optimisation history, parameter importances and parallel coordinates of one cell.
 
     `trials`: one row per trial in start order, columns ``value`` (the pooled out-of-fold C-index
     of a finished trial, NaN otherwise), ``stopped_value`` (the folds' mean validation C-index at
     the last epoch reported: for a trial ASHA stopped, a different, per-epoch quantity) and the
-    searched parameters.
+    searched parameters; `params`: their names -> the space's distributions (`parameter_importances`).
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
@@ -113,34 +113,62 @@ def search_diagnostics(trials: pd.DataFrame, params: list[str], title: str, path
     plt.close(fig)
 
 
-def parameter_importances(trials: pd.DataFrame, params: list[str]) -> dict[str, float]:
-    """Optuna's fANOVA importances from the finished trials (empty if fewer than 3)."""
+def parameter_importances(trials: pd.DataFrame, params: dict) -> dict[str, float]:
+    """Optuna's fANOVA importances from the finished trials (empty if fewer than 3). `params`: name
+    -> the space's distribution (`search_spaces` LogUniform, Uniform, Choice), so that a
+    log-uniform learning rate is split on its log scale as the search drew it; None where the space
+    is unknown (the report made without the study's space file): then guessed from the values."""
     import warnings
 
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     done = trials[trials["value"].notna()]
     if len(done) < 3:
         return {}
-    distributions = {}
-    for name in params:
-        column = trials[name]
-        if column.dtype == object or column.nunique() <= 3:
-            distributions[name] = CategoricalDistribution(sorted(column.unique().tolist(), key=str))
-        else:
-            low, high = float(column.min()), float(column.max())
-            distributions[name] = FloatDistribution(low, high if high > low else low + 1e-12)
+    distributions = {name: optuna_distribution(space, trials[name]) for name, space in params.items()}
     study = optuna.create_study(direction="maximize")
     for _, row in done.iterrows():
-        study.add_trial(optuna.trial.create_trial(params={n: row[n] for n in params}, distributions=distributions,
-                                                  value=float(row["value"])))
+        values = {n: _as_choice(row[n], distributions[n]) for n in params}
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=distributions, value=float(row["value"])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return dict(optuna.importance.get_param_importances(study))
         except (RuntimeError, ValueError):
             return {}
+
+
+def optuna_distribution(space, column: pd.Series):
+    """The Optuna distribution of a searched parameter: from its space (widened to hold every value
+    the trials ran, the reference recipe's included), or guessed from the values where unknown."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from search_spaces._space import Choice, LogUniform, Uniform
+
+    if isinstance(space, Choice):
+        return CategoricalDistribution(list(dict.fromkeys([*space.values, *(
+            v for v in column.unique().tolist() if not any(_same(v, c) for c in space.values))])))
+    if isinstance(space, (LogUniform, Uniform)):
+        values = column.astype(float)
+        return FloatDistribution(min(space.low, float(values.min())), max(space.high, float(values.max())),
+                                 log=isinstance(space, LogUniform))
+    if column.dtype == object or column.nunique() <= 3:
+        return CategoricalDistribution(sorted(column.unique().tolist(), key=str))
+    low, high = float(column.min()), float(column.max())
+    return FloatDistribution(low, high if high > low else low + 1e-12)
+
+
+def _same(value, choice) -> bool:
+    """A value read back from MLflow (a float or a string) is this choice of the space."""
+    return value == choice or str(value) == str(choice)
+
+
+def _as_choice(value, distribution):
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return next(c for c in distribution.choices if _same(value, c))
+    return value
 
 
 COMPARISON_FILE = "cell_comparison.png"

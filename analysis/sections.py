@@ -51,9 +51,15 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def searched_parameters(study: Study) -> list[str]:
-    """The parameters the study searched, in its space's order: a built-in space by name, a space
-    file from the file the study recorded, or, where that file is no longer readable (the report
-    made elsewhere), the parameters whose values differ between the study's trials."""
+    """The parameters the study searched, in its space's order (`searched_distributions`)."""
+    return list(searched_distributions(study))
+
+
+def searched_distributions(study: Study) -> dict:
+    """The parameters the study searched -> their distributions (`search_spaces` LogUniform, Uniform,
+    Choice), in its space's order: a built-in space by name, a space file from the file the study
+    recorded, or, where that file is no longer readable (the report made elsewhere), the
+    parameters whose values differ between the study's trials, with None for an unknown distribution."""
     from search_spaces import SPACES
     from search_spaces._space import OWNED_KEYS
     from search_spaces.from_file import SearchSpaceError, load_space
@@ -66,12 +72,12 @@ def searched_parameters(study: Study) -> list[str]:
         except SearchSpaceError:
             space = None
     if space is not None:
-        return list(space.distributions_for(budget))
-    varying: list[str] = []
+        return dict(space.distributions_for(budget))
+    varying: dict = {}
     for trial in study.trials:
         for key in trial.params:
             if key not in varying and key not in (*OWNED_KEYS, "task") and len({t.params.get(key) for t in study.trials}) > 1:
-                varying.append(key)
+                varying[key] = None
     return varying
 
 
@@ -304,6 +310,7 @@ class Report:
                 cohort = Cohort(ext, CohortSpec(spec.filter, spec.endpoint))
                 times = cell.eval_times
                 pred = predict_ensemble(cell.models, ext.images(cohort.slots), times, cohort.clinical, cell.scale)
+                ensemble_dpi = pred["risk"]  # what study.predict gives these images, kept beside the honest DPI
                 pred, replaced = out_of_fold_for_development_patients(pred, cohort.patient_ids, shared[ext.path.name],
                                                                       cell.oof, times)
                 rows.append({"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs,
@@ -317,7 +324,8 @@ class Report:
                              SPREAD_RATIO: round(float(np.std(pred["risk"])) / np.sqrt(cell.scale.oof_var), 3)
                              if cell.scale.oof_var > 0 else float("nan")})
                 frame = pd.DataFrame({"patient_id": cohort.patient_ids, "time": cohort.time, "event": cohort.event,
-                                      "dpi": pred["risk"], "surv_365": pred["surv_365"],
+                                      "dpi": pred["risk"], "dpi_fold_ensemble": ensemble_dpi,
+                                      "surv_365": pred["surv_365"],
                                       **{f"surv_{t:g}": pred["curves"][:, k] for k, t in enumerate(times)}})
                 frame.to_csv(self.out / f"external_{cell.cell}_{safe_name(ext.path.stem)}.csv", index=False)
                 predictions[(cell.cell, ext.path.name)] = pd.concat(
@@ -555,7 +563,7 @@ class Report:
         self.html.append("<h2>7. Search diagnostics</h2><p>Finished trials: their pooled out-of-fold C-index; trials "
                          "ASHA stopped: the folds' mean validation C-index at the epoch they were stopped (a "
                          "different, per-epoch quantity, marked x).</p>")
-        searched, study = searched_parameters(self.study), self.study
+        searched, study = searched_distributions(self.study), self.study
         cells = sorted({Cell(t.backbone, t.task, t.inputs) for t in study.trials},
                        key=lambda c: (c.task, c.inputs, c.backbone))
         for cell in cells:
@@ -572,8 +580,8 @@ class Report:
                         row[k] = t.params[k]
                 rows.append(row)
             name = f"search_{cell.name}.png"
-            figures.search_diagnostics(pd.DataFrame(rows), params, f"{cell.backbone} / {cell.task} / {cell.inputs}",
-                                       self.out / name)
+            figures.search_diagnostics(pd.DataFrame(rows), {k: searched[k] for k in params},
+                                       f"{cell.backbone} / {cell.task} / {cell.inputs}", self.out / name)
             self.figure(name, 900)
 
     def write(self) -> Path:

@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 QC_DIR = "qc"
 # plane name -> (axis sliced, (left, right, top, bottom) letters)
@@ -139,9 +140,9 @@ def registration_board(path: Path, patient_id: str, image: np.ndarray, sequences
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    """A table as the report makes them (pandas escapes every cell; the same class and style)."""
+    frame = pd.DataFrame([[str(v) for v in row] for row in rows], columns=[str(h) for h in headers])
+    return frame.to_html(index=False, border=0, classes="t", na_rep="")
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -228,7 +229,8 @@ def write_report(store_path: Path, attrs: Mapping, manifest: Mapping) -> Path:
             # The page lives in qc/ beside the montages; the manifest records paths from the store root.
             f"<img loading='lazy' src='{html.escape(Path(record.get('montage', '')).name)}' alt='montage of {html.escape(pid)}'>",
         ]
-    style = "<style>body{font-family:sans-serif;max-width:60em} table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}</style>"
+    style = ("<style>body{font-family:sans-serif;max-width:60em} table.t{border-collapse:collapse;margin:.5em 0} "
+             ".t td,.t th{border:1px solid #ccc;padding:2px 6px;font-size:90%}</style>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>QC</title>{style}</head><body>{''.join(sections)}</body></html>"
     out = qc_dir / "index.html"
     out.write_text(page)

@@ -455,3 +455,26 @@ def test_only_development_patients_are_scored_out_of_fold():
     assert out["risk"].tolist() == [5.0, -2.0, 7.0] and out["surv_365"].tolist() == [0.1, 0.8, 0.3]
     assert out["curves"].tolist() == [[0.1, 0.2], [0.8, 0.6], [0.5, 0.6]]
     assert pred["risk"].tolist() == [5.0, 6.0, 7.0], "the ensemble's own predictions are not modified"
+
+
+def test_importances_use_the_spaces_distributions_not_guesses():
+    """The search diagnostics rebuilt an Optuna study with distributions guessed from the values: a
+    log-uniform learning rate split on its linear scale, a batch-size choice of four numbers taken for
+    a float range. They now come from the recorded space (widened to hold the reference recipe)."""
+    import numpy as np
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from analysis.figures import optuna_distribution, parameter_importances
+    from search_spaces._space import Choice, LogUniform
+
+    rng = np.random.default_rng(0)
+    lr = 10 ** rng.uniform(-6, -2, size=40)
+    batch = rng.choice([8, 16, 32, 64], size=40).astype(float)  # as read back from MLflow: floats
+    trials = pd.DataFrame({"lr": lr, "batch_size": batch, "stopped_value": np.nan,
+                           "value": 0.7 - 0.02 * (np.log10(lr) + 4) ** 2 + rng.normal(0, 0.002, 40)})
+    space = {"lr": LogUniform(1e-5, 1e-2), "batch_size": Choice((8, 16, 32, 64))}
+    lr_distribution = optuna_distribution(space["lr"], trials["lr"])
+    assert isinstance(lr_distribution, FloatDistribution) and lr_distribution.log and lr_distribution.low == lr.min()
+    assert isinstance(optuna_distribution(space["batch_size"], trials["batch_size"]), CategoricalDistribution)
+    importances = parameter_importances(trials, space)
+    assert max(importances, key=importances.get) == "lr" and importances["lr"] > 0.8, importances

@@ -262,8 +262,9 @@ def test_the_qc_page_shows_every_patients_montage(small_store, browser, tmp_path
 
 def test_a_new_patients_page_shows_its_numbers_curve_map_and_images(study, small_export, browser, tmp_path):
     """`study.predict` by --study and --cell on a PACS's DICOM export without outcomes: the DPIs are the
-    report's external validation of the same patients (the NIfTI files converted with the development
-    store's preprocessing), and each patient's page renders its figures."""
+    fold ensemble's in the report's external validation of the same patients (the NIfTI files converted
+    with the development store's preprocessing; the report scores them out of fold in its `dpi` column,
+    as they are development patients), and each patient's page renders its figures."""
     import pandas as pd
 
     from datasets.synthetic_dicom import write_patient
@@ -279,7 +280,8 @@ def test_a_new_patients_page_shows_its_numbers_curve_map_and_images(study, small
     scored = pd.read_csv(tmp_path / "scored" / "predictions.csv", dtype={"patient_id": str})
     report = pd.read_csv(index.parent / f"external_{cell}_small.csv", dtype={"patient_id": str}).set_index("patient_id")
     assert set(scored["patient_id"]) == set(report.index)
-    assert scored["dpi"].to_numpy() == pytest.approx(report.loc[scored["patient_id"], "dpi"].to_numpy(), rel=1e-5, abs=1e-5)
+    assert scored["dpi"].to_numpy() == pytest.approx(report.loc[scored["patient_id"], "dpi_fold_ensemble"].to_numpy(),
+                                                     rel=1e-5, abs=1e-5)
     assert set(scored["risk_group"]) <= {"high", "low"}
     page = browser.new_page(viewport={"width": 1100, "height": 1000})
     page.goto((tmp_path / "scored" / "index.html").absolute().as_uri())
