@@ -13,7 +13,7 @@
 - **Each pair**: the difference of their C-indices on the same bootstrap resamples of patients
   (paired), with its percentile 95% CI.
 - **External cohorts**: every model applied unchanged; the clinical model as the mean risk of
-  its K fold fits, like the networks' fold ensembles (`analysis.ensemble`).
+  its K fold fits, like the networks' fold ensembles (`trainables.ensemble`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The study logs one per cell in the cell's run (artifact ``model``, `log_cell_model`) and, with
 ``--register-models``, registers it in MLflow's model registry as ``<study>-<cell>``. Loaded with
 ``mlflow.pyfunc.load_model``, it predicts as the report's external validation does
-(`analysis.ensemble.predict_ensemble`: DPI = mean of the folds' DPI put on the development scale,
+(`trainables.ensemble.predict_ensemble`: DPI = mean of the folds' DPI put on the development scale,
 survival averaged over the folds, nothing estimated on the new data):
 
 - input: a DataFrame with a column ``store`` (a cohort store made by ``datasets.convert``, with
@@ -57,7 +57,7 @@ class FoldEnsembleModel(mlflow.pyfunc.PythonModel):
 
     def predict_volumes(self, volumes: np.ndarray, clinical: pd.DataFrame | None = None) -> pd.DataFrame:
         """Predictions for volumes [n, C, X, Y, Z] (and their clinical rows for image+clinical cells)."""
-        from analysis.ensemble import DevelopmentScale, predict_ensemble
+        from trainables.ensemble import DevelopmentScale, predict_ensemble
 
         expected = (len(self.meta["sequences"]), *self.meta["shape"])
         if volumes.ndim != 5 or tuple(volumes.shape[1:]) != expected:

@@ -8,7 +8,7 @@ gets the DPI the report's external validation gives it after conversion, to floa
 
 What a score means, from the model's record (``meta.json``, written by `study.driver.log_models`):
 - ``dpi``: the mean of the K fold models' deep prognostic index put on the development scale
-  (`analysis.ensemble.DevelopmentScale`, as the report's external validation gives it: the scale of
+  (`trainables.ensemble.DevelopmentScale`, as the report's external validation gives it: the scale of
   the development out-of-fold DPI, whose median is the cut-off below);
 - ``risk_group``: ``high`` above the development cut-off (the median of the selected
   configuration's out-of-fold DPI on the development cohort, the report's Kaplan-Meier split),

@@ -17,7 +17,7 @@ import pandas as pd
 from analysis import figures
 from evaluation import metric_names as names
 from analysis.added_value import CLINICAL, Design, Models, added_value_row, external_added_value
-from analysis.ensemble import DevelopmentScale, development_scale, load_fold_models, predict_ensemble
+from trainables.ensemble import DevelopmentScale, development_scale, load_fold_models, predict_ensemble
 from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof, compare, ensemble_predict
 from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
 from evaluation.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score

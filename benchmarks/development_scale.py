@@ -4,7 +4,7 @@
 
 The report fits the combined Cox model (clinical + DPI) and the risk groups' cut-off on the
 out-of-fold DPI, where each patient's value comes from one fold model, and applies them to the
-mean of the K fold models' DPIs on new patients (`analysis.ensemble`). The mean is less noisy, so
+mean of the K fold models' DPIs on new patients (`trainables.ensemble`). The mean is less noisy, so
 its spread shrinks and the model fitted on the noisier value is too flat for it.
 
 Simulation, truth known: a patient's true prognostic signal s ~ N(0, 1) and a clinical factor
@@ -17,7 +17,7 @@ variance on the development patients: "no overfitting", the K - 1 models that tr
 err on it as on anyone; "overfitting", they also pull it towards its own outcome (plus gamma times
 its martingale-like residual), so the ensemble varies more on development patients than on new
 ones. External: a new cohort from the same population, the ensemble DPI (mean of the K), scored
-plain or on the development scale (`analysis.ensemble.DevelopmentScale`). Reported: mean
+plain or on the development scale (`trainables.ensemble.DevelopmentScale`). Reported: mean
 calibration slope of the combined model (1 = calibrated; `analysis.added_value.calibration_slope`),
 the spread ratio SD(external DPI) / SD(out-of-fold DPI), and the share of the external cohort in the
 high-risk group (0.50 by construction of the cut-off).
@@ -36,7 +36,7 @@ import pandas as pd
 from lifelines import CoxPHFitter
 
 from analysis.added_value import calibration_slope
-from analysis.ensemble import DevelopmentScale
+from trainables.ensemble import DevelopmentScale
 from benchmarks._machine import describe, markdown_table, write_result
 
 

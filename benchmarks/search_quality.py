@@ -77,7 +77,7 @@ def train_one(task: tuple) -> dict:
     config, dev_store, test_store, epochs, folds, seed, work = task
     import torch
 
-    from analysis.ensemble import predict_ensemble
+    from trainables.ensemble import predict_ensemble
     from datasets import Cohort
     from search_spaces import get_space
     from trainables.config import TrainConfig

@@ -311,11 +311,11 @@ def development_cutoff(checkpoint: Path) -> float:
 
 
 def dpi_scale(checkpoint: Path, folds: int, store: CohortStore, cohort) -> dict:
-    """The fold ensemble's development scale (`analysis.ensemble.DevelopmentScale`), as the report
+    """The fold ensemble's development scale (`trainables.ensemble.DevelopmentScale`), as the report
     computes it: the model's DPI for a new patient is the report's for the same patient."""
     import pandas as pd
 
-    from analysis.ensemble import development_scale, load_fold_models
+    from trainables.ensemble import development_scale, load_fold_models
 
     oof = pd.read_csv(checkpoint / names.OOF_FILE)["risk"].to_numpy(float)
     scale = development_scale(load_fold_models(checkpoint, folds), store, cohort.slots, cohort.clinical, oof)

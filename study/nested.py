@@ -5,7 +5,7 @@ The usable patients are split into K outer folds (stratified by death and the gl
 drawn independently of the inner folds). For each outer fold the *whole* study (every cell's
 search, its inner K-fold CV and its selection) runs on the other patients as an ordinary study
 named ``NAME-outer<k>of<K>``; the configuration each cell selected then predicts the held-out outer fold
-with its inner fold ensemble (`analysis.ensemble`), unchanged. The outer predictions of all K
+with its inner fold ensemble (`trainables.ensemble`), unchanged. The outer predictions of all K
 folds, pooled (the DPI is comparable across models, `trainables.heads`), give each cell's
 nested C-index with its patient-bootstrap CI: no patient's prediction was involved in choosing
 the configuration that made it. The summary goes to ``STORAGE/NAME-nested<K>/`` and to a study
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation import metric_names as names
-from analysis.ensemble import load_fold_models, predict_ensemble
+from trainables.ensemble import load_fold_models, predict_ensemble
 from datasets.cohort import Cohort, CohortSpec
 from datasets.cohort import HORIZONS
 from search_spaces import TASKS

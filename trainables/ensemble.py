@@ -38,8 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.study_reader import ReportError
+from datasets.errors import StudyError
 from trainables.fold_model import FoldModel, model_file
+
+
+class MissingFoldModels(StudyError):
+    """A trial's final checkpoint lacks its fold models (a trial of an older version, or an unfinished one)."""
 
 
 def load_fold_models(checkpoint_dir: Path, folds: int) -> list[FoldModel]:
@@ -47,7 +51,7 @@ def load_fold_models(checkpoint_dir: Path, folds: int) -> list[FoldModel]:
     paths = [Path(checkpoint_dir) / model_file(k) for k in range(folds)]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise ReportError(f"{checkpoint_dir} lacks the fold models {missing} (a trial of an older version, or "
+        raise MissingFoldModels(f"{checkpoint_dir} lacks the fold models {missing} (a trial of an older version, or "
                           "an unfinished one)")
     return [FoldModel.load(p) for p in paths]
 
