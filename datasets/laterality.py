@@ -48,13 +48,16 @@ def _edges(plane: np.ndarray) -> np.ndarray:
     return np.sqrt(sum(ndimage.sobel(log, axis) ** 2 for axis in range(3)))
 
 
-def _mid_plane(edges: np.ndarray, inner: np.ndarray) -> int:
-    """Twice the x index (axis 0) of the mirror plane: the half-voxel position that best maps
-    the edges onto themselves, searched within 15% of the head's width around its centre."""
+def _mid_plane(plane: np.ndarray, edges: np.ndarray, inner: np.ndarray) -> int:
+    """Twice the x index (axis 0) of the mirror plane: the half-voxel position that best maps the
+    edges onto themselves, searched within 15% of the head's width around this sequence's own head
+    centre (a mirrored sequence's head is displaced by twice its field of view's offset from it)."""
     xs = np.nonzero(inner.any(axis=(1, 2)))[0]
     width = int(xs[-1] - xs[0] + 1)
-    centre = int(round(xs[0] + xs[-1]))
-    reach = max(4, int(0.15 * width))
+    weight = np.clip(plane, 0, None).sum(axis=(1, 2))
+    own = float(np.dot(np.arange(len(weight)), weight) / weight.sum()) if weight.sum() > 0 else (xs[0] + xs[-1]) / 2
+    centre = int(round(2 * own))
+    reach = max(4, int(2 * 0.15 * width))  # in half voxels
     n = edges.shape[0]
     best, best_cost = centre, np.inf
     for twice in range(centre - reach, centre + reach + 1):
@@ -86,7 +89,8 @@ def _asymmetry(edges: np.ndarray, inner: np.ndarray, twice: int, half: int) -> t
 
 def laterality_scores(planes: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
     """Each present sequence's correlation with the others' asymmetry (module docstring); empty
-    when fewer than two sequences are present or the head is too narrow on this grid to tell."""
+    when fewer than two sequences with some asymmetry are present or the head is too narrow on this
+    grid to tell (then the patient's info records no scores: not checked)."""
     if len(planes) < 2:
         return {}
     if int(mask.any(axis=(1, 2)).sum()) < MIN_HEAD_VOXELS:
@@ -98,14 +102,17 @@ def laterality_scores(planes: Mapping[str, np.ndarray], mask: np.ndarray) -> dic
     maps = {}
     for key, plane in planes.items():
         edges = _edges(plane)
-        maps[key] = _asymmetry(edges, inner, _mid_plane(edges, inner), half)
+        maps[key] = _asymmetry(edges, inner, _mid_plane(plane, edges, inner), half)
     valid = np.logical_and.reduce([v for _, v in maps.values()])
     if valid.sum() < 100:
         return {}
     standard = {}
     for key, (asymmetry, _) in maps.items():
-        values = asymmetry[valid]
-        standard[key] = (values - values.mean()) / (values.std() + 1e-12)
+        values = asymmetry[valid].astype(np.float64)
+        if np.isfinite(values).all() and values.std() > 0:  # a flat asymmetry says nothing either way
+            standard[key] = (values - values.mean()) / values.std()
+    if len(standard) < 2:
+        return {}
     scores = {}
     for key, values in standard.items():
         others = sum(v for k, v in standard.items() if k != key)

@@ -541,6 +541,22 @@ def test_a_sequence_mirrored_in_its_voxels_with_its_header_kept_excludes_the_pat
     assert set(scores) == {"t1", "t1c", "t2", "flair"} and min(scores.values()) > 0, scores
 
 
+
+def test_a_sequence_without_asymmetry_is_left_out_of_the_left_right_check():
+    """A flat asymmetry map (no edges) made a NaN score that passed as neither mirrored nor doubtful,
+    and was written to the manifest as NaN; it is left out, and with two sequences left the message
+    says that they disagree, not which one is mirrored."""
+    from datasets.laterality import laterality_scores, mirrored
+
+    mask = np.zeros((80, 40, 30), dtype=bool)
+    mask[8:72, 5:35, 5:25] = True
+    head = np.random.default_rng(0).random(mask.shape).astype(np.float32) + 1.0
+    assert laterality_scores({"t1": head, "t2": np.ones_like(head)}, mask) == {}
+    scores = laterality_scores({"t1": head, "t2": np.ones_like(head), "flair": head[::-1].copy()}, mask)
+    assert set(scores) == {"t1", "flair"} and all(np.isfinite(v) for v in scores.values()), scores
+    assert "flair and t1 disagree left-right" in mirrored(scores)
+
+
 # -- 14. a full disk ---------------------------------------------------------------------------
 
 @pytest.fixture
