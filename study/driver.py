@@ -510,7 +510,7 @@ def log_models(config: StudyConfig, tracker, cells: list, store: CohortStore, co
     model that cannot be logged for another reason is said, never the reason a study fails."""
     from mlflow.exceptions import MlflowException
 
-    from analysis.pyfunc_model import log_cell_model
+    from study.model_logging import log_cell_model
     from study.tracking.tracker import TrackingUnavailable, _unreachable
 
     if not tracker.catch_up(catch_up_s()):  # the study run and its trials exist in MLflow before its models

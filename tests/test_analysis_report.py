@@ -275,7 +275,7 @@ def test_new_patients_without_outcomes_are_scored_as_the_report_scores_them(repo
     NIfTI files or DICOM series."""
     import mlflow
 
-    from analysis.pyfunc_model import MODEL_CARD
+    from study.model_logging import MODEL_CARD
     from datasets.convert import convert
     from datasets.preprocessing_config import PreprocessConfig
     from datasets.synthetic_dicom import write_patient

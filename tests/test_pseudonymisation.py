@@ -71,7 +71,7 @@ def test_a_finished_study_leaks_no_source_id_or_name(pseudonymised, small_export
     places = [tmp_path, root / "psn.zarr"]  # MLflow db + artifacts, Tune storage, the store and its QC report
     for place in places:
         for path in place.rglob("*"):
-            # A logged model's code folder is a copy of the project's packages (`analysis.pyfunc_model`):
+            # A logged model's code folder is a copy of the project's packages (`study.model_logging`):
             # made from no patient, and the word "Synthetic" of the synthetic names is in its source.
             parts = path.relative_to(place).parts
             if not path.is_file() or any(a == "model" and b == "code" for a, b in zip(parts, parts[1:])):
