@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 
-from evaluation.metrics import Estimate, SurvivalDataError, bootstrap_ci, brier_score, harrell_c
 from datasets.clinical_features import ClinicalEncoder
-from trainables.cross_validation import alive_past_horizon
+from evaluation import metric_names as names
+from evaluation.metrics import Estimate, SurvivalDataError, bootstrap_ci, harrell_c
+from evaluation.prediction_metrics import Predictions, metric_columns, registered
 
 CLINICAL_MODEL = "clinical Cox"
 HORIZON_DAYS = 365.0
@@ -83,11 +84,6 @@ def paired_difference(time, event, risk_a, risk_b, n_resamples: int = 1000, seed
                         np.asarray(risk_a, float), np.asarray(risk_b, float), n_resamples=n_resamples, seed=seed)
 
 
-def _brier_365(time, event, surv_365, horizon) -> float:
-    return float(brier_score(alive_past_horizon(time, event, horizon), event, np.asarray(surv_365, float),
-                             HORIZON_DAYS)[0])
-
-
 def compare(outcome: pd.DataFrame, models: dict[str, pd.DataFrame], horizon: float | None,
             pairs: list[tuple[str, str]] | None = None, n_resamples: int = 1000,
             seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -99,14 +95,12 @@ def compare(outcome: pd.DataFrame, models: dict[str, pd.DataFrame], horizon: flo
     aligned = {name: frame.set_index("patient_id").loc[ids] for name, frame in models.items()}
     rows, differences = [], []
     for name, frame in aligned.items():
-        row = {"model": name, "patients": len(ids)}
-        try:
-            row["C-index [95% CI]"] = str(bootstrap_ci(harrell_c, time, event, frame["risk"].to_numpy(float),
-                                                       n_resamples=n_resamples, seed=seed))
-        except SurvivalDataError as exc:
-            row["C-index [95% CI]"] = f"n/a ({exc})"
-        row["Brier (365 d)"] = round(_brier_365(time, event, frame["surv_365"], horizon), 4)
-        rows.append(row)
+        # A clinical model has no survival curves: the metrics of a risk and a 365-day survival.
+        predictions = Predictions(time, event, frame["risk"], frame["surv_365"], np.empty((len(ids), 0)), (), horizon,
+                                  seed, n_resamples)
+        entries = [registered(names.OOF_CINDEX), registered(names.BRIER_365)]
+        values = {k: v for entry in entries for k, v in entry.scores(predictions).items()}
+        rows.append({"model": name, "patients": len(ids), **metric_columns(values, metrics=entries)})
     for a, b in pairs if pairs is not None else itertools.combinations(aligned, 2):
         row = {"comparison": f"{a} - {b}", "patients": len(ids)}
         try:

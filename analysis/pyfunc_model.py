@@ -38,7 +38,6 @@ import pandas as pd
 from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.errors import StudyError
 
-MODEL_PATH = "model"  # the artifact path of a cell's model in its cell run
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fold file otherwise
 
 

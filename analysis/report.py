@@ -23,6 +23,7 @@ from pathlib import Path
 
 from datasets.clinical import COVARIATES as CLINICAL
 from datasets.errors import InputError, StudyError
+from evaluation import metric_names as names
 
 
 def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequence = (), gradcam_patients: int = 2,
@@ -31,7 +32,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     import warnings
 
     from analysis.sections import Report, externals, load_cells
-    from analysis.study_reader import read_study
+    from analysis.study_reader import attach_folder, read_study
     from datasets.remote import stage_store
     from datasets.store import CohortStore
 
@@ -58,9 +59,7 @@ def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequen
     report.search_diagnostics()
     index = report.write()
     if log:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri).log_artifacts(study.parent_run_id, str(out), artifact_path="report")
+        attach_folder(tracking_uri, study.parent_run_id, out, names.REPORT_PATH)
     return index
 
 

@@ -20,7 +20,8 @@ from analysis.added_value import CLINICAL, Design, Models, added_value_row, exte
 from trainables.ensemble import DevelopmentScale, development_scale, load_fold_models, predict_ensemble
 from analysis.inputs_comparison import CLINICAL_MODEL, clinical_oof, compare, ensemble_predict
 from analysis.gradcam import attention_in_region, gradcam_map, overlay, save_nifti, untrained_twin
-from evaluation.metrics import SurvivalDataError, bootstrap_ci, brier_score, harrell_c, integrated_brier_score
+from evaluation.metrics import SurvivalDataError, harrell_c
+from evaluation.prediction_metrics import Predictions, metric_columns, score_predictions
 from analysis.oracle import FALLBACK_NOTE, oracle_cindices, oracle_text
 from evaluation.selection import bbc_cv
 from analysis.study_reader import Study, Trial, logged_model_meta, oof_predictions
@@ -32,7 +33,6 @@ from datasets.remote import stage_store
 from datasets.store import CohortStore
 from search_spaces import TASKS, Cell
 from trainables.config import TrainConfig
-from trainables.cross_validation import alive_past_horizon
 from trainables.fold_model import FoldModel
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -91,14 +91,11 @@ def leaderboard(study: Study) -> pd.DataFrame:
         rows.append({
             "backbone": backbone, "task": task, "inputs": inputs,
             "C-index, BBC-CV [95% CI]": f"{bbc[0]:.3f} [{bbc[1]:.3f}, {bbc[2]:.3f}]" if None not in bbc else "",
-            "C-index, selected [95% CI]": f"{m[names.OOF_CINDEX.name]:.3f} [{m[names.OOF_CINDEX_LOW.name]:.3f}, "
-                                          f"{m[names.OOF_CINDEX_HIGH.name]:.3f}]",
+            **metric_columns(m, ", selected [95% CI]"),
             "C-index, reference recipe": _fmt(study.cell_metric(cell, names.REFERENCE_CINDEX)),
             "per-fold C, mean +- SD": f"{_fmt(m.get(names.FOLD_CINDEX_MEAN.name))} +- "
                                       f"{_fmt(m.get(names.FOLD_CINDEX_SD.name))}",
             "folds that learned nothing": int(m.get(names.FOLDS_COLLAPSED.name, 0)),
-            "Brier (365 d)": round(m.get(names.BRIER_365.name, np.nan), 4), "IBS": round(m.get(names.IBS.name, np.nan), 4),
-            "Uno's C": round(m.get(names.UNO_C.name, np.nan), 3), "AUC (365 d)": round(m.get(names.AUC_365.name, np.nan), 3),
             "selected configuration": ", ".join(f"{k}={_short(trial.params[k])}" for k in searched),
             "trial": trial.trial_id, "finished trials": sum(1 for t in study.finished() if t.cell == cell)})
     return pd.DataFrame(rows)
@@ -155,18 +152,10 @@ def load_cells(study: Study, store: CohortStore) -> list[CellAnalysis]:
 
 
 def external_metrics(time, event, dpi, surv_365, curves, times, horizon) -> dict:
-    out = {}
-    try:
-        estimate = bootstrap_ci(harrell_c, time, event, dpi, n_resamples=1000, seed=0)
-        out["C-index [95% CI]"] = str(estimate)
-    except SurvivalDataError as exc:
-        out["C-index [95% CI]"] = f"n/a ({exc})"
-    at = alive_past_horizon(time, event, horizon)
-    out["Brier (365 d)"] = round(float(brier_score(at, event, surv_365, 365.0)[0]), 4)
-    usable = [k for k, t in enumerate(times) if t < at.max()]
-    out["IBS"] = round(integrated_brier_score(at, event, curves[:, usable], np.asarray(times)[usable]), 4) \
-        if len(usable) >= 2 else np.nan
-    return out
+    """The external cohort's columns: every registered metric of the fold ensemble's predictions
+    (`evaluation.prediction_metrics`), as the leaderboard shows the development ones."""
+    predictions = Predictions(time, event, dpi, surv_365, curves, tuple(times), horizon)
+    return metric_columns(score_predictions(predictions))
 
 
 def out_of_fold_for_development_patients(pred: dict, patient_ids, matches: dict[str, str], oof: pd.DataFrame,
@@ -571,7 +560,7 @@ class Report:
             params = [k for k in searched if all(k in t.params for t in cell_trials)]
             rows = []
             for t in cell_trials:
-                row = {"value": t.metrics.get(names.OOF_CINDEX.name, np.nan) if t.status == "FINISHED" else np.nan,
+                row = {"value": t.metrics.get(names.SELECTED_BY.name, np.nan) if t.status == "FINISHED" else np.nan,
                        "stopped_value": t.metrics.get(names.EPOCH_CINDEX.name, np.nan)}
                 for k in params:
                     try:

@@ -1,5 +1,8 @@
-"""Reading a tracked study back: MLflow runs, the study config, and the trials' files in Tune's
-storage (fold checkpoints, exact configurations)."""
+"""Reading a tracked study back, the one reader of its records: MLflow's runs (study, cells, trials:
+`evaluation.metric_names` names their tags, metrics and files), the study config, the cells' models,
+what the search saw (the headline's replay), and the trials' files in Tune's storage (fold
+checkpoints, exact configurations). The driver, the report, nested CV and prediction read through
+it; `study.tracking.tracker` is the one writer."""
 
 from __future__ import annotations
 
@@ -33,9 +36,9 @@ class Trial:
     inputs: str = IMAGE
 
     def ranks_above(self, other: "Trial") -> bool:
-        """Higher pooled out-of-fold C-index; a tie goes to the lower trial id, as in the driver's
-        selection (`study.results.summarise`), whatever order the runs are read in."""
-        return names.ranks_above(self.oof_cindex, self.trial_id, other.oof_cindex, other.trial_id)
+        """By the study's criterion (`evaluation.metric_names.SELECTED_BY`), as the driver's selection
+        (`study.results.summarise`), whatever order the runs are read in."""
+        return names.ranks_above(self.metrics, self.trial_id, other.metrics, other.trial_id)
 
     @property
     def cell(self) -> str:
@@ -58,10 +61,10 @@ class Study:
     cell_run_ids: dict = field(default_factory=dict)  # cell name -> its cell run's id
 
     def finished(self) -> list[Trial]:
-        return [t for t in self.trials if t.status == "FINISHED" and names.OOF_CINDEX.name in t.metrics]
+        return [t for t in self.trials if t.status == "FINISHED" and names.SELECTED_BY.name in t.metrics]
 
     def best_per_cell(self) -> dict[Cell, Trial]:
-        """The finished trial with the highest pooled out-of-fold C-index in each cell, in the study's
+        """The finished trial that ranks first by the study's criterion in each cell, in the study's
         order (task, inputs, backbone)."""
         best: dict[Cell, Trial] = {}
         for trial in self.finished():
@@ -106,17 +109,108 @@ class Study:
         return json.loads((self.trial_dir(trial) / "params.json").read_text())
 
 
-def read_study(name: str, tracking_uri: str) -> Study:
-    """Load a study's parent run, config and trial runs from MLflow."""
+# -- the MLflow layout (`study.tracking.tracker` writes it) ------------------------------------------
+MAX_RUNS = 50000  # MLflow's largest page of runs
+
+
+def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    return MlflowClient(tracking_uri)
+
+
+def experiment_id(client, name: str) -> str | None:
+    """The id of the study `name`'s MLflow experiment, or None if there is none."""
     experiment = client.get_experiment_by_name(name)
+    return None if experiment is None else experiment.experiment_id
+
+
+def runs_of(client, experiment: str, role: str, key: str | None = None) -> list:
+    """The runs of one role (`names.STUDY_ROLE`, `CELL_ROLE`, `TRIAL_ROLE`) in an experiment; with
+    `key`, only the cell run of that cell (`CELL_KEY_TAG`) or the trial runs whose key starts with
+    ``KEY/`` (a cell's trials)."""
+    query = names.role_filter(role)
+    if key is not None and role == names.CELL_ROLE:
+        query += f" and tags.{names.CELL_KEY_TAG} = '{key.replace(chr(39), '')}'"
+    found = client.search_runs([experiment], query, max_results=MAX_RUNS)
+    if key is not None and role == names.TRIAL_ROLE:
+        found = [r for r in found if r.data.tags.get(names.TRIAL_KEY_TAG, "").startswith(f"{key}/")]
+    return found
+
+
+def run_outcome(run) -> str:
+    """How a trial run ended (`names.outcome`'s words), from its tag, else from its MLflow status."""
+    tagged = run.data.tags.get(names.OUTCOME_TAG)
+    if tagged in (names.FINISHED, names.PRUNED, names.FAILED_OUTCOME):
+        return tagged
+    return {"FINISHED": names.FINISHED, "FAILED": names.FAILED_OUTCOME}.get(run.info.status, names.PRUNED)
+
+
+def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
+    """The tags of a study's MLflow run, read without changing anything ({} if there is none)."""
+    client = _client(tracking_uri)
+    experiment = experiment_id(client, study_name)
+    if experiment is None:
+        return {}
+    found = client.search_runs([experiment], names.role_filter(names.STUDY_ROLE), max_results=1)
+    return dict(found[0].data.tags) if found else {}
+
+
+def cell_model_uri(tracking_uri: str, study_name: str, cell: str) -> str:
+    """The MLflow URI of the model the study logged for `cell` (its cell run's `names.MODEL_PATH`)."""
+    client = _client(tracking_uri)
+    experiment = experiment_id(client, study_name)
+    if experiment is None:
+        raise InputError(f"--study {study_name}: no such study in {tracking_uri}")
+    found = runs_of(client, experiment, names.CELL_ROLE, cell)
+    if not found:
+        cells = sorted(r.data.tags.get(names.CELL_KEY_TAG, "") for r in runs_of(client, experiment, names.CELL_ROLE))
+        raise InputError(f"--cell {cell}: no such cell in study {study_name}; its cells: {cells}")
+    return f"runs:/{found[0].info.run_id}/{names.MODEL_PATH}"
+
+
+@dataclass
+class SearchRecord:
+    """What the search saw of one trial (`study.headline`): its scores at every rung it reached
+    (epoch -> patient_id-indexed ``fold``, ``score``), when the driver saw each (epoch -> seconds),
+    and, for a finished trial, its pooled out-of-fold predictions."""
+
+    trial_key: str
+    rungs: dict
+    seen: dict
+    final: pd.DataFrame | None
+
+
+def search_records(client, experiment: str, cell: str) -> list[SearchRecord]:
+    """The cell's trials that did not fail, in the order of their keys, as the search saw them."""
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in sorted(runs_of(client, experiment, names.TRIAL_ROLE, cell),
+                          key=lambda r: r.data.tags.get(names.TRIAL_KEY_TAG, "")):
+            ended = run_outcome(run)
+            if ended == names.FAILED_OUTCOME:
+                continue
+            run_id = run.info.run_id
+            rungs = {int(Path(a.path).stem.split("_")[-1]):
+                     pd.read_csv(client.download_artifacts(run_id, a.path, tmp)).set_index("patient_id")
+                     for a in client.list_artifacts(run_id, names.RUNG_FOLDER)}
+            seen = {int(m.step): m.value for m in client.get_metric_history(run_id, names.RUNG_SEEN.name)}
+            final = pd.read_csv(client.download_artifacts(run_id, names.OOF_FILE, tmp)) \
+                if ended == names.FINISHED else None
+            out.append(SearchRecord(run.data.tags.get(names.TRIAL_KEY_TAG, ""), rungs, seen, final))
+    return out
+
+
+def read_study(name: str, tracking_uri: str) -> Study:
+    """Load a study's parent run, config and trial runs from MLflow."""
+    client = _client(tracking_uri)
+    experiment = experiment_id(client, name)
     if experiment is None:
         known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
         raise InputError(f"no study called {name!r} in {tracking_uri}; studies there: {known}")
-    runs = client.search_runs([experiment.experiment_id], max_results=5000)
-    parents = [r for r in runs if r.data.tags.get(names.ROLE_TAG) == names.STUDY_ROLE]
+    parents = runs_of(client, experiment, names.STUDY_ROLE)
     if not parents:
         raise ReportError(f"experiment {name!r} has no study run (was it made by python -m study.run?)")
     parent = parents[0]
@@ -124,12 +218,11 @@ def read_study(name: str, tracking_uri: str) -> Study:
     trials = [Trial(r.info.run_id, r.data.tags.get("backbone", ""), r.data.tags.get("task", ""),
                     r.data.tags.get("trial_id", ""), r.info.status, dict(r.data.params), dict(r.data.metrics),
                     r.info.start_time or 0, r.data.tags.get("inputs", IMAGE))
-              for r in runs if r.data.tags.get(names.ROLE_TAG) == names.TRIAL_ROLE]
+              for r in runs_of(client, experiment, names.TRIAL_ROLE)]
     trials.sort(key=lambda t: t.start_time)
-    cells = {r.data.tags[names.CELL_KEY_TAG]: dict(r.data.metrics) for r in runs
-             if r.data.tags.get(names.ROLE_TAG) == names.CELL_ROLE and r.data.tags.get(names.CELL_KEY_TAG)}
-    cell_ids = {r.data.tags[names.CELL_KEY_TAG]: r.info.run_id for r in runs
-                if r.data.tags.get(names.ROLE_TAG) == names.CELL_ROLE and r.data.tags.get(names.CELL_KEY_TAG)}
+    cell_runs = [r for r in runs_of(client, experiment, names.CELL_ROLE) if r.data.tags.get(names.CELL_KEY_TAG)]
+    cells = {r.data.tags[names.CELL_KEY_TAG]: dict(r.data.metrics) for r in cell_runs}
+    cell_ids = {r.data.tags[names.CELL_KEY_TAG]: r.info.run_id for r in cell_runs}
     study = Study(name, tracking_uri, parent.info.run_id, config, trials, dict(parent.data.metrics), cells, cell_ids)
     if not study.finished():
         raise ReportError(f"study {name!r} has no finished trial yet ({len(trials)} trial runs); "
@@ -152,21 +245,23 @@ def oof_predictions(study: Study, trial: Trial) -> pd.DataFrame:
     """The trial's out-of-fold predictions (the CSV logged to its MLflow run)."""
     import io
 
-    from mlflow.tracking import MlflowClient
-
-    return pd.read_csv(io.StringIO(_artifact_text(MlflowClient(study.tracking_uri), trial.run_id, "oof_predictions.csv")))
+    return pd.read_csv(io.StringIO(_artifact_text(_client(study.tracking_uri), trial.run_id, names.OOF_FILE)))
 
 
 def logged_model_meta(study: Study, cell: str) -> dict | None:
-    """The record (``meta.json``) of the model the study logged for a cell, or None (not logged, or a
-    study made before cells had runs)."""
-    from mlflow.tracking import MlflowClient
-
+    """The record (`names.MODEL_META`) of the model the study logged for a cell, or None (not logged,
+    or a study made before cells had runs)."""
     run_id = study.cell_run_ids.get(cell)
     if run_id is None:
         return None
     try:
-        return json.loads(_artifact_text(MlflowClient(study.tracking_uri), run_id, "model/artifacts/meta.json"))
+        return json.loads(_artifact_text(_client(study.tracking_uri), run_id, names.MODEL_META))
     except Exception:  # no model logged (the tracking store was down at the end of the study), or another layout
         return None
 
+
+def attach_folder(tracking_uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
+    """Copy a finished folder (a cell's model, the study's report) into a run's artifacts: the one
+    write outside the driver's journalled tracker (`study.tracking.tracker`), for files made after
+    the run's records were delivered."""
+    _client(tracking_uri).log_artifacts(run_id, str(folder), artifact_path=artifact_path)

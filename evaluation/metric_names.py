@@ -87,15 +87,24 @@ FAILED = "failed"  # the reason, on the last report of a trial that diverged
 FINISHED, PRUNED, FAILED_OUTCOME = "finished", "pruned", "failed"  # how a trial ended (`outcome`)
 
 
-def ranks_above(cindex: float, trial_id: str, other_cindex: float, other_trial_id: str) -> bool:
-    """The study's one criterion for the best of a cell's finished configurations: the higher pooled
-    out-of-fold C-index (OOF_CINDEX); a tie goes to the lower trial id, so the choice does not
-    depend on the order trials are read in (the driver's results, the report, a resume). A C-index
-    that is not a number ranks below every other."""
-    def finite(value) -> float:
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+# The study's one criterion for the best of a cell's finished configurations: what the driver's
+# results, the report, the logged model, Optuna's objective and BBC-CV's in-sample choice rank by.
+# BBC-CV (`evaluation.selection`) recomputes it on bootstrap samples: it is Harrell's C of the pooled
+# out-of-fold DPI, so a criterion other than this one needs its statistic there too.
+SELECTED_BY = OOF_CINDEX
 
-    return (finite(cindex), other_trial_id) > (finite(other_cindex), trial_id)
+
+def criterion(metrics: dict) -> float:
+    """A trial's value of `SELECTED_BY`; one that is absent or not a number ranks below every other."""
+    value = metrics.get(SELECTED_BY.name) if metrics else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+
+def ranks_above(metrics: dict, trial_id: str, other_metrics: dict, other_trial_id: str) -> bool:
+    """Whether a trial (its final metrics and id) ranks above another by `SELECTED_BY`; a tie goes to
+    the lower trial id, so the choice does not depend on the order trials are read in (the driver's
+    results, the report, a resume)."""
+    return (criterion(metrics), other_trial_id) > (criterion(other_metrics), trial_id)
 
 
 def outcome(last_result: dict | None, errored: bool = False) -> str:
@@ -125,6 +134,15 @@ ROLE_TAG, CELL_KEY_TAG, TRIAL_KEY_TAG = "study_role", "cell_key", "trial_key"
 STUDY_ROLE, CELL_ROLE, TRIAL_ROLE = "study", "cell", "trial"
 # The study run's copy of its resolved configuration (`study.config.StudyConfig.to_dict`).
 CONFIG_FILE = "study_config.json"
+# A trial run's tag saying how it ended (`outcome`: finished, pruned, failed).
+OUTCOME_TAG = "outcome"
+# A cell run's model (`study.model_logging`): an MLflow pyfunc model under MODEL_PATH, whose record
+# of what it is (study, cell, trial, inputs, scale) is the artifact MODEL_META.
+MODEL_PATH = "model"
+MODEL_META_FILE = "meta.json"
+MODEL_META = f"{MODEL_PATH}/artifacts/{MODEL_META_FILE}"  # where MLflow keeps the pyfunc artifact "meta"
+# The study run's copy of its report (`analysis.report`).
+REPORT_PATH = "report"
 
 
 def role_filter(role: str) -> str:

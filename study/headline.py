@@ -12,13 +12,11 @@ earlier version), the headline is BBC-CV over the finished configurations, and s
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
-from evaluation import metric_names as names
+from analysis.study_reader import search_records
 from evaluation.metrics import Estimate, SurvivalDataError
 from evaluation.selection import SearchedTrial, bbc_search
 
@@ -30,44 +28,24 @@ class Headline:
     why: str = ""  # why it was not replayed
 
 
-def _csv(client, run_id: str, path: str, tmp: str) -> pd.DataFrame:
-    return pd.read_csv(client.download_artifacts(run_id, path, tmp))
-
-
 def searched_trials(client, experiment_id: str, cell: str) -> tuple[pd.DataFrame, list[SearchedTrial]] | None:
     """The cell's patients (``patient_id``, ``time``, ``event``, sorted by id) and its trials as the
-    search saw them, from MLflow; None if some trial has no rung records."""
-    runs = [r for r in client.search_runs([experiment_id], names.role_filter(names.TRIAL_ROLE), max_results=50000)
-            if r.data.tags.get(names.TRIAL_KEY_TAG, "").startswith(f"{cell}/")]
-    patients, trials = None, []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in sorted(runs, key=lambda r: r.data.tags.get(names.TRIAL_KEY_TAG, "")):
-            outcome = run.data.tags.get("outcome")
-            if outcome == "failed" or run.info.status == "FAILED":
-                continue
-            finished = outcome == "finished" or run.info.status == "FINISHED"
-            files = [a.path for a in client.list_artifacts(run.info.run_id, names.RUNG_FOLDER)]
-            seen = {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, names.RUNG_SEEN.name)}
-            rungs = {}
-            for path in files:
-                epoch = int(Path(path).stem.split("_")[-1])
-                frame = _csv(client, run.info.run_id, path, tmp)
-                rungs[epoch] = frame.set_index("patient_id")
-            if len(rungs) != len(seen) or (not rungs and not finished):
-                return None
-            final = _csv(client, run.info.run_id, names.OOF_FILE, tmp) if finished else None
-            if final is not None and patients is None:
-                patients = final[["patient_id", "time", "event"]].sort_values("patient_id", kind="stable")
-            trials.append((final, rungs, seen))
-    if patients is None:
+    search saw them, from MLflow (`analysis.study_reader.search_records`); None if some trial has no
+    rung records."""
+    records = search_records(client, experiment_id, cell)
+    if any(len(r.rungs) != len(r.seen) or (not r.rungs and r.final is None) for r in records):
         return None
+    finals = [r.final for r in records if r.final is not None]
+    if not finals:
+        return None
+    patients = finals[0][["patient_id", "time", "event"]].sort_values("patient_id", kind="stable")
     ids = patients["patient_id"]
     out = []
-    for final, rungs, seen in trials:
-        risk = None if final is None else final.set_index("patient_id").loc[ids, "risk"].to_numpy(float)
+    for record in records:
+        risk = None if record.final is None else record.final.set_index("patient_id").loc[ids, "risk"].to_numpy(float)
         scored = {epoch: (frame.loc[ids, "fold"].to_numpy(int), frame.loc[ids, "score"].to_numpy(float))
-                  for epoch, frame in rungs.items()}
-        out.append(SearchedTrial(risk, scored, seen))
+                  for epoch, frame in record.rungs.items()}
+        out.append(SearchedTrial(risk, scored, record.seen))
     return patients.reset_index(drop=True), out
 
 

@@ -16,8 +16,9 @@ import mlflow.pyfunc
 import pandas as pd
 
 from analysis import pyfunc_model
-from analysis.pyfunc_model import MODEL_PATH
+from analysis.study_reader import attach_folder
 from datasets.cli import DISTRIBUTION
+from evaluation import metric_names as names
 
 PROJECT_PACKAGES = ("analysis", "datasets", "evaluation", "trainables", "study", "search_spaces")
 _NOT_FOR_SERVING = {"ray"}  # the cluster runtime: a served model needs none of it (70 MB and its own dependencies)
@@ -70,7 +71,7 @@ def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: d
 
     artifacts = {f"fold{k}": str(Path(checkpoint_dir) / f"fold{k}_model.pt") for k in range(meta["folds"])}
     with tempfile.TemporaryDirectory() as tmp:
-        meta_file = Path(tmp) / "meta.json"
+        meta_file = Path(tmp) / names.MODEL_META_FILE
         meta_file.write_text(json.dumps(meta, indent=1))
         artifacts["meta"] = str(meta_file)
         example = pd.DataFrame({"store": [example_store] * len(example_ids), "patient_id": example_ids})
@@ -92,8 +93,8 @@ def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: d
         finally:
             logging.getLogger("mlflow").setLevel(quiet)
         (path / MODEL_CARD).write_text(model_card(meta))
-        MlflowClient(tracking_uri).log_artifacts(run_id, str(path), artifact_path=MODEL_PATH)
-    uri = f"runs:/{run_id}/{MODEL_PATH}"
+        attach_folder(tracking_uri, run_id, path, names.MODEL_PATH)
+    uri = f"runs:/{run_id}/{names.MODEL_PATH}"
     if register_as and not _registered(tracking_uri, register_as, run_id):  # a resumed study logs it again
         mlflow.set_tracking_uri(tracking_uri)
         version = mlflow.register_model(uri, register_as)

@@ -29,7 +29,6 @@ from pathlib import Path
 from datasets.cli import new_parser
 from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.errors import StudyError
-from evaluation import metric_names as names
 
 EXIT_BAD_INPUT, EXIT_SOME_NOT_SCORED = 2, 1
 
@@ -67,21 +66,9 @@ def model_uri(args: argparse.Namespace, tracking_uri: str) -> str:
         return args.model
     if not (args.study and args.cell):
         raise StudyError("name the model: --model URI, or --study NAME --cell CELL")
-    from mlflow import MlflowClient
+    from analysis.study_reader import cell_model_uri
 
-    from analysis.pyfunc_model import MODEL_PATH
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(args.study)
-    if experiment is None:
-        raise StudyError(f"--study {args.study}: no such study in {tracking_uri}")
-    runs = client.search_runs([experiment.experiment_id],
-                              f"{names.role_filter(names.CELL_ROLE)} and tags.{names.CELL_KEY_TAG} = '{args.cell.replace(chr(39), '')}'")
-    if not runs:
-        cells = sorted(r.data.tags.get(names.CELL_KEY_TAG, "") for r in client.search_runs(
-            [experiment.experiment_id], names.role_filter(names.CELL_ROLE)))
-        raise StudyError(f"--cell {args.cell}: no such cell in study {args.study}; its cells: {cells}")
-    return f"runs:/{runs[0].info.run_id}/{MODEL_PATH}"
+    return cell_model_uri(tracking_uri, args.study, args.cell)
 
 
 def load_model(uri: str, tracking_uri: str):

@@ -164,8 +164,7 @@ def summarise(grid, space, budget: str, bootstrap: int = 1000, seed: int = 0) ->
         if _is_reference(config, reference):
             cell.reference = final
         trial_id = str(metrics.get("trial_id", ""))
-        if not cell.best or names.ranks_above(final[names.OOF_CINDEX.name], trial_id, cell.best[names.OOF_CINDEX.name],
-                                              cell.best_trial):
+        if not cell.best or names.ranks_above(final, trial_id, cell.best, cell.best_trial):
             cell.best, cell.best_trial, cell.best_checkpoint = final, trial_id, result.checkpoint
             cell.best_config = {k: config.get(k) for k in searched}
             cell.eval_times = tuple(config.get("eval_times") or TrainConfig().eval_times)

@@ -28,7 +28,6 @@ from ray import tune
 
 from datasets.errors import StudyError
 from datasets.remote import is_remote
-from evaluation import metric_names as names
 
 TAG_PREFIX = "resume_state."
 # Versions of one file kept per tag: the storage copy lags the driver's by at most an upload.
@@ -108,18 +107,13 @@ def check_state(experiment_path: str, tags: dict[str, str]) -> None:
 
 def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
     """The tags of a study's MLflow run, read without changing anything ({} if there is none)."""
-    from mlflow import MlflowClient
+    from analysis.study_reader import study_run_tags as read_tags
 
     try:
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(study_name)
-        if experiment is None:
-            return {}
-        found = client.search_runs([experiment.experiment_id], names.role_filter(names.STUDY_ROLE), max_results=1)
+        return read_tags(tracking_uri, study_name)
     except Exception as exc:
         raise StudyError(f"--resume: the digests of the study's state files cannot be read from {tracking_uri} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
-    return dict(found[0].data.tags) if found else {}
 
 
 # The driver's live recorder per study run: Tune pickles callbacks into its experiment state and

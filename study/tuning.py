@@ -136,7 +136,7 @@ class CellOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         result = result or {}
-        value = result.get(names.OOF_CINDEX.name)
+        value = result.get(names.SELECTED_BY.name)
         ended = names.outcome(result, error)
         if ended == names.FAILED_OUTCOME or (ended == names.FINISHED and not _finite(value)):
             state, value = TrialState.FAIL, None

@@ -17,7 +17,7 @@ from evaluation import metric_names as names
 from evaluation.metrics import brier_score, harrell_c
 from study.results import ROWS
 from study.run import main
-from trainables.cross_validation import alive_past_horizon
+from evaluation.prediction_metrics import alive_past_horizon
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow

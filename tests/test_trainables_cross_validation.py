@@ -13,7 +13,8 @@ from evaluation import metric_names as names
 from evaluation.metrics import brier_score
 from datasets import Cohort, CohortSpec
 from trainables.config import TrainConfig
-from trainables.cross_validation import CohortArrays, CrossValidation, alive_past_horizon, collapsed_folds, cv_metrics
+from evaluation.prediction_metrics import alive_past_horizon
+from trainables.cross_validation import CohortArrays, CrossValidation, collapsed_folds, cv_metrics
 
 EVAL_TIMES = TrainConfig().eval_times
 # The tiny network of tests/test_trainables_fold.py: a CPU epoch on the 12-patient store in well under a second.

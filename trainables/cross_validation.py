@@ -26,15 +26,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation import metric_names as names  # noqa: E402
-from evaluation.metrics import (  # noqa: E402
-    SurvivalDataError,
-    bootstrap_ci,
-    brier_score,
-    cumulative_dynamic_auc,
-    harrell_c,
-    integrated_brier_score,
-    uno_c,
-)
+from evaluation.metrics import SurvivalDataError, harrell_c  # noqa: E402
+from evaluation.prediction_metrics import Predictions, score_predictions  # noqa: E402
 from datasets.cohort import Cohort  # noqa: E402
 from trainables.batches import VolumeCache  # noqa: E402
 from trainables.config import TrainConfig  # noqa: E402
@@ -158,17 +151,6 @@ class CrossValidation:
         plt.close(fig)
 
 
-def alive_past_horizon(time: np.ndarray, event: np.ndarray, horizon: float | None) -> np.ndarray:
-    """Times for metrics at the horizon of an administratively censored endpoint.
-
-    Survivors of a 1-year endpoint are censored *at* day 365, which means alive after it; IPCW
-    metrics at t count a control only when its time exceeds t, so they are moved just past the
-    horizon (the censoring distribution below the horizon is unchanged)."""
-    if horizon is None:
-        return time
-    return np.where((event == 0) & (time >= horizon), np.nextafter(horizon, np.inf), time)
-
-
 def collapsed_folds(fold_cindex: dict[int, float], fold_risk_sd: dict[int, float]) -> list[int]:
     """Folds that learned nothing while the others did (`evaluation.metric_names.FOLDS_COLLAPSED`)."""
     out = []
@@ -181,16 +163,14 @@ def collapsed_folds(fold_cindex: dict[int, float], fold_risk_sd: dict[int, float
 
 def cv_metrics(oof: pd.DataFrame, eval_times, horizon: float | None = None, seed: int = 0,
                n_resamples: int = 1000) -> dict:
-    """Cross-validation metrics from out-of-fold predictions (recomputable from the CSV).
+    """Cross-validation metrics from out-of-fold predictions (recomputable from the CSV): every
+    metric of `evaluation.prediction_metrics.PREDICTION_METRICS` on the pooled table, and the
+    per-fold C-indices' mean, SD and collapsed folds.
 
     `horizon`: the endpoint's administrative censoring [days] (365 for 1-year tasks, None for
-    OS). Names and meanings: `evaluation.metric_names`; definitions: the README's "Metrics".
+    OS). Names and meanings: `evaluation.metric_names`; definitions: docs/concepts.md.
     """
-    time, event, risk = oof["time"].to_numpy(float), oof["event"].to_numpy(int), oof["risk"].to_numpy(float)
-    out: dict[str, float] = {}
-    estimate = bootstrap_ci(harrell_c, time, event, risk, n_resamples=n_resamples, seed=seed)
-    out.update({names.OOF_CINDEX.name: estimate.value, names.OOF_CINDEX_LOW.name: estimate.low,
-                names.OOF_CINDEX_HIGH.name: estimate.high})
+    out = score_predictions(Predictions.from_table(oof, eval_times, horizon, seed, n_resamples))
     per_fold, risk_sd = {}, {}
     for fold, part in oof.groupby("fold"):
         risk_sd[int(fold)] = float(part["risk"].std(ddof=0))
@@ -202,18 +182,4 @@ def cv_metrics(oof: pd.DataFrame, eval_times, horizon: float | None = None, seed
     out[names.FOLD_CINDEX_MEAN.name] = float(np.mean(values)) if values else math.nan
     out[names.FOLD_CINDEX_SD.name] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
     out[names.FOLDS_COLLAPSED.name] = len(collapsed_folds(per_fold, risk_sd))
-    at = alive_past_horizon(time, event, horizon)
-    out[names.BRIER_365.name] = float(brier_score(at, event, oof["surv_365"].to_numpy(float), 365.0)[0])
-    times = [t for t in eval_times if t < at.max()]
-    if len(times) >= 2:
-        columns = [f"surv_t{int(t)}" for t in times]
-        out[names.IBS.name] = integrated_brier_score(at, event, oof[columns].to_numpy(float), times)
-    else:
-        out[names.IBS.name] = math.nan
-    for name, fn in ((names.UNO_C.name, lambda: uno_c(time, event, risk, tau=float(np.quantile(time, 0.9)))),
-                     (names.AUC_365.name, lambda: float(cumulative_dynamic_auc(at, event, risk, [365.0])[0]))):
-        try:
-            out[name] = float(fn())
-        except SurvivalDataError:
-            out[name] = math.nan
     return out

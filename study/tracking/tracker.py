@@ -458,10 +458,6 @@ def _live_tracker(tracking_uri: str, study_name: str, journal: str | None, trust
                                                                   trust_storage=trust_storage)
 
 
-# How a trial run ended: "finished", "pruned" (stopped by ASHA; status KILLED) or "failed".
-OUTCOME_TAG = "outcome"
-
-
 def cell_tags(cell: Cell) -> dict[str, str]:
     """The tags that MLflow's runs table groups cells and trials by."""
     return {"backbone": cell.backbone, "task": cell.task, "inputs": cell.inputs}
@@ -495,7 +491,7 @@ class MlflowTrialCallback(tune.Callback):
         """Tag how the trial ended and say it first in the run's name: in the MLflow UI a pruned run
         (status KILLED) and a failed one (FAILED) both show a red cross, and the runs table cuts long
         names at the right."""
-        self.tracker.set_tags(key, {OUTCOME_TAG: outcome,
+        self.tracker.set_tags(key, {names.OUTCOME_TAG: outcome,
                                     "mlflow.runName": (f"{suffix} " if suffix else "") + self._run_name(trial)})
 
     def on_trial_start(self, iteration, trials, trial, **info):
