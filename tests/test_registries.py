@@ -115,3 +115,82 @@ def test_a_resumed_fold_checks_every_option_of_its_head(monkeypatch, small_store
         with pytest.raises(CheckpointError, match=rf"'{option}': {first}"):
             FoldTrainer(_fold_data(small_store, k=2), TrainConfig(epochs=2, head=head, **{option: second}, **TINY),
                         path)
+
+
+def _recipe_blocks(section: str) -> dict[str, str]:
+    """CONTRIBUTING.md's code blocks of one section, by the file their first line names."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
+    part = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = {}
+    for block in re.findall(r"```python\n(.*?)```", part, flags=re.S):
+        lines = [line[3:] if line.startswith("   ") else line for line in block.splitlines()]  # list indentation
+        blocks[lines[0].lstrip("# ").strip()] = "\n".join(lines[1:]) + "\n"
+    return blocks
+
+
+@pytest.mark.slow
+def test_a_metric_added_as_contributing_says_reaches_mlflow_results_the_report_and_external_validation(
+        learnable_store, tmp_path):
+    """CONTRIBUTING.md's two code blocks, appended to a copy of the project's two files as written there:
+    a study and its report then carry the metric in each trial's MLflow run, in results.md, in the
+    report's leaderboard and in its external validation, with the value recomputed from the
+    predictions the study wrote."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    from evaluation import metric_names as names
+
+    blocks = _recipe_blocks("A new metric")
+    assert set(blocks) == {"evaluation/metric_names.py", "evaluation/prediction_metrics.py"}
+    root = Path(__file__).parents[1]
+    copy = tmp_path / "project"
+    for package in ("analysis", "datasets", "evaluation", "search_spaces", "study", "trainables"):
+        shutil.copytree(root / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for file, code in blocks.items():
+        with open(copy / file, "a") as out:
+            out.write("\n\n" + code)
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", *args], cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run("study.run", "--space", "smoke", "--data", str(learnable_store), "--tasks", "os_all", "--backbones",
+        "densenet121", "--inputs", "image", "--num-samples", "1", "--tracking-uri", uri, "--storage-path",
+        str(tmp_path / "runs"), "--name", "recipe")
+    run("analysis.report", "--study", "recipe", "--tracking-uri", uri, "--external", str(learnable_store),
+        "--out", str(tmp_path / "report"), "--gradcam-random", "0")
+
+    def auc_730(time, event, risk) -> float:  # scikit-survival's, on the predictions the study wrote
+        survival = Surv.from_arrays(event.astype(bool), time)
+        return float(cumulative_dynamic_auc(survival, survival, risk, [730.0])[0][0])
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("recipe").experiment_id
+    (trial,) = client.search_runs([experiment], names.role_filter(names.TRIAL_ROLE))
+    oof = pd.read_csv(client.download_artifacts(trial.info.run_id, names.OOF_FILE, str(tmp_path)))
+    logged = trial.data.metrics["time_auc_730"]
+    assert logged == pytest.approx(auc_730(oof["time"].to_numpy(), oof["event"].to_numpy(), oof["risk"].to_numpy()),
+                                   abs=1e-6)
+    results = (tmp_path / "runs" / "recipe" / "results.md").read_text()
+    assert f"cumulative/dynamic IPCW AUC at day 730 | {logged:.3f}" in results
+    board = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
+    assert board["AUC (730 d)"].tolist() == [round(logged, 3)]
+    external = pd.read_csv(tmp_path / "report" / "external_validation.csv")
+    (scored,) = [p for p in (tmp_path / "report").glob("external_*.csv") if p.name != "external_validation.csv"]
+    pred = pd.read_csv(scored)
+    expected = auc_730(pred["time"].to_numpy(), pred["event"].to_numpy(), pred["dpi"].to_numpy())
+    assert external["AUC (730 d)"].tolist() == [pytest.approx(expected, abs=1e-3)]
