@@ -117,6 +117,59 @@ class Design:
                 if c not in frame or frame[c].isna().any()}
 
 
+def efron_coefficients(x: np.ndarray, time: np.ndarray, event: np.ndarray, max_iter: int = 50,
+                       tol: float = 1e-9) -> np.ndarray:
+    """The coefficients of a Cox model (Efron's ties) of `x`: Newton-Raphson with step halving on
+    standardised columns, to the maximum of the partial likelihood that lifelines' `CoxPHFitter`
+    reaches (within its tolerance; `tests/test_analysis_report.py` compares them), at a small part
+    of its cost per fit. For the bootstrap refits, which need only the linear predictor: lifelines'
+    fit also computes summaries, a baseline hazard and data descriptions, three quarters of its
+    time. Raises `SurvivalDataError` where the maximum is not reached (a separated resample)."""
+    order = np.argsort(-np.asarray(time, float), kind="stable")
+    x, time, event = np.asarray(x, float)[order], np.asarray(time, float)[order], np.asarray(event, float)[order]
+    sd = x.std(axis=0)
+    sd[sd == 0] = 1.0
+    z = (x - x.mean(axis=0)) / sd
+    _, start = np.unique(-time, return_index=True)  # the rows of each distinct time, latest first
+    last = np.r_[start[1:], len(time)] - 1  # a time's risk set: the rows up to its last one
+    deaths = np.add.reduceat(event, start).astype(int)
+    zz = z[:, :, None] * z[:, None, :]
+
+    def partial_likelihood(beta):
+        eta = z @ beta
+        w = np.exp(eta - eta.max())
+        s0, s1, s2 = (np.cumsum(a, axis=0)[last] for a in (w, w[:, None] * z, w[:, None, None] * zz))
+        dw = event * w
+        d0, d1, d2 = (np.add.reduceat(a, start, axis=0) for a in (dw, dw[:, None] * z, dw[:, None, None] * zz))
+        ll, grad, hess = float(event @ eta), event @ z, np.zeros((z.shape[1],) * 2)
+        for tied in range(deaths.max(initial=0)):  # Efron: the l-th of d tied deaths removes l/d of them
+            at = deaths > tied
+            f = tied / deaths[at]
+            phi = s0[at] - f * d0[at]
+            mean1 = (s1[at] - f[:, None] * d1[at]) / phi[:, None]
+            ll -= float(np.sum(np.log(phi) + eta.max()))
+            grad = grad - mean1.sum(axis=0)
+            hess -= ((s2[at] - f[:, None, None] * d2[at]) / phi[:, None, None]).sum(axis=0) - mean1.T @ mean1
+        return ll, grad, hess
+
+    beta = np.zeros(z.shape[1])
+    ll, grad, hess = partial_likelihood(beta)
+    for _ in range(max_iter):
+        try:
+            step = np.linalg.solve(-hess, grad)
+        except np.linalg.LinAlgError as exc:
+            raise SurvivalDataError("the Cox model's information matrix is singular") from exc
+        for _ in range(30):  # halve the step until the partial likelihood does not decrease
+            new = partial_likelihood(beta + step)
+            if np.isfinite(new[0]) and new[0] >= ll - 1e-12:
+                break
+            step = step / 2
+        beta, (ll, grad, hess) = beta + step, new
+        if np.max(np.abs(step)) < tol:
+            return beta / sd
+    raise SurvivalDataError("the Cox model did not converge (a covariate separates the deaths?)")
+
+
 @dataclass
 class Models:
     """The clinical and clinical + DPI Cox models (None: no clinical covariate, the null model)."""
@@ -131,13 +184,36 @@ class Models:
         full = CoxPHFitter().fit(data[["time", "event", *columns, "dpi"]], "time", "event")
         return cls(clinical, full, columns)
 
+    def linear_predictors(self, data: pd.DataFrame) -> tuple[np.ndarray | None, np.ndarray]:
+        """(clinical, clinical + DPI) linear predictors of `data`'s patients (None: the null model)."""
+        full = data[[*self.columns, "dpi"]].to_numpy(float) @ self.full.params_.to_numpy(float)
+        if self.clinical is None:
+            return None, full
+        return data[self.columns].to_numpy(float) @ self.clinical.params_.to_numpy(float), full
+
     def cindices(self, data: pd.DataFrame) -> tuple[float, float]:
         """(C clinical, C clinical + DPI) on `data`; the null model's C is 0.5."""
-        time, event = data["time"].to_numpy(float), data["event"].to_numpy(int)
-        full = harrell_c(time, event, self.full.predict_log_partial_hazard(data[[*self.columns, "dpi"]]).to_numpy())
-        if self.clinical is None:
-            return 0.5, full
-        return harrell_c(time, event, self.clinical.predict_log_partial_hazard(data[self.columns]).to_numpy()), full
+        return _cindices(data["time"].to_numpy(float), data["event"].to_numpy(int), *self.linear_predictors(data))
+
+
+def _cindices(time, event, clinical, full) -> tuple[float, float]:
+    return (0.5 if clinical is None else harrell_c(time, event, clinical)), harrell_c(time, event, full)
+
+
+def _refit_gain(sample: pd.DataFrame, data: pd.DataFrame, columns: list[str]) -> tuple[float, float]:
+    """The bootstrap step of the optimism correction: both models refitted on `sample`; their ΔC
+    (C clinical + DPI - C clinical) on the sample and on the original patients `data`."""
+    kept = [c for c in columns if sample[c].nunique() > 1]
+    time, event = sample["time"].to_numpy(float), sample["event"].to_numpy(int)
+    beta_full = efron_coefficients(sample[[*kept, "dpi"]].to_numpy(float), time, event)
+    beta_clinical = efron_coefficients(sample[kept].to_numpy(float), time, event) if kept else None
+    gains = []
+    for frame in (sample, data):
+        clinical = None if beta_clinical is None else frame[kept].to_numpy(float) @ beta_clinical
+        c_clinical, c_full = _cindices(frame["time"].to_numpy(float), frame["event"].to_numpy(int), clinical,
+                                       frame[[*kept, "dpi"]].to_numpy(float) @ beta_full)
+        gains.append(c_full - c_clinical)
+    return gains[0], gains[1]
 
 
 @dataclass
@@ -212,10 +288,8 @@ def added_value(frame: pd.DataFrame, covariates: list[str] | None = None, n_resa
         if sample["event"].sum() < 2:
             continue
         try:
-            refit = Models.fit(sample, [c for c in columns if sample[c].nunique() > 1])
-            on_sample = np.subtract(*refit.cindices(sample)[::-1])  # C full - C clinical
-            on_original = np.subtract(*refit.cindices(data)[::-1])
-        except Exception:  # lifelines' convergence failures on an unlucky resample: skip it
+            on_sample, on_original = _refit_gain(sample, data, columns)
+        except SurvivalDataError:  # no maximum on an unlucky resample (separation): skip it
             continue
         boot.append(on_sample)
         optimism.append(on_sample - on_original)
@@ -242,16 +316,18 @@ def external_added_value(frame: pd.DataFrame, design: Design, models: Models, n_
     """Development models applied unchanged to an external cohort: C-indices and the paired
     bootstrap CI of their difference."""
     data = design.apply(frame)
-    c_clinical, c_full = models.cindices(data)
+    time, event = data["time"].to_numpy(float), data["event"].to_numpy(int)
+    clinical, full = models.linear_predictors(data)
+    c_clinical, c_full = _cindices(time, event, clinical, full)
     rng = np.random.default_rng(seed)
     diffs = []
     for _ in range(n_resamples):
-        sample = data.iloc[rng.integers(0, len(data), len(data))].reset_index(drop=True)
+        rows = rng.integers(0, len(data), len(data))
         try:
-            clin, full = models.cindices(sample)
+            clin, both = _cindices(time[rows], event[rows], None if clinical is None else clinical[rows], full[rows])
         except SurvivalDataError:
             continue
-        diffs.append(full - clin)
+        diffs.append(both - clin)
     low, high = np.quantile(diffs, [0.025, 0.975]) if diffs else (np.nan, np.nan)
     slope, slope_low, slope_high = calibration_slope(data["time"], data["event"],
                                                      models.full.predict_log_partial_hazard(data[[*models.columns, "dpi"]]))

@@ -4,6 +4,7 @@ heavy censoring; input errors; bootstrap confidence intervals."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sksurv import metrics as sk
 from sksurv.column import encode_categorical
@@ -127,3 +128,36 @@ def test_fast_bootstrap_of_harrell_c_equals_resampling():
     slow = bootstrap_ci(lambda t, e, r: harrell_c(t, e, r), time, event, risk, n_resamples=200, seed=3)
     assert fast.value == slow.value
     assert fast.low == pytest.approx(slow.low, abs=1e-12) and fast.high == pytest.approx(slow.high, abs=1e-12)
+
+
+@pytest.mark.parametrize("n, ties", [(30, False), (150, True), (400, False)])
+def test_the_bootstrap_cox_fit_reaches_lifelines_maximum(n, ties):
+    """`efron_coefficients` (the added value's bootstrap refits) against lifelines' CoxPHFitter run to
+    a tight tolerance, with Efron's tied deaths and a binary covariate."""
+    from lifelines import CoxPHFitter
+
+    from analysis.added_value import efron_coefficients
+
+    rng = np.random.default_rng(n)
+    frame = pd.DataFrame(rng.normal(size=(n, 4)), columns=list("abcd"))
+    frame["flag"] = rng.integers(0, 2, n).astype(float)
+    frame["dpi"] = rng.normal(size=n)
+    death = rng.exponential(np.exp(-0.7 * frame["dpi"] - 0.3 * frame["a"])) * 500
+    censor = rng.exponential(700, size=n)
+    frame["time"] = np.minimum(death, censor)
+    if ties:
+        frame["time"] = np.round(frame["time"] / 60) * 60 + 1
+    frame["event"] = (death <= censor).astype(int)
+    expected = CoxPHFitter().fit(frame, "time", "event", fit_options={"precision": 1e-12}).params_.to_numpy()
+    found = efron_coefficients(frame.drop(columns=["time", "event"]).to_numpy(), frame["time"].to_numpy(),
+                               frame["event"].to_numpy())
+    assert found == pytest.approx(expected, abs=1e-8)
+
+
+def test_the_bootstrap_cox_fit_refuses_a_separated_sample():
+    from analysis.added_value import efron_coefficients
+
+    time = np.arange(1.0, 21.0)
+    event = np.ones(20)
+    with pytest.raises(SurvivalDataError):
+        efron_coefficients(-time[:, None], time, event)  # the covariate orders the deaths perfectly
