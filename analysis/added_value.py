@@ -19,7 +19,8 @@ alone, and clinical + DPI (standardised by its development mean and SD).
   C-index; their difference ΔC corrected for optimism by the bootstrap (Harrell 2015, section
   5.3): both models are refitted in every resample and evaluated on the resample and on the
   original patients; the mean difference of the two ΔCs (the optimism) is subtracted from the
-  apparent ΔC. The 95% interval is the percentile interval of the resamples' apparent ΔC shifted
+  apparent ΔC (the refits by `efron_coefficients`, lifelines' maximum at a tenth of its cost; a
+  resample on which a covariate separates the deaths has no maximum and is skipped). The 95% interval is the percentile interval of the resamples' apparent ΔC shifted
   by the optimism, and the two-sided p-value the share of that shifted distribution on the other
   side of 0 (doubled). `python -m benchmarks.added_value_optimism` checks it on simulated cohorts
   with and without added value. Also the DPI's hazard ratio per SD and 1-year calibration.
@@ -121,7 +122,7 @@ def efron_coefficients(x: np.ndarray, time: np.ndarray, event: np.ndarray, max_i
                        tol: float = 1e-9) -> np.ndarray:
     """The coefficients of a Cox model (Efron's ties) of `x`: Newton-Raphson with step halving on
     standardised columns, to the maximum of the partial likelihood that lifelines' `CoxPHFitter`
-    reaches (within its tolerance; `tests/test_analysis_report.py` compares them), at a small part
+    reaches (within its tolerance; `tests/test_analysis_metrics.py` compares them), at a small part
     of its cost per fit. For the bootstrap refits, which need only the linear predictor: lifelines'
     fit also computes summaries, a baseline hazard and data descriptions, three quarters of its
     time. Raises `SurvivalDataError` where the maximum is not reached (a separated resample)."""
