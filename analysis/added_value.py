@@ -20,9 +20,10 @@ alone, and clinical + DPI (standardised by its development mean and SD).
   5.3): both models are refitted in every resample and evaluated on the resample and on the
   original patients; the mean difference of the two ΔCs (the optimism) is subtracted from the
   apparent ΔC (the refits by `efron_coefficients`, lifelines' maximum at a tenth of its cost; a
-  resample on which a covariate separates the deaths has no maximum and is skipped). The 95% interval is the percentile interval of the resamples' apparent ΔC shifted
-  by the optimism, and the two-sided p-value the share of that shifted distribution on the other
-  side of 0 (doubled). `python -m benchmarks.added_value_optimism` checks it on simulated cohorts
+  resample on which a covariate separates the deaths has no maximum and is skipped). The 95%
+  interval is the percentile interval of the resamples' apparent ΔC shifted by the optimism, and
+  the two-sided p-value the share of that shifted distribution on the other side of 0 (doubled).
+  `python -m benchmarks.added_value_optimism` checks it on simulated cohorts
   with and without added value. Also the DPI's hazard ratio per SD and 1-year calibration.
 - **External cohorts**: both models are fitted on the development patients only and applied
   unchanged (same fill values, same DPI scaling): C-indices, ΔC with its paired bootstrap CI; and
