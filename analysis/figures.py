@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -118,7 +119,6 @@ def parameter_importances(trials: pd.DataFrame, params: dict) -> dict[str, float
     -> the space's distribution (`search_spaces` LogUniform, Uniform, Choice), so that a
     log-uniform learning rate is split on its log scale as the search drew it; None where the space
     is unknown (the report made without the study's space file): then guessed from the values."""
-    import warnings
 
     import optuna
 

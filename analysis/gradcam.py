@@ -30,6 +30,7 @@ whether the map's maximum falls in the region (the pointing game).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import matplotlib
@@ -145,8 +146,6 @@ def gradcam_map(model: nn.Module, image: np.ndarray, head=None) -> np.ndarray:
 
 def untrained_twin(model: nn.Module, seed: int = 0) -> nn.Module:
     """The same architecture with fresh (seeded) weights: the control of an attention score."""
-    import copy
-
     twin = copy.deepcopy(model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

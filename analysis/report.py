@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from evaluation import metric_names as names
 def build_report(study_name: str, tracking_uri: str, out: Path, external: Sequence = (), gradcam_patients: int = 2,
                  log: bool = True, clinical: Sequence[str] | None = None) -> Path:
     """Write the report folder (index.html, PNGs, CSVs) and log it to the study run."""
-    import warnings
 
     from analysis.sections import Report, externals, load_cells
     from analysis.study_reader import attach_folder, read_study

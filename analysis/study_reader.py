@@ -6,16 +6,19 @@ it; `study.tracking.tracker` is the one writer."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from evaluation import metric_names as names
 from datasets.clinical_features import IMAGE
 from datasets.errors import InputError, StudyError
 from datasets.remote import cache_root, download_folder, is_remote, list_folder
+from evaluation import metric_names as names
 from search_spaces import Cell, cell_name
 
 
@@ -183,8 +186,6 @@ class SearchRecord:
 
 def search_records(client, experiment: str, cell: str) -> list[SearchRecord]:
     """The cell's trials that did not fail, in the order of their keys, as the search saw them."""
-    import tempfile
-
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in sorted(runs_of(client, experiment, names.TRIAL_ROLE, cell),
@@ -232,9 +233,6 @@ def read_study(name: str, tracking_uri: str) -> Study:
 
 def _artifact_text(client, run_id: str, name: str) -> str:
     """An artifact's text, downloaded into a temporary folder that is removed afterwards."""
-    import os
-    import tempfile
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file otherwise
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -243,8 +241,6 @@ def _artifact_text(client, run_id: str, name: str) -> str:
 
 def oof_predictions(study: Study, trial: Trial) -> pd.DataFrame:
     """The trial's out-of-fold predictions (the CSV logged to its MLflow run)."""
-    import io
-
     return pd.read_csv(io.StringIO(_artifact_text(_client(study.tracking_uri), trial.run_id, names.OOF_FILE)))
 
 

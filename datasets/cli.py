@@ -15,6 +15,8 @@ import argparse
 import os
 import re
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed
 
 DISTRIBUTION = "glioma-survival-study"
 # module -> console script (pyproject.toml's [project.scripts] lists the same pairs)
@@ -23,9 +25,6 @@ SCRIPTS = {"study.run": "glioma-study", "datasets.convert": "glioma-convert", "a
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
     try:
         return installed(DISTRIBUTION)
     except PackageNotFoundError:  # a source tree that was never installed

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import os
 import shutil
 import stat
@@ -40,21 +41,22 @@ import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
 
-from datasets import bids, dicom
+from datasets import bids, dicom, qc
 from datasets import clinical as clinical_mod
-from datasets import qc
 from datasets.errors import ImageError, InputError, StudyError
-from datasets.preprocessing_config import PreprocessConfig
-from datasets.raw_steps import REGISTRATIONS
 from datasets.patient_ids import formula_problem, formula_reason, identity, name_key, name_parts, normalise
+from datasets.preprocessing_config import PreprocessConfig
 from datasets.pseudonyms import Pseudonymiser, Redactor, load_or_create_key, spellings
+from datasets.raw_steps import REGISTRATIONS
 from datasets.sequences import DEFAULT_SEQUENCES, PATTERN_HINT, SequenceMatcher, image_suffix, parse_patterns
 from datasets.store import (
     MANIFEST,
@@ -70,8 +72,6 @@ from datasets.store import (
 
 
 def software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return f"glioma-survival-study {version('glioma-survival-study')}"
     except PackageNotFoundError:
@@ -350,8 +350,6 @@ def _map_tasks(tasks: Sequence[PatientTask], workers: int, backend: str):
 def _pool_run(tasks: Sequence[PatientTask], workers: int, interrupted: list[PatientTask]):
     """Yield (task, record) from a pool of `workers` processes; the tasks a dead worker's broken
     pool left unfinished are appended to `interrupted`."""
-    from concurrent.futures.process import BrokenProcessPool
-
     # spawn, not fork: the parent has zarr (and its event-loop thread) open.
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         pending = {pool.submit(convert_patient, t): t for t in tasks}
@@ -938,8 +936,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_raw_steps(config: PreprocessConfig) -> None:
     """The raw-export steps' own requirements, checked before anything is read (InputError)."""
-    import importlib.util
-
     if config.raw_steps and importlib.util.find_spec("SimpleITK") is None:
         raise InputError("--register/--bias-correct/--preset raw need SimpleITK: pip install -e \".[raw]\"")
     if config.brain_mask and importlib.util.find_spec("deepbet") is None:

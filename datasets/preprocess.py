@@ -23,6 +23,7 @@ z (inferior -> superior).
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -228,7 +229,6 @@ def preprocess_patient(files: Mapping[str, Path], patient_id: str, config: Prepr
     """`preprocess_files`, after the raw-export steps (`datasets.raw_steps`) when `config` asks for them."""
     if not config.raw_steps:
         return preprocess_files(files, patient_id, config)
-    import tempfile
 
     from datasets.raw_steps import prepare_raw
 

@@ -31,6 +31,7 @@ for aligning sequences of one examination.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 import time
@@ -171,8 +172,6 @@ def bias_correct(image, mask=None, shrink: int = 4, iterations: tuple[int, ...] 
 
 def brain_mask(image):
     """deepbet's brain mask of a T1-weighted head (a SimpleITK image, 0/1 on the image's grid)."""
-    import importlib.util
-
     if importlib.util.find_spec("deepbet") is None:
         raise InputError("--brain-mask needs deepbet (MIT licence, weights in its wheel): "
                          "pip install -e \".[raw]\", or convert without --brain-mask")

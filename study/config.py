@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,6 @@ from datasets.errors import InputError
 from datasets.remote import is_remote
 from search_spaces import BUILTIN_SPACES, SPACES, TASKS, Cell, Protocol, SearchSpace, SearchSpaceError, get_space
 from search_spaces.from_file import is_space_file, load_space
-
 
 MAX_NAME = 100  # the study name becomes folder and file names (255 bytes at most on most file systems)
 MAX_REPEATS = 100  # each repeat is a whole study
@@ -158,7 +160,6 @@ def check_space(space: SearchSpace, source: str) -> None:
     `TrainConfig` fields, its backbones are networks of `trainables.backbones`, and each budget's
     ``os_head`` is a head of `trainables.heads` that models overall survival. (Spaces are data and
     never import torch, so this check lives where spaces meet the trainables.)"""
-    import dataclasses
 
     from trainables.backbones import BACKBONES
     from trainables.config import TrainConfig
@@ -204,8 +205,6 @@ def resolve(args) -> StudyConfig:
     if args.address or os.environ.get("RAY_ADDRESS"):
         check_ray_address(args.address or os.environ["RAY_ADDRESS"], "--address" if args.address else "RAY_ADDRESS")
     if getattr(args, "dashboard", False):
-        import importlib.util
-
         if importlib.util.find_spec("aiohttp") is None:
             raise InputError("--dashboard needs Ray's dashboard: pip install 'ray[default]'")
     name = _check_name(args.name or f"{space.name}-{budget}")
@@ -306,8 +305,6 @@ def check_ray_address(address: str, source: str) -> None:
     """Refuse (InputError, exit 2, within seconds) an address Ray could not join: not host:port, a
     dashboard URL (which `ray job submit` takes, the driver does not), or nothing listening there.
     Ray itself raises on the first and retries an unreachable one for over a minute."""
-    import socket
-
     if address in ("auto", "local"):
         return
     if address.startswith(("http://", "https://")):

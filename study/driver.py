@@ -5,6 +5,8 @@ what the cells found, then the results and how the study ended. `study.run` is i
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import quote
 
 from datasets.clinical_features import IMAGE_CLINICAL
 from datasets.environment import seconds
@@ -96,8 +99,6 @@ def run_study(config: StudyConfig) -> "StudyOutcome":  # noqa: F821
 
 
 def quiet_libraries() -> None:
-    import logging
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -474,7 +475,6 @@ def log_cell(tracker, cell) -> None:
 def log_comparison(config: StudyConfig, tracker, cells: list) -> None:
     """The study run's figure comparing the cells: each headline with its interval, and on a
     synthetic cohort the C-index of what its images can tell and of its true total predictor."""
-    import math
 
     import pandas as pd
 
@@ -597,8 +597,6 @@ def mlflow_ui_pages(experiment_id: str | None) -> dict[str, str]:
     """The pages of the MLflow UI a study points to (paths after the server's address). MLflow 3 opens
     on its GenAI views, where an experiment lands on an empty traces page: the runs pages are linked
     directly, with the filter and order that the runs page reads from its address."""
-    from urllib.parse import quote
-
     runs = f"#/experiments/{experiment_id}/runs"
     only_cells, by_headline = quote(names.role_filter(names.CELL_ROLE)), quote(f"metrics.`{names.BBC_CINDEX.name}`")
     cells = f"{runs}?searchFilter={only_cells}&orderByKey={by_headline}&orderByAsc=false"

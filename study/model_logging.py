@@ -7,9 +7,12 @@ driver calls it at the end of a study (`study.driver.log_models`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import shutil
 import tempfile
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -28,7 +31,6 @@ def _requirements() -> list[str]:
     """The project's own dependencies, pinned to the versions that trained the model, so that
     ``mlflow models serve`` builds an environment that runs it (the project's code travels in
     the model's ``code`` folder)."""
-    from importlib.metadata import PackageNotFoundError, requires, version
 
     from packaging.requirements import Requirement
 
@@ -50,9 +52,6 @@ def _requirements() -> list[str]:
 
 def _project_code(into: Path) -> list[str]:
     """Copies of the project's packages (no caches) for the model's ``code`` folder."""
-    import importlib
-    import shutil
-
     paths = []
     for name in PROJECT_PACKAGES:
         source = Path(importlib.import_module(name).__file__).parent
@@ -97,11 +96,11 @@ def log_cell_model(tracking_uri: str, run_id: str, checkpoint_dir: Path, meta: d
     uri = f"runs:/{run_id}/{names.MODEL_PATH}"
     if register_as and not _registered(tracking_uri, register_as, run_id):  # a resumed study logs it again
         mlflow.set_tracking_uri(tracking_uri)
-        version = mlflow.register_model(uri, register_as)
+        registered = mlflow.register_model(uri, register_as)
         client = MlflowClient(tracking_uri)
-        client.update_model_version(register_as, version.version, description=model_card(meta))
+        client.update_model_version(register_as, registered.version, description=model_card(meta))
         for key, value in version_tags(meta).items():
-            client.set_model_version_tag(register_as, version.version, key, value)
+            client.set_model_version_tag(register_as, registered.version, key, value)
     return uri
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
+from datasets.cli import new_parser
 from datasets.errors import StudyError
 from search_spaces import SPACES, TASKS
-from datasets.cli import new_parser
 from study.config import StudyConfig, check_trial_configs, resolve
 from study.data import open_data, task_cohorts
 from study.driver import StudyInterrupted, TrackingIncomplete, describe, join_cluster, run_study
@@ -22,8 +23,6 @@ from study.driver import StudyInterrupted, TrackingIncomplete, describe, join_cl
 
 def resume_command(arguments: Sequence[str]) -> str:
     """The command line that resumes a study: the one that started it, plus --resume."""
-    import shlex
-
     return " ".join(["python -m study.run", *map(shlex.quote, arguments),
                      *([] if "--resume" in arguments else ["--resume"])])
 

@@ -32,7 +32,9 @@ driver and is renewed with every upload: another driver refuses while it is youn
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -95,8 +97,6 @@ class StudyFolder:
         self._lock = lock
 
     def _acquire_lease(self) -> None:
-        import json
-
         filesystem, root = self._filesystem()
         path = f"{root}/{LEASE_FILE}"
         try:
@@ -120,8 +120,6 @@ class StudyFolder:
                                  "the same moment; choose another --name or wait for it to end")
 
     def _renew(self, filesystem=None, root=None) -> None:
-        import json
-
         if self._lease is None:
             return
         if filesystem is None:
@@ -236,8 +234,6 @@ class StudyFolder:
 
 
 def _holder() -> str:
-    import socket
-
     return f"driver pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
