@@ -19,8 +19,8 @@ alone, and clinical + DPI (standardised by its development mean and SD).
   C-index; their difference ΔC corrected for optimism by the bootstrap (Harrell 2015, section
   5.3): both models are refitted in every resample and evaluated on the resample and on the
   original patients; the mean difference of the two ΔCs (the optimism) is subtracted from the
-  apparent ΔC (the refits by `efron_coefficients`, lifelines' maximum at a tenth of its cost; a
-  resample on which a covariate separates the deaths has no maximum and is skipped). The 95%
+  apparent ΔC (the refits by `efron_coefficients`: lifelines' maximum at a tenth of its cost, and
+  where a covariate separates a resample's deaths, a large coefficient as lifelines gives). The 95%
   interval is the percentile interval of the resamples' apparent ΔC shifted by the optimism, and
   the two-sided p-value the share of that shifted distribution on the other side of 0 (doubled).
   `python -m benchmarks.added_value_optimism` checks it on simulated cohorts
@@ -119,14 +119,14 @@ class Design:
                 if c not in frame or frame[c].isna().any()}
 
 
-def efron_coefficients(x: np.ndarray, time: np.ndarray, event: np.ndarray, max_iter: int = 50,
+def efron_coefficients(x: np.ndarray, time: np.ndarray, event: np.ndarray, max_iter: int = 100,
                        tol: float = 1e-9) -> np.ndarray:
     """The coefficients of a Cox model (Efron's ties) of `x`: Newton-Raphson with step halving on
     standardised columns, to the maximum of the partial likelihood that lifelines' `CoxPHFitter`
     reaches (within its tolerance; `tests/test_analysis_metrics.py` compares them), at a small part
     of its cost per fit. For the bootstrap refits, which need only the linear predictor: lifelines'
     fit also computes summaries, a baseline hazard and data descriptions, three quarters of its
-    time. Raises `SurvivalDataError` where the maximum is not reached (a separated resample)."""
+    time. Raises `SurvivalDataError` where no step increases the likelihood (a singular model)."""
     order = np.argsort(-np.asarray(time, float), kind="stable")
     x, time, event = np.asarray(x, float)[order], np.asarray(time, float)[order], np.asarray(event, float)[order]
     sd = x.std(axis=0)
@@ -161,15 +161,20 @@ def efron_coefficients(x: np.ndarray, time: np.ndarray, event: np.ndarray, max_i
             step = np.linalg.solve(-hess, grad)
         except np.linalg.LinAlgError as exc:
             raise SurvivalDataError("the Cox model's information matrix is singular") from exc
+        if np.max(np.abs(step), initial=0.0) < tol or float(grad @ step) / 2 < 1e-16:
+            # At the maximum; or, where a covariate separates the deaths (a rare missing indicator
+            # without a death in a resample), where the likelihood has levelled off on its way to
+            # infinity: lifelines stops there too (its Newton decrement), with a large coefficient.
+            return beta / sd
         for _ in range(30):  # halve the step until the partial likelihood does not decrease
             new = partial_likelihood(beta + step)
             if np.isfinite(new[0]) and new[0] >= ll - 1e-12:
                 break
             step = step / 2
+        else:
+            raise SurvivalDataError("the Cox model's partial likelihood cannot be increased")
         beta, (ll, grad, hess) = beta + step, new
-        if np.max(np.abs(step)) < tol:
-            return beta / sd
-    raise SurvivalDataError("the Cox model did not converge (a covariate separates the deaths?)")
+    raise SurvivalDataError("the Cox model did not converge")
 
 
 @dataclass
@@ -291,7 +296,7 @@ def added_value(frame: pd.DataFrame, covariates: list[str] | None = None, n_resa
             continue
         try:
             on_sample, on_original = _refit_gain(sample, data, columns)
-        except SurvivalDataError:  # no maximum on an unlucky resample (separation): skip it
+        except SurvivalDataError:  # a singular model on an unlucky resample: skip it, as lifelines' errors were
             continue
         boot.append(on_sample)
         optimism.append(on_sample - on_original)

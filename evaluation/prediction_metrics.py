@@ -91,11 +91,14 @@ class PredictionMetric:
     def names(self) -> tuple[str, ...]:
         return (self.metric.name, *(m.name for m in self.interval or ()))
 
-    def scores(self, predictions: Predictions) -> dict[str, float]:
-        """{name: value} for this metric's names; NaN where the predictions do not allow it."""
+    def scores(self, predictions: Predictions, strict: bool = False) -> dict[str, float]:
+        """{name: value} for this metric's names; NaN where the predictions do not allow it (`strict`:
+        the `SurvivalDataError` that says why is raised instead)."""
         try:
             value = self.compute(predictions)
         except SurvivalDataError:
+            if strict:
+                raise
             value = (math.nan,) * len(self.names)
         values = value if isinstance(value, tuple) else (value,)
         return {name: float(v) for name, v in zip(self.names, values)}
@@ -145,11 +148,12 @@ PREDICTION_METRICS: list[PredictionMetric] = [
 ]
 
 
-def score_predictions(predictions: Predictions) -> dict[str, float]:
-    """Every registered metric of `predictions`: {logged name: value}."""
+def score_predictions(predictions: Predictions, required: Sequence[names.MetricName] = ()) -> dict[str, float]:
+    """Every registered metric of `predictions`: {logged name: value}; NaN where one is not estimable,
+    except those `required` (raised: a trial whose selection criterion cannot be computed fails)."""
     out: dict[str, float] = {}
     for entry in PREDICTION_METRICS:
-        out.update(entry.scores(predictions))
+        out.update(entry.scores(predictions, strict=entry.metric in required))
     return out
 
 

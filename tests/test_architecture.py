@@ -138,3 +138,22 @@ def test_no_function_of_the_packages_is_over_60_lines():
                     long.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.name} "
                                 f"({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_an_import_inside_a_function_is_one_that_costs_time():
+    """Imports inside functions keep a command's start fast (torch, Ray, MLflow load in seconds); a
+    standard-library module costs nothing and belongs at the top, where a reader looks (issue 31)."""
+    import ast
+    import sys
+
+    found = []
+    for package in FLOORS:
+        for path in (PROJECT_ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    for inner in ast.walk(node):
+                        module = inner.module if isinstance(inner, ast.ImportFrom) else (
+                            inner.names[0].name if isinstance(inner, ast.Import) else None)
+                        if module and module.split(".")[0] in sys.stdlib_module_names:
+                            found.append(f"{path.relative_to(PROJECT_ROOT)}:{inner.lineno} {module}")
+    assert not found, found

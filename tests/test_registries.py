@@ -190,7 +190,7 @@ def test_a_metric_added_as_contributing_says_reaches_mlflow_results_the_report_a
     board = pd.read_csv(tmp_path / "report" / "leaderboard.csv")
     assert board["AUC (730 d)"].tolist() == [round(logged, 3)]
     external = pd.read_csv(tmp_path / "report" / "external_validation.csv")
-    (scored,) = [p for p in (tmp_path / "report").glob("external_*.csv") if p.name != "external_validation.csv"]
+    (scored,) = (tmp_path / "report").glob(f"external_densenet121__os_all_{learnable_store.stem}.csv")
     pred = pd.read_csv(scored)
     expected = auc_730(pred["time"].to_numpy(), pred["event"].to_numpy(), pred["dpi"].to_numpy())
     assert external["AUC (730 d)"].tolist() == [pytest.approx(expected, abs=1e-3)]

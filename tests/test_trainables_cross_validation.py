@@ -229,3 +229,17 @@ def test_folds_on_one_device_share_one_volume_cache(small_store, tmp_path):
     cv = CrossValidation(CohortArrays(cohort, cohort.store.images(cohort.slots)), cohort.folds(3, seed=0),
                          TrainConfig(epochs=1, **TINY), tmp_path)
     assert len({id(t.memory.cache) for t in cv.trainers}) == 1
+
+
+def test_a_trial_whose_selection_criterion_cannot_be_computed_fails_while_a_table_shows_n_a():
+    """Pooled out-of-fold predictions without a usable DPI fail the trial (as before the registry);
+    the same predictions in a report table show n/a and the metrics that can be computed."""
+    from evaluation.metrics import SurvivalDataError
+    from evaluation.prediction_metrics import Predictions, metric_columns, score_predictions
+
+    oof = _oof()
+    oof.loc[3, "risk"] = np.nan
+    with pytest.raises(SurvivalDataError):
+        cv_metrics(oof, EVAL_TIMES, n_resamples=20)
+    columns = metric_columns(score_predictions(Predictions.from_table(oof, EVAL_TIMES, n_resamples=20)))
+    assert columns["C-index [95% CI]"] == "n/a" and columns["Brier (365 d)"] == pytest.approx(0.0)

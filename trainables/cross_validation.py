@@ -170,7 +170,8 @@ def cv_metrics(oof: pd.DataFrame, eval_times, horizon: float | None = None, seed
     `horizon`: the endpoint's administrative censoring [days] (365 for 1-year tasks, None for
     OS). Names and meanings: `evaluation.metric_names`; definitions: docs/concepts.md.
     """
-    out = score_predictions(Predictions.from_table(oof, eval_times, horizon, seed, n_resamples))
+    out = score_predictions(Predictions.from_table(oof, eval_times, horizon, seed, n_resamples),
+                            required=(names.SELECTED_BY,))
     per_fold, risk_sd = {}, {}
     for fold, part in oof.groupby("fold"):
         risk_sd[int(fold)] = float(part["risk"].std(ddof=0))
