@@ -243,3 +243,27 @@ def test_a_trial_whose_selection_criterion_cannot_be_computed_fails_while_a_tabl
         cv_metrics(oof, EVAL_TIMES, n_resamples=20)
     columns = metric_columns(score_predictions(Predictions.from_table(oof, EVAL_TIMES, n_resamples=20)))
     assert columns["C-index [95% CI]"] == "n/a" and columns["Brier (365 d)"] == pytest.approx(0.0)
+
+
+def test_an_epochs_cpu_use_is_its_cpu_time_over_its_wall_time():
+    """Epochs shorter than the sampling interval: a busy one reads busy, an idle one idle (a percentage
+    sampled by two threads once read 0 for a busy epoch)."""
+    import time
+
+    from evaluation import metric_names as names
+    from trainables.resource_use import ResourceSampler
+
+    sampler = ResourceSampler(interval_s=0.005)  # the sampler thread busy beside the epochs
+    try:
+        busy = []
+        for _ in range(10):
+            end = time.process_time() + 0.05
+            while time.process_time() < end:  # 50 ms of this process's CPU time
+                pass
+            busy.append(sampler.take())
+        time.sleep(0.3)
+        idle = sampler.take()
+    finally:
+        sampler.stop()
+    assert all(epoch[names.CPU_PERCENT.name] > 25 and epoch[names.RSS_GIB.name] > 0 for epoch in busy), busy
+    assert idle[names.CPU_PERCENT.name] < min(epoch[names.CPU_PERCENT.name] for epoch in busy) / 2

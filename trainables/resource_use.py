@@ -1,9 +1,11 @@
 """How busy a trial keeps its hardware: CPU and resident memory of its process, and, where NVML is
 present (``nvidia-ml-py``, in the project image), the utilisation and memory of its GPUs.
 
-A daemon thread samples every `interval_s` seconds and the trainable takes the summary of the
-samples since its last report once per epoch (`ResourceSampler.take`): the training loop never
-waits on it (one sample costs about a millisecond of another thread's time). The GPUs are the
+A daemon thread samples memory (and GPU utilisation) every `interval_s` seconds and the trainable
+takes the summary of the samples since its last report once per epoch (`ResourceSampler.take`):
+the training loop never waits on it (one sample costs about a millisecond of another thread's
+time). The CPU use is the process's CPU time over the epoch's wall time, read at each `take`: a
+percentage sampled by two threads from one counter read 0 when they sampled a moment apart. The GPUs are the
 ones Ray gave the trial (``CUDA_VISIBLE_DEVICES``); the GPU memory is what this process holds
 (``torch.cuda.max_memory_reserved``), so trials sharing a GPU are told apart.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psutil
 
@@ -41,16 +44,19 @@ class ResourceSampler:
     def __init__(self, interval_s: float = 2.0):
         self.interval_s = interval_s
         self._process = psutil.Process()
-        self._process.cpu_percent(None)  # the first call only starts the count
+        self._since = (self._cpu_seconds(), time.monotonic())  # where the current epoch's CPU use starts
         self._gpus = _nvml_handles()
         self._lock = threading.Lock()
-        self._samples: list[tuple[float, float, float | None]] = []
+        self._samples: list[tuple[float, float | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._thread.start()
 
-    def _sample(self) -> tuple[float, float, float | None]:
-        cpu = self._process.cpu_percent(None)
+    def _cpu_seconds(self) -> float:
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+    def _sample(self) -> tuple[float, float | None]:
         rss = self._process.memory_info().rss / 2**30
         util = None
         if self._gpus:
@@ -60,7 +66,7 @@ class ResourceSampler:
                 util = sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._gpus) / len(self._gpus)
             except Exception:
                 util = None
-        return cpu, rss, util
+        return rss, util
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -69,14 +75,16 @@ class ResourceSampler:
                 self._samples.append(sample)
 
     def take(self) -> dict[str, float]:
-        """The summary of the samples since the last call (one fresh sample if there were none)."""
+        """The summary since the last call: CPU use over it, and the samples' largest memory and mean
+        GPU utilisation (with one fresh sample, so that an epoch shorter than the interval has one)."""
         with self._lock:
             samples, self._samples = self._samples, []
-        if not samples:
-            samples = [self._sample()]
-        out = {names.CPU_PERCENT.name: sum(s[0] for s in samples) / len(samples),
-               names.RSS_GIB.name: max(s[1] for s in samples)}
-        utils = [s[2] for s in samples if s[2] is not None]
+        samples.append(self._sample())
+        cpu, now = self._cpu_seconds(), time.monotonic()
+        (cpu_then, then), self._since = self._since, (cpu, now)
+        out = {names.CPU_PERCENT.name: 100.0 * (cpu - cpu_then) / max(now - then, 1e-9),
+               names.RSS_GIB.name: max(s[0] for s in samples)}
+        utils = [s[1] for s in samples if s[1] is not None]
         if utils:
             out[names.GPU_UTIL.name] = sum(utils) / len(utils)
         try:
