@@ -28,7 +28,7 @@ from lifelines import CoxPHFitter
 from datasets.clinical_features import ClinicalEncoder
 from evaluation import metric_names as names
 from evaluation.metrics import Estimate, SurvivalDataError, bootstrap_ci, harrell_c
-from evaluation.prediction_metrics import Predictions, metric_columns, registered
+from evaluation.prediction_metrics import Predictions, metric_columns, registered, score_predictions
 
 CLINICAL_MODEL = "clinical Cox"
 HORIZON_DAYS = 365.0
@@ -99,8 +99,8 @@ def compare(outcome: pd.DataFrame, models: dict[str, pd.DataFrame], horizon: flo
         predictions = Predictions(time, event, frame["risk"], frame["surv_365"], np.empty((len(ids), 0)), (), horizon,
                                   seed, n_resamples)
         entries = [registered(names.OOF_CINDEX), registered(names.BRIER_365)]
-        values = {k: v for entry in entries for k, v in entry.scores(predictions).items()}
-        rows.append({"model": name, "patients": len(ids), **metric_columns(values, metrics=entries)})
+        rows.append({"model": name, "patients": len(ids),
+                     **metric_columns(score_predictions(predictions, metrics=entries), metrics=entries)})
     for a, b in pairs if pairs is not None else itertools.combinations(aligned, 2):
         row = {"comparison": f"{a} - {b}", "patients": len(ids)}
         try:

@@ -155,7 +155,7 @@ def study_run_tags(tracking_uri: str, study_name: str) -> dict[str, str]:
     experiment = experiment_id(client, study_name)
     if experiment is None:
         return {}
-    found = client.search_runs([experiment], names.role_filter(names.STUDY_ROLE), max_results=1)
+    found = runs_of(client, experiment, names.STUDY_ROLE)
     return dict(found[0].data.tags) if found else {}
 
 
@@ -178,7 +178,6 @@ class SearchRecord:
     (epoch -> patient_id-indexed ``fold``, ``score``), when the driver saw each (epoch -> seconds),
     and, for a finished trial, its pooled out-of-fold predictions."""
 
-    trial_key: str
     rungs: dict
     seen: dict
     final: pd.DataFrame | None
@@ -200,7 +199,7 @@ def search_records(client, experiment: str, cell: str) -> list[SearchRecord]:
             seen = {int(m.step): m.value for m in client.get_metric_history(run_id, names.RUNG_SEEN.name)}
             final = pd.read_csv(client.download_artifacts(run_id, names.OOF_FILE, tmp)) \
                 if ended == names.FINISHED else None
-            out.append(SearchRecord(run.data.tags.get(names.TRIAL_KEY_TAG, ""), rungs, seen, final))
+            out.append(SearchRecord(rungs, seen, final))
     return out
 
 

@@ -104,7 +104,8 @@ class PredictionMetric:
         return {name: float(v) for name, v in zip(self.names, values)}
 
     def text(self, values: dict) -> str | float:
-        """The table cell: the value rounded, with its interval if it has one ("" if absent)."""
+        """The table cell: the value rounded, with its interval if it has one (absent or not a number:
+        "n/a" for a metric with an interval, NaN for one without)."""
         value = values.get(self.metric.name)
         if value is None or not math.isfinite(value):
             return "n/a" if self.interval else float("nan")
@@ -148,11 +149,13 @@ PREDICTION_METRICS: list[PredictionMetric] = [
 ]
 
 
-def score_predictions(predictions: Predictions, required: Sequence[names.MetricName] = ()) -> dict[str, float]:
-    """Every registered metric of `predictions`: {logged name: value}; NaN where one is not estimable,
-    except those `required` (raised: a trial whose selection criterion cannot be computed fails)."""
+def score_predictions(predictions: Predictions, required: Sequence[names.MetricName] = (),
+                      metrics: Sequence[PredictionMetric] | None = None) -> dict[str, float]:
+    """The registered metrics (all, or `metrics`) of `predictions`: {logged name: value}; NaN where one
+    is not estimable, except those `required` (raised: a trial whose selection criterion cannot be
+    computed fails)."""
     out: dict[str, float] = {}
-    for entry in PREDICTION_METRICS:
+    for entry in PREDICTION_METRICS if metrics is None else metrics:
         out.update(entry.scores(predictions, strict=entry.metric in required))
     return out
 
